@@ -1,0 +1,172 @@
+"""Benchmark: Revisited evaluation over ~1M distractor-sized databases, full argsort vs evaluate_large.
+
+Simulates ``--n`` database descriptors (default 1,004,993 = 4,993 ROxf + 1,000,000 R1M, 2048-d) in a
+temporary memory-mapped ``.npy`` (float32, then float16 storage of the same values), 70 queries built
+from synthetic positives among the first 4,993 rows, and a synthetic easy / hard / junk ground truth.
+For each storage type it times
+
+(a) the full-argsort path: chunked ``torch.mm`` into an (N, Q) score matrix, stable ``argsort`` of
+    all N rows per query, and ``csa.evaluate.evaluate_revisited`` (revisitop ``compute_map``) on the
+    full (N, Q) ranks;
+(b) ``csa.largescale.evaluate_large``: running top-K and counted positions, no (N, Q) matrices,
+
+and prints both times, the ratio, whether every AP / mAP / mP@k is identical, and each path's peak
+anonymous RSS above its start (the descriptors themselves are file-backed memory maps, so this is
+the memory *beyond* the descriptors). 1M x 2048 float32 is 8 GB on disk; the files are deleted at the end.
+
+    python benchmarks/r1m_eval.py            # full scale
+    python benchmarks/r1m_eval.py --n 300000 # smaller
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from csa.evaluate import evaluate_revisited
+from csa.largescale import evaluate_large
+from csa.r1m import save_distractors, simulate_distractors
+
+
+class PeakAnonRSS:
+    """Sample this process's anonymous resident memory (RssAnon) and keep the peak above the start."""
+
+    def __init__(self, interval: float = 0.01):
+        self.interval = interval
+
+    @staticmethod
+    def current() -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def __enter__(self):
+        self.start = self.peak = self.current()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.current())
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.current())
+
+    @property
+    def above_start_gb(self) -> float:
+        return (self.peak - self.start) / 2**30
+
+
+def make_problem(path: Path, n: int, d: int, nq: int, n_test: int, seed: int, chunk: int):
+    db = simulate_distractors(n, d, seed=seed, dtype="float32", path=path, chunk=chunk, progress=False)
+    rng = np.random.default_rng(seed + 1)
+    gnd, queries = [], []
+    for _ in range(nq):
+        ne, nh, nj = rng.integers(5, 60), rng.integers(5, 60), rng.integers(5, 40)
+        idx = rng.permutation(min(n_test, n))[: ne + nh + nj]
+        easy, hard, junk = np.sort(idx[:ne]), np.sort(idx[ne:ne + nh]), np.sort(idx[ne + nh:])
+        v = (np.asarray(db[easy], np.float64).sum(0) + 0.3 * np.asarray(db[hard], np.float64).sum(0)
+             + 0.02 * rng.standard_normal(d))
+        queries.append(v / np.linalg.norm(v))
+        gnd.append({"easy": easy.tolist(), "hard": hard.tolist(), "junk": junk.tolist()})
+    return db, np.stack(queries).astype(np.float32), gnd
+
+
+def full_argsort_path(q: np.ndarray, db: np.ndarray, gnd, chunk: int):
+    t0 = time.perf_counter()
+    qt = torch.from_numpy(q)
+    n = db.shape[0]
+    scores = torch.empty((n, q.shape[0]), dtype=torch.float32)
+    for s in range(0, n, chunk):
+        rows = torch.from_numpy(np.asarray(db[s:s + chunk], dtype=np.float32))
+        torch.mm(rows, qt.t(), out=scores[s:s + chunk])
+    t1 = time.perf_counter()
+    ranks = torch.argsort(scores, dim=0, descending=True, stable=True)
+    del scores
+    t2 = time.perf_counter()
+    ranks_np = ranks.numpy()
+    res = evaluate_revisited(ranks_np, gnd)
+    t3 = time.perf_counter()
+    return res, ranks_np, {"matmul": t1 - t0, "argsort": t2 - t1, "compute_map": t3 - t2, "total": t3 - t0}
+
+
+def identical(a: dict, b: dict) -> bool:
+    return all(np.array_equal(a[p]["aps"], b[p]["aps"], equal_nan=True) and a[p]["map"] == b[p]["map"]
+               and a[p]["mp@k"] == b[p]["mp@k"] for p in ("easy", "medium", "hard"))
+
+
+def fmt(res: dict) -> str:
+    return " / ".join(f"{res[p]['map']:.4f}" for p in ("easy", "medium", "hard"))
+
+
+def run_one(label: str, db, q, gnd, args) -> None:
+    with PeakAnonRSS() as mem_a:
+        res_a, ranks_a, t_a = full_argsort_path(q, db, gnd, args.chunk)
+    top_a = ranks_a[: args.topk].copy()
+    del ranks_a
+    with PeakAnonRSS() as mem_b:
+        t0 = time.perf_counter()
+        res_b, top_b = evaluate_large(q, db, gnd, topk=args.topk, chunk_size=args.chunk, progress=False)
+        t_b = time.perf_counter() - t0
+    print(f"[{label}] (a) full argsort + compute_map: {t_a['total']:.2f} s (matmul {t_a['matmul']:.2f}, argsort "
+          f"{t_a['argsort']:.2f}, compute_map {t_a['compute_map']:.2f}); peak RSS beyond descriptors "
+          f"{mem_a.above_start_gb:.3f} GB")
+    print(f"[{label}] (b) evaluate_large:               {t_b:.2f} s; peak RSS beyond descriptors "
+          f"{mem_b.above_start_gb:.3f} GB")
+    print(f"[{label}] speed-up (a)/(b): {t_a['total'] / t_b:.2f}x")
+    print(f"[{label}] mAP E/M/H (a): {fmt(res_a)}   (b): {fmt(res_b)}")
+    print(f"[{label}] identical APs, mAPs and mP@k: {identical(res_a, res_b)}; "
+          f"top-{args.topk} ranking identical: {np.array_equal(top_a, top_b)}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=int, default=1_004_993, help="database rows (default 1,004,993)")
+    parser.add_argument("--d", type=int, default=2048)
+    parser.add_argument("--queries", type=int, default=70)
+    parser.add_argument("--chunk", type=int, default=8192, help="database rows per chunk (both paths)")
+    parser.add_argument("--topk", type=int, default=1024)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: shared machine)")
+    parser.add_argument("--dtypes", default="float32,float16")
+    parser.add_argument("--tmpdir", default=None, help="where the temporary memmaps go")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"R1M evaluation benchmark: N={args.n:,} D={args.d} Q={args.queries} chunk={args.chunk} "
+          f"topk={args.topk} torch threads={args.threads}", flush=True)
+    work = Path(tempfile.mkdtemp(prefix="csa-r1m-bench-", dir=args.tmpdir))
+    try:
+        t0 = time.perf_counter()
+        db32, q, gnd = make_problem(work / "db32.npy", args.n, args.d, args.queries, 4993, args.seed, 65536)
+        print(f"generated {args.n:,} x {args.d} float32 descriptors + synthetic gnd in "
+              f"{time.perf_counter() - t0:.1f} s ({os.path.getsize(work / 'db32.npy') / 2**30:.2f} GB)", flush=True)
+        dtypes = args.dtypes.split(",")
+        if "float32" in dtypes:
+            run_one("float32", db32, q, gnd, args)
+        if "float16" in dtypes:
+            t0 = time.perf_counter()
+            db16 = np.load(save_distractors(db32, work / "db16.npy", dtype="float16"), mmap_mode="r")
+            del db32
+            (work / "db32.npy").unlink()
+            print(f"converted to float16 storage in {time.perf_counter() - t0:.1f} s", flush=True)
+            run_one("float16", db16, q, gnd, args)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

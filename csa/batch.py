@@ -1,0 +1,279 @@
+"""Run one notebook over a grid of parameters with papermill and collect the result tables in one CSV.
+
+Usage::
+
+    python -m csa.batch notebooks/03_reranking.ipynb --grid topk=128,256 anchor_len=64,128 \\
+        --param dataset=roxford5k-mini --out runs/grid [--kernel python3] [--max-workers 1]
+
+Convention: the notebook has a cell tagged ``parameters`` that defines ``results_csv`` (and every
+name given with ``--grid``/``--param``), and writes its result table to the path ``results_csv``.
+For each point of the Cartesian grid the batch runner executes the notebook into
+``DIR/<notebook>__<key>-<value>_....ipynb`` with a per-run ``results_csv`` under ``DIR/runs/``,
+reads that table back, prepends the grid values as columns and writes all rows so far to
+``DIR/results.csv`` (atomically, after every run).  A failing run is reported with its name and
+error, the other runs go on, and the command exits with status 1 at the end.
+
+Values are Python literals (``ast.literal_eval``: ``128``, ``0.5``, ``True``, ``None``, ``'x'``);
+anything that is not a literal is kept as a string.  Grid values are separated by commas, so a
+grid value cannot itself contain a comma.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import itertools
+import re
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+
+from csa.io import atomic_write
+from csa.validation import CSAInputError
+
+__all__ = ["parse_value", "parse_grid", "parse_params", "run_name", "check_parameters", "BatchResult", "run_grid", "main"]
+
+RESULTS_PARAMETER = "results_csv"
+
+
+def parse_value(text: str) -> Any:
+    """A Python literal if ``text`` is one (``'128'`` -> 128, ``'None'`` -> None), else the string itself."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return text
+
+
+def _split_assignment(spec: str, flag: str) -> tuple[str, str]:
+    key, sep, value = spec.partition("=")
+    key = key.strip()
+    if not sep or not key.isidentifier() or value == "":
+        raise CSAInputError(f"{flag} expects key=value with a Python identifier as key, got {spec!r}")
+    return key, value
+
+
+def parse_grid(specs: Sequence[str]) -> dict[str, list[Any]]:
+    """``['topk=128,256', 'anchor_len=64']`` -> ``{'topk': [128, 256], 'anchor_len': [64]}`` (order kept)."""
+    grid: dict[str, list[Any]] = {}
+    for spec in specs:
+        key, values = _split_assignment(spec, "--grid")
+        if key in grid:
+            raise CSAInputError(f"--grid names {key!r} twice: give all its values once, e.g. {key}=1,2,3")
+        parsed = [parse_value(v.strip()) for v in values.split(",")]
+        if any(v == "" for v in parsed):
+            raise CSAInputError(f"--grid {spec!r} has an empty value: remove the stray comma")
+        grid[key] = parsed
+    return grid
+
+
+def parse_params(specs: Sequence[str]) -> dict[str, Any]:
+    """``['dataset=roxford5k-mini', 'epochs=3']`` -> ``{'dataset': 'roxford5k-mini', 'epochs': 3}``."""
+    params: dict[str, Any] = {}
+    for spec in specs:
+        key, value = _split_assignment(spec, "--param")
+        if key in params:
+            raise CSAInputError(f"--param sets {key!r} twice: keep one")
+        params[key] = parse_value(value)
+    return params
+
+
+def run_name(notebook: str | Path, point: dict[str, Any]) -> str:
+    """File-name-safe name of one run: ``<stem>__key-value_key-value`` (characters outside [A-Za-z0-9._-] -> '-')."""
+    parts = [f"{key}-{value}" for key, value in point.items()]
+    safe = [re.sub(r"[^A-Za-z0-9._\-]+", "-", p).strip("-") for p in parts]
+    return Path(notebook).stem + ("__" + "_".join(safe) if safe else "")
+
+
+def check_parameters(notebook: str | Path, names: Sequence[str], kernel: str = "python3") -> dict[str, Any]:
+    """Fail fast unless the notebook's ``parameters`` cell defines every name in ``names`` and ``results_csv``.
+
+    Returns papermill's description of the notebook's parameters (``papermill.inspect_notebook``).
+    A notebook without kernel metadata is inspected as if it ran on ``kernel``.
+    """
+    import nbformat
+    import papermill
+
+    nb = nbformat.read(str(notebook), as_version=4)
+    if nb.metadata.get("kernelspec", {}).get("name"):
+        declared = papermill.inspect_notebook(str(notebook))
+    else:
+        nb.metadata["kernelspec"] = {"name": kernel, "language": "python", "display_name": kernel}
+        with tempfile.TemporaryDirectory() as tmp:
+            patched = Path(tmp) / Path(notebook).name
+            nbformat.write(nb, str(patched))
+            declared = papermill.inspect_notebook(str(patched))
+    if not declared:
+        raise CSAInputError(
+            f"{notebook} has no cell tagged 'parameters': tag the cell that defines the defaults "
+            "(including results_csv) so papermill can inject values"
+        )
+    wanted = list(dict.fromkeys([*names, RESULTS_PARAMETER]))
+    unknown = [n for n in wanted if n not in declared]
+    if unknown:
+        raise CSAInputError(
+            f"{notebook} has no parameter(s) {unknown}; its parameters are {sorted(declared)}: "
+            "fix the names, or add them to the notebook's 'parameters' cell"
+        )
+    return declared
+
+
+@dataclass
+class BatchResult:
+    """Outcome of :func:`run_grid`: all collected rows, the failed runs and the output paths."""
+
+    table: pd.DataFrame
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    results_csv: Path | None = None
+    notebooks: list[Path] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+def _error_text(exc: BaseException) -> str:
+    ename = getattr(exc, "ename", None)
+    evalue = getattr(exc, "evalue", None)
+    if ename is not None:  # papermill.PapermillExecutionError: the exception raised in the notebook
+        return f"{ename}: {evalue}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def run_grid(
+    notebook: str | Path,
+    grid: dict[str, list[Any]],
+    out_dir: str | Path,
+    params: dict[str, Any] | None = None,
+    kernel: str = "python3",
+    max_workers: int = 1,
+    cwd: str | Path | None = None,
+    progress: bool = True,
+) -> BatchResult:
+    """Execute ``notebook`` once per point of the Cartesian product of ``grid`` and collect the tables.
+
+    ``params`` are fixed for every run.  The rows of ``out_dir/results.csv`` come in grid order
+    (first key slowest), each prefixed with the grid values; failed runs contribute no rows and are
+    listed in ``BatchResult.failures`` as ``(run name, error)``.
+    """
+    import papermill
+    from tqdm.auto import tqdm
+
+    notebook = Path(notebook)
+    if not notebook.is_file():
+        raise CSAInputError(f"notebook {notebook} does not exist: pass the path of an .ipynb file")
+    params = dict(params or {})
+    clash = sorted(set(grid) & set(params))
+    if clash:
+        raise CSAInputError(f"{clash} given both in --grid and --param: give each parameter once")
+    if RESULTS_PARAMETER in grid or RESULTS_PARAMETER in params:
+        raise CSAInputError(f"{RESULTS_PARAMETER!r} is set by the batch runner for each run: do not pass it")
+    empty = [k for k, v in grid.items() if not v]
+    if empty:
+        raise CSAInputError(f"grid parameter(s) {empty} have no values: give at least one value each")
+    if int(max_workers) < 1:
+        raise CSAInputError(f"max_workers must be >= 1, got {max_workers}")
+    check_parameters(notebook, [*grid, *params], kernel=kernel)
+
+    out_dir = Path(out_dir)
+    runs_dir = out_dir / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    keys = list(grid)
+    points = [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+    names = [run_name(notebook, p) for p in points]
+    if len(set(names)) != len(names):
+        raise CSAInputError("two grid points map to the same file name: make the grid values distinct as text")
+    results_csv = out_dir / "results.csv"
+    tables: dict[int, pd.DataFrame] = {}
+    failures: dict[int, str] = {}
+
+    def run_one(i: int) -> tuple[int, pd.DataFrame | None, str | None]:
+        run_csv = runs_dir / f"{names[i]}.csv"
+        run_csv.unlink(missing_ok=True)
+        try:
+            papermill.execute_notebook(
+                str(notebook), str(out_dir / f"{names[i]}.ipynb"),
+                parameters={**params, **points[i], RESULTS_PARAMETER: str(run_csv.resolve())},
+                kernel_name=kernel, progress_bar=False, cwd=None if cwd is None else str(cwd),
+            )
+            if not run_csv.is_file():
+                return i, None, f"the notebook finished but wrote no table to {RESULTS_PARAMETER} ({run_csv})"
+            table = pd.read_csv(run_csv)
+        except Exception as exc:  # noqa: BLE001 - any failure of one run is reported, the batch goes on
+            return i, None, _error_text(exc)
+        for position, key in enumerate(keys):
+            if key in table.columns:
+                table = table.drop(columns=key)
+            table.insert(position, key, [points[i][key]] * len(table))
+        return i, table, None
+
+    def write_table() -> pd.DataFrame:
+        frames = [tables[i] for i in sorted(tables)]
+        table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=keys)
+        with atomic_write(results_csv, "w") as f:
+            table.to_csv(f, index=False)
+        return table
+
+    bar = tqdm(total=len(points), desc=f"batch {notebook.name}", disable=not progress)
+    with ThreadPoolExecutor(max_workers=int(max_workers)) as pool:
+        for i, table, error in pool.map(run_one, range(len(points))):
+            if error is None:
+                tables[i] = table
+                write_table()
+            else:
+                failures[i] = error
+                print(f"[csa.batch] run {names[i]} FAILED: {error}", file=sys.stderr, flush=True)
+            bar.update(1)
+    bar.close()
+    final = write_table()
+    return BatchResult(
+        table=final,
+        failures=[(names[i], failures[i]) for i in sorted(failures)],
+        results_csv=results_csv,
+        notebooks=[out_dir / f"{n}.ipynb" for n in names],
+    )
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m csa.batch",
+        description="Run a notebook over a Cartesian grid of parameters with papermill; one CSV of results.",
+    )
+    parser.add_argument("notebook", help="the .ipynb to run (needs a 'parameters' cell defining results_csv)")
+    parser.add_argument("--grid", nargs="+", action="extend", default=[], metavar="KEY=V1,V2",
+                        help="grid parameters, each with comma-separated values")
+    parser.add_argument("--param", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="fixed parameters for every run")
+    parser.add_argument("--out", required=True, help="output folder (notebooks, runs/, results.csv)")
+    parser.add_argument("--kernel", default="python3", help="Jupyter kernel name (default: python3)")
+    parser.add_argument("--max-workers", type=int, default=1, help="runs executed at the same time (default 1)")
+    parser.add_argument("--cwd", default=None, help="working directory of the notebooks (default: the current one)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status (0 ok, 1 some run failed, 2 bad input)."""
+    args = _build_parser().parse_args(argv)
+    try:
+        result = run_grid(args.notebook, parse_grid(args.grid), args.out, params=parse_params(args.param),
+                          kernel=args.kernel, max_workers=args.max_workers, cwd=args.cwd,
+                          progress=not args.no_progress)
+    except CSAInputError as exc:
+        print(f"csa.batch: error: {exc}", file=sys.stderr)
+        return 2
+    n_runs = len(result.notebooks)
+    print(f"[csa.batch] {n_runs - len(result.failures)}/{n_runs} runs ok, {len(result.table)} rows -> {result.results_csv}")
+    if result.failures:
+        print(f"[csa.batch] {len(result.failures)} run(s) failed:", file=sys.stderr)
+        for name, error in result.failures:
+            print(f"  {name}: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

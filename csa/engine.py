@@ -1,0 +1,193 @@
+"""Training engine: optimizer, learning-rate schedule, per-batch affinity and one training epoch."""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Iterable, Mapping
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from csa.validation import CSAInputError
+
+__all__ = ["build_optimizer", "WarmupCosineSchedule", "batch_affinity", "train_one_epoch", "unwrap"]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model inside a DistributedDataParallel / DataParallel wrapper."""
+    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+
+
+def _skips_decay(name: str, param: torch.Tensor, prefixes: Iterable[str]) -> bool:
+    return param.ndim <= 1 or name.endswith(".bias") or any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def build_optimizer(model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 1e-6) -> torch.optim.SGD:
+    """SGD with two parameter groups: ``no_decay`` (biases, 1-D parameters such as LayerNorm, and the
+    prefixes of ``model.no_weight_decay()``, i.e. ``feature_align``) and ``decay`` (the rest).
+
+    The official helper compared full parameter names with the set {'feature_align'}, which matches
+    no parameter, so there ``feature_align.layers.0.weight`` was decayed; here prefixes match, as
+    the paper describes.
+    """
+    model = unwrap(model)
+    prefixes = tuple(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else ()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if _skips_decay(name, p, prefixes) else decay).append(p)
+    groups = [{"params": no_decay, "weight_decay": 0.0, "group_name": "no_decay"},
+              {"params": decay, "weight_decay": float(weight_decay), "group_name": "decay"}]
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+class WarmupCosineSchedule:
+    """Per-iteration learning rate: linear warm-up, then cosine decay (the official schedule).
+
+    With W = warmup_epochs * iters_per_epoch and T = num_epochs * iters_per_epoch, iteration t gets
+    ``warmup_lr + (base_lr - warmup_lr) * t / (W - 1)`` for t < W (numpy ``linspace``: the last
+    warm-up iteration reaches base_lr), then
+    ``final_lr + (base_lr - final_lr) * (1 + cos(pi * (t - W) / (T - W))) / 2`` for W <= t < T,
+    and ``final_lr`` from T on (the official code raised IndexError on its very last iteration).
+    :meth:`step` sets the lr of the current iteration on the optimizer, then advances.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer | None, base_lr: float, warmup_lr: float, final_lr: float,
+                 warmup_epochs: int, num_epochs: int, iters_per_epoch: int) -> None:
+        if iters_per_epoch < 1 or num_epochs < 1 or not 0 <= warmup_epochs <= num_epochs:
+            raise CSAInputError(f"need iters_per_epoch >= 1, num_epochs >= 1 and 0 <= warmup_epochs <= num_epochs; "
+                                f"got {iters_per_epoch}, {num_epochs}, {warmup_epochs}")
+        self.optimizer = optimizer
+        self.base_lr, self.warmup_lr, self.final_lr = float(base_lr), float(warmup_lr), float(final_lr)
+        self.iters_per_epoch = int(iters_per_epoch)
+        self.warmup_iters = int(warmup_epochs) * self.iters_per_epoch
+        self.total_iters = int(num_epochs) * self.iters_per_epoch
+        self.iteration = 0
+
+    def lr_at(self, t: int) -> float:
+        """Learning rate of (0-based) iteration ``t``."""
+        w, total = self.warmup_iters, self.total_iters
+        if t < w:
+            return self.warmup_lr if w == 1 else self.warmup_lr + (self.base_lr - self.warmup_lr) * t / (w - 1)
+        if t < total:
+            return self.final_lr + 0.5 * (self.base_lr - self.final_lr) * (1.0 + math.cos(math.pi * (t - w) / (total - w)))
+        return self.final_lr
+
+    def step(self) -> float:
+        """Apply the current iteration's lr to every parameter group, advance, and return that lr."""
+        lr = self.lr_at(self.iteration)
+        if self.optimizer is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+        self.iteration += 1
+        return lr
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"iteration": self.iteration, "base_lr": self.base_lr, "warmup_lr": self.warmup_lr,
+                "final_lr": self.final_lr, "warmup_iters": self.warmup_iters, "total_iters": self.total_iters,
+                "iters_per_epoch": self.iters_per_epoch}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        mine = self.state_dict()
+        changed = [k for k in mine if k != "iteration" and k in state and not math.isclose(mine[k], state[k])]
+        if changed:
+            warnings.warn(f"resumed schedule differs in {changed} (checkpoint: "
+                          f"{ {k: state[k] for k in changed} }); keeping the new values", stacklevel=2)
+        self.iteration = int(state["iteration"])
+
+
+def batch_affinity(features: torch.Tensor, token_idx: torch.Tensor, anchor_idx: torch.Tensor) -> torch.Tensor:
+    """Affinity matrices of a batch: ``out[b, i, j] = <features[token_idx[b, i]], features[anchor_idx[b, j]]>``.
+
+    ``features`` (N, D) on the compute device; ``token_idx`` (B, K+1) and ``anchor_idx`` (B, L)
+    integer indices. Returns (B, K+1, L) in the features' dtype (one gather each + one bmm).
+    """
+    if features.ndim != 2 or token_idx.ndim != 2 or anchor_idx.ndim != 2 or token_idx.shape[0] != anchor_idx.shape[0]:
+        raise CSAInputError(f"batch_affinity needs features (N, D), token_idx (B, K+1), anchor_idx (B, L); got "
+                            f"{tuple(features.shape)}, {tuple(token_idx.shape)}, {tuple(anchor_idx.shape)}")
+    token_idx = token_idx.to(features.device, torch.long)
+    anchor_idx = anchor_idx.to(features.device, torch.long)
+    tokens = features.index_select(0, token_idx.reshape(-1)).view(*token_idx.shape, -1)
+    anchors = features.index_select(0, anchor_idx.reshape(-1)).view(*anchor_idx.shape, -1)
+    return torch.bmm(tokens, anchors.transpose(1, 2))
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def train_one_epoch(model: nn.Module, criterion: nn.Module, loader: Iterable[Mapping[str, torch.Tensor]],
+                    optimizer: torch.optim.Optimizer, schedule: WarmupCosineSchedule | None,
+                    device: str | torch.device, scaler: torch.amp.GradScaler | None = None, clip_grad: float = 1.0,
+                    amp: bool = False, progress: bool = True, features: torch.Tensor | None = None,
+                    desc: str = "train") -> dict[str, float]:
+    """One pass over ``loader``; returns the mean ``loss``, ``contrastive`` and ``reconstruction`` over the
+    finite iterations (averaged over processes under torch.distributed), plus ``lr`` (last),
+    ``iterations`` and ``skipped``.
+
+    Batches are dicts from :class:`csa.datasets.TrainingSet` (``tokens``, ``anchors``, ``targets``),
+    turned into affinities on ``device`` by :func:`batch_affinity` with ``features`` (N, D) already
+    on the device; a batch may also carry a ready ``affinity`` (B, K+1, L).  ``amp`` (CUDA only)
+    runs the model under fp16 autocast with the ``scaler``; ``clip_grad`` > 0 clips the global
+    gradient norm. A non-finite loss skips the update (on every process), warns and is counted; the
+    schedule still advances so the lr stays a function of the iteration number.
+    """
+    device = torch.device(device)
+    amp = bool(amp) and device.type == "cuda"
+    distributed = _distributed()
+    model.train()
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    n_ok, n_skipped, lr = 0, 0, float("nan")
+    bar = tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    for it, batch in enumerate(bar):
+        if schedule is not None:
+            lr = schedule.step()
+        else:
+            lr = optimizer.param_groups[0]["lr"]
+        targets = batch["targets"].to(device, non_blocking=True)
+        if "affinity" in batch:
+            affinity = batch["affinity"].to(device, non_blocking=True)
+        else:
+            if features is None:
+                raise CSAInputError("train_one_epoch needs features=(N, D) tensor to build affinities from indices")
+            affinity = batch_affinity(features, batch["tokens"], batch["anchors"])
+        affinity = affinity.float()
+        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
+            tokens, reconstruction = model(affinity)
+            losses = criterion(tokens, reconstruction, affinity, targets)
+        loss = losses["loss"]
+        finite = torch.isfinite(loss).to(torch.int32)
+        if distributed:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not bool(finite.item()):
+            n_skipped += 1
+            warnings.warn(f"{desc}: non-finite loss at iteration {it} (loss={float(loss.detach()):.4g}); skipping the update "
+                          f"({n_skipped} skipped so far)", RuntimeWarning, stacklevel=2)
+            optimizer.zero_grad(set_to_none=True)
+            continue
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None and scaler.is_enabled():
+            scaler.scale(loss).backward()
+            if clip_grad > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            if clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+            optimizer.step()
+        sums += torch.stack([losses[k].detach().double() for k in ("loss", "contrastive", "reconstruction")])
+        n_ok += 1
+        if progress and (it % 10 == 0):
+            bar.set_postfix(loss=f"{float(losses['loss'].detach()):.4f}", lr=f"{lr:.3g}")
+    bar.close()
+    if distributed:
+        dist.all_reduce(sums)
+        sums /= dist.get_world_size()
+    means = (sums / max(n_ok, 1)).tolist() if n_ok else [float("nan")] * 3
+    return {"loss": means[0], "contrastive": means[1], "reconstruction": means[2], "lr": lr,
+            "iterations": n_ok + n_skipped, "skipped": n_skipped}

@@ -1,0 +1,152 @@
+"""Revisited Oxford/Paris evaluation (mAP and mP@k), a drop-in for revisitop's ``evaluate.py``.
+
+:func:`compute_ap` and :func:`compute_map` return exactly what revisitop returns (same rules,
+vectorized): AP by the trapezoid rule over the precision-recall curve; junk images are removed by
+shifting the positions of the positives that come after them; queries without positives get
+``nan`` and are excluded from the means; precision at k uses revisitop's rule
+``kq = min(max(pos), k)`` (1-based positions after junk removal), i.e. if all positives are found
+before rank k, precision is measured at the last positive; ``nres`` is the number of positives in
+the ground truth, even when a truncated ranking misses some of them (missing ones count as
+never retrieved).  One deliberate difference: when a truncated ranking contains *no* positive,
+revisitop's mP@k crashes (max of an empty array); here that query's AP is 0 and its P@k is 0.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from .validation import CSAInputError, check_gnd
+
+__all__ = ["compute_ap", "compute_map", "protocol_gnd", "evaluate_revisited", "format_revisited",
+           "print_revisited", "PROTOCOLS"]
+
+PROTOCOLS = ("easy", "medium", "hard")
+
+
+def compute_ap(ranks: Any, nres: int) -> float:
+    """Trapezoid-rule average precision from the sorted 0-based positions of the retrieved positives.
+
+    ``ranks``: positions (after junk removal) of the positives found; ``nres``: total positives.
+    """
+    pos = np.asarray(ranks, dtype=np.float64)
+    if pos.size == 0:
+        return 0.0
+    j = np.arange(pos.size, dtype=np.float64)
+    safe = np.where(pos == 0, 1.0, pos)
+    precision_before = np.where(pos == 0, 1.0, j / safe)      # precision just before this positive
+    precision_at = (j + 1) / (pos + 1)                         # precision including it
+    return float(np.sum((precision_before + precision_at) / 2.0) / nres)
+
+
+def _positions(column: np.ndarray, ok: np.ndarray, junk: np.ndarray) -> np.ndarray:
+    """0-based positions of positives in ``column`` after removing the junk entries before them."""
+    pos = np.flatnonzero(np.isin(column, ok))
+    if junk.size:
+        jpos = np.flatnonzero(np.isin(column, junk))
+        pos = pos - np.searchsorted(jpos, pos, side="left")   # junk strictly before each positive
+    return pos
+
+
+def compute_map(ranks: Any, gnd: Sequence[dict], kappas: Sequence[int] = ()) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+    """revisitop ``compute_map``: returns ``(map, aps, pr, prs)`` (fractions, not percent).
+
+    ``ranks``: (N or K, Q) database indices; ``gnd``: per query dict with 'ok' and optional 'junk'.
+    """
+    ranks = _as_numpy_ranks(ranks, len(gnd))
+    kappas = list(kappas)
+    nq = len(gnd)
+    aps = np.zeros(nq)
+    prs = np.zeros((nq, len(kappas)))
+    nempty = 0
+    for i in range(nq):
+        ok = np.asarray(gnd[i]["ok"]).ravel()
+        if ok.size == 0:
+            aps[i] = np.nan
+            prs[i, :] = np.nan
+            nempty += 1
+            continue
+        junk = np.asarray(gnd[i].get("junk", []) if isinstance(gnd[i], dict) else [], dtype=np.int64).ravel()
+        pos = _positions(ranks[:, i], ok, junk)
+        aps[i] = compute_ap(pos, ok.size)
+        pos1 = pos + 1
+        for j, k in enumerate(kappas):
+            if pos1.size == 0:
+                prs[i, j] = 0.0
+                continue
+            kq = min(int(pos1.max()), k)
+            prs[i, j] = np.count_nonzero(pos1 <= kq) / kq
+    n = nq - nempty
+    if n == 0:
+        return float("nan"), aps, np.full(len(kappas), np.nan), prs
+    return float(np.nansum(aps) / n), aps, np.nansum(prs, axis=0) / n, prs
+
+
+def _as_numpy_ranks(ranks: Any, n_q: int) -> np.ndarray:
+    if hasattr(ranks, "detach"):
+        ranks = ranks.detach().cpu().numpy()
+    ranks = np.asarray(ranks)
+    if ranks.ndim != 2 or ranks.shape[1] != n_q:
+        hint = " (it looks transposed: use ranks.T)" if ranks.ndim == 2 and ranks.shape[0] == n_q else ""
+        raise CSAInputError(f"ranks must have shape (N or K, Q) with Q={n_q} columns (one per query in gnd), "
+                            f"got {ranks.shape}{hint}")
+    if not np.issubdtype(ranks.dtype, np.integer):
+        raise CSAInputError(f"ranks must hold integer database indices, got dtype {ranks.dtype}")
+    return ranks
+
+
+def protocol_gnd(gnd: Sequence[dict], protocol: str) -> list[dict]:
+    """Per-query {'ok', 'junk'} for a revisited protocol built from the raw easy/hard/junk lists.
+
+    easy: ok = easy, junk = junk + hard; medium: ok = easy + hard, junk = junk;
+    hard: ok = hard, junk = junk + easy.
+    """
+    if protocol not in PROTOCOLS:
+        raise CSAInputError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    out = []
+    for g in gnd:
+        easy, hard, junk = (np.asarray(g[k], dtype=np.int64).ravel() for k in ("easy", "hard", "junk"))
+        if protocol == "easy":
+            out.append({"ok": easy, "junk": np.concatenate([junk, hard])})
+        elif protocol == "medium":
+            out.append({"ok": np.concatenate([easy, hard]), "junk": junk})
+        else:
+            out.append({"ok": hard, "junk": np.concatenate([junk, easy])})
+    return out
+
+
+def evaluate_revisited(ranks: Any, gnd: Sequence[dict], kappas: Sequence[int] = (1, 5, 10)) -> dict[str, dict]:
+    """Easy / Medium / Hard results in percent from the raw revisitop ground truth.
+
+    Returns ``{'easy'|'medium'|'hard': {'map': float, 'mp@k': {k: float}, 'aps': (Q,) array}}``;
+    ``aps`` has ``nan`` for queries without positives under that protocol.
+    """
+    if isinstance(gnd, dict) and "gnd" in gnd:
+        gnd = gnd["gnd"]
+    check_gnd(gnd)
+    if any("ok" in g for g in gnd):
+        raise CSAInputError("evaluate_revisited needs the raw revisitop gnd (easy/hard/junk per query); for a "
+                            "single ok/junk protocol call compute_map")
+    results = {}
+    for proto in PROTOCOLS:
+        m, aps, pr, _ = compute_map(ranks, protocol_gnd(gnd, proto), kappas)
+        results[proto] = {"map": 100.0 * m, "mp@k": {int(k): 100.0 * float(p) for k, p in zip(kappas, pr)},
+                          "aps": 100.0 * aps}
+    return results
+
+
+def format_revisited(dataset: str, results: dict[str, dict], method: str = "") -> str:
+    """revisitop-style summary lines, e.g. ``>> roxford5k: mAP E: 67.3, M: 44.3, H: 20.1``."""
+    tag = f"{dataset}" + (f" ({method})" if method else "")
+    e, m, h = (results[p] for p in PROTOCOLS)
+    lines = [f">> {tag}: mAP E: {e['map']:.1f}, M: {m['map']:.1f}, H: {h['map']:.1f}"]
+    ks = list(e["mp@k"])
+    if ks:
+        fmt = lambda r: "[" + ", ".join(f"{r['mp@k'][k]:.1f}" for k in ks) + "]"
+        lines.append(f">> {tag}: mP@k{ks} E: {fmt(e)}, M: {fmt(m)}, H: {fmt(h)}")
+    return "\n".join(lines)
+
+
+def print_revisited(dataset: str, results: dict[str, dict], method: str = "") -> None:
+    """Print :func:`format_revisited`."""
+    print(format_revisited(dataset, results, method))

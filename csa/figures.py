@@ -1,0 +1,288 @@
+"""Figures for notebooks and the book: top-k grids, example selection, training and comparison plots.
+
+Every function returns a :class:`matplotlib.figure.Figure` built without pyplot's global state, so
+it can be shown in a notebook (it is the cell's value), saved with ``fig.savefig(path)`` or closed by
+dropping the reference; nothing accumulates in ``plt``.
+
+Colour code of :func:`plot_topk_grid` (the convention of the CSA paper's qualitative figure):
+orange box = the query's region of interest, green border = positive, red border = false positive,
+grey border = junk (ignored by the evaluation protocol).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch, Rectangle
+
+from csa.validation import CSAInputError
+
+__all__ = [
+    "POSITIVE_COLOR",
+    "NEGATIVE_COLOR",
+    "JUNK_COLOR",
+    "QUERY_COLOR",
+    "label_ranked",
+    "select_examples",
+    "plot_topk_grid",
+    "plot_training_curves",
+    "plot_map_vs_time",
+    "plot_ablation",
+]
+
+POSITIVE_COLOR = "#2ca02c"
+NEGATIVE_COLOR = "#d62728"
+JUNK_COLOR = "#9e9e9e"
+QUERY_COLOR = "#ff7f0e"
+_LABEL_COLORS = {"pos": POSITIVE_COLOR, "neg": NEGATIVE_COLOR, "junk": JUNK_COLOR}
+
+# Which ground-truth lists count as positive / junk under each revisited protocol.
+_PROTOCOLS = {
+    "easy": (("easy",), ("junk", "hard")),
+    "medium": (("easy", "hard"), ("junk",)),
+    "hard": (("hard",), ("junk", "easy")),
+}
+
+
+def label_ranked(ranked_db_indices: Sequence[int], gnd_entry: Mapping[str, Any], protocol: str = "medium") -> list[str]:
+    """Label each ranked database index ``'pos'``, ``'neg'`` or ``'junk'`` under a revisited protocol.
+
+    ``gnd_entry`` is one query's ground truth (keys ``easy``, ``hard``, ``junk``).  Easy: positives =
+    easy, junk = junk + hard; Medium: positives = easy + hard, junk = junk; Hard: positives = hard,
+    junk = junk + easy.  Everything else is a negative.
+    """
+    key = str(protocol).lower()
+    if key not in _PROTOCOLS:
+        raise CSAInputError(f"unknown protocol {protocol!r}: use 'easy', 'medium' or 'hard'")
+    missing = [k for k in ("easy", "hard", "junk") if k not in gnd_entry]
+    if missing:
+        raise CSAInputError(
+            f"gnd_entry lacks the key(s) {missing}: pass one query's revisited ground truth, e.g. gnd['gnd'][q]"
+        )
+    ok_keys, junk_keys = _PROTOCOLS[key]
+    positives = {int(i) for k in ok_keys for i in np.asarray(gnd_entry[k]).ravel()}
+    junk = {int(i) for k in junk_keys for i in np.asarray(gnd_entry[k]).ravel()}
+    labels = []
+    for index in np.asarray(ranked_db_indices).ravel():
+        i = int(index)
+        labels.append("pos" if i in positives else "junk" if i in junk else "neg")
+    return labels
+
+
+def select_examples(aps_before: Sequence[float], aps_after: Sequence[float], n: int = 2) -> tuple[list[int], list[int]]:
+    """Pick the queries to show: ``(successes, failures)``, each a list of at most ``n`` query indices.
+
+    Rule: gain = AP after - AP before.  Successes are the queries with the largest strictly positive
+    gains, largest first; failures the queries with the largest strictly negative gains (AP losses),
+    largest loss first.  Equal gains are ordered by query index (smaller first).  Queries whose AP is
+    NaN in either array (no positive under the protocol) are never picked; if fewer than ``n``
+    queries improved (or got worse), the list is shorter.
+    """
+    before = np.asarray(aps_before, dtype=np.float64).ravel()
+    after = np.asarray(aps_after, dtype=np.float64).ravel()
+    if before.shape != after.shape:
+        raise CSAInputError(
+            f"aps_before has {before.size} entries but aps_after has {after.size}: pass per-query APs "
+            "of the same queries in the same order"
+        )
+    if int(n) < 0:
+        raise CSAInputError(f"n must be >= 0, got {n}")
+    gain = after - before
+    index = np.arange(gain.size)
+    valid = ~np.isnan(gain)
+    up = index[valid & (gain > 0)]
+    down = index[valid & (gain < 0)]
+    # np.lexsort sorts by the last key first: primary = gain, secondary = query index.
+    successes = up[np.lexsort((up, -gain[up]))][: int(n)]
+    failures = down[np.lexsort((down, gain[down]))][: int(n)]
+    return [int(i) for i in successes], [int(i) for i in failures]
+
+
+def _frame_axes(ax, color: str, width: float = 4.0) -> None:
+    """Hide ticks and draw a coloured border (the axes' spines) around an image axes."""
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(True)
+        spine.set_edgecolor(color)
+        spine.set_linewidth(width)
+
+
+def plot_topk_grid(
+    query_image: Any,
+    query_bbx: Sequence[float] | None,
+    before_names: Sequence[Any],
+    after_names: Sequence[Any],
+    labels_before: Sequence[str],
+    labels_after: Sequence[str],
+    image_loader: Callable[[Any], Any],
+    k: int = 10,
+    title: str | None = None,
+    row_titles: tuple[str, str] = ("before re-ranking", "after re-ranking"),
+    thumb_inches: float = 1.45,
+) -> Figure:
+    """Query (left, with an orange box) and its top-``k`` results before (top row) and after (bottom row).
+
+    ``query_image`` and whatever ``image_loader(name)`` returns may be a PIL image or an array
+    accepted by ``imshow``.  ``query_bbx`` is ``[x1, y1, x2, y2]`` in the pixels of ``query_image``
+    (scale the ground truth's box if the image was resized) or None.  ``labels_*`` come from
+    :func:`label_ranked`; each result gets a green (positive), red (false positive) or grey (junk)
+    border and its rank as title.
+    """
+    k = int(k)
+    if k < 1:
+        raise CSAInputError(f"k must be >= 1, got {k}")
+    for what, names, labels in (("before", before_names, labels_before), ("after", after_names, labels_after)):
+        if len(names) < k or len(labels) < k:
+            raise CSAInputError(
+                f"need {k} names and labels for the '{what}' row, got {len(names)} names and {len(labels)} "
+                f"labels: pass longer lists or a smaller k"
+            )
+        bad = sorted({str(lab) for lab in list(labels)[:k]} - set(_LABEL_COLORS))
+        if bad:
+            raise CSAInputError(f"unknown label(s) {bad} in labels_{what}: use 'pos', 'neg' or 'junk' (see label_ranked)")
+
+    query_cols = 2  # the query takes two thumbnail columns and both rows
+    fig = Figure(figsize=(thumb_inches * (k + query_cols + 0.3), thumb_inches * 2 + (0.75 if title else 0.45)))
+    grid = fig.add_gridspec(2, k + query_cols + 1, width_ratios=[1.0] * query_cols + [0.25] + [1.0] * k,
+                            wspace=0.08, hspace=0.28)
+    ax_query = fig.add_subplot(grid[:, :query_cols])
+    ax_query.imshow(query_image)
+    if query_bbx is not None:
+        x1, y1, x2, y2 = (float(v) for v in query_bbx)
+        ax_query.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=QUERY_COLOR, linewidth=3.0))
+    _frame_axes(ax_query, QUERY_COLOR, width=1.5)
+    ax_query.set_title("query", fontsize=12, fontweight="bold", color=QUERY_COLOR)
+
+    for row, (names, labels, row_title) in enumerate(
+        ((before_names, labels_before, row_titles[0]), (after_names, labels_after, row_titles[1]))
+    ):
+        n_pos = sum(1 for lab in list(labels)[:k] if lab == "pos")
+        for rank in range(k):
+            ax = fig.add_subplot(grid[row, query_cols + 1 + rank])
+            ax.imshow(image_loader(names[rank]))
+            _frame_axes(ax, _LABEL_COLORS[str(labels[rank])])
+            ax.set_title(str(rank + 1), fontsize=10, pad=3)
+            if rank == 0:
+                ax.set_ylabel(f"{row_title}\n{n_pos}/{k} positive", fontsize=10, labelpad=6)
+    legend = [Patch(facecolor="none", edgecolor=c, linewidth=2.5, label=name)
+              for name, c in (("positive", POSITIVE_COLOR), ("false positive", NEGATIVE_COLOR), ("junk", JUNK_COLOR))]
+    fig.legend(handles=legend, loc="upper right", ncol=3, fontsize=9, frameon=False, borderaxespad=0.2)
+    if title:
+        fig.suptitle(title, fontsize=13, fontweight="bold", x=0.02, ha="left")
+    fig.subplots_adjust(left=0.01, right=0.995, bottom=0.02, top=0.80 if title else 0.88)
+    return fig
+
+
+def _history_columns(history: Any) -> dict[str, np.ndarray]:
+    """Normalise a training history (DataFrame, dict of lists or list of per-epoch dicts) to columns."""
+    if hasattr(history, "to_dict") and hasattr(history, "columns"):
+        return {str(c): np.asarray(history[c]) for c in history.columns}
+    if isinstance(history, Mapping):
+        return {str(k): np.asarray(v) for k, v in history.items()}
+    rows = list(history)
+    if rows and all(isinstance(r, Mapping) for r in rows):
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        return {str(k): np.asarray([r.get(k, np.nan) for r in rows], dtype=float) for k in keys}
+    raise CSAInputError(
+        "history must be a pandas DataFrame, a dict of per-epoch lists or a list of per-epoch dicts "
+        "(e.g. pandas.read_csv('history.csv'))"
+    )
+
+
+def plot_training_curves(history: Any) -> Figure:
+    """Four panels against the epoch: total loss, contrastive loss, reconstruction loss, learning rate.
+
+    ``history`` has columns ``epoch`` (optional: 1..E otherwise), ``loss``, ``contrastive``,
+    ``reconstruction`` and ``lr`` (``history.csv`` of ``csa.train``).  A column ``val_<name>``, when
+    present, is drawn dashed on the same panel as ``<name>``.
+    """
+    cols = _history_columns(history)
+    needed = ["loss", "contrastive", "reconstruction", "lr"]
+    missing = [c for c in needed if c not in cols]
+    if missing:
+        raise CSAInputError(f"history lacks the column(s) {missing}: it needs {needed} (and optionally 'epoch')")
+    n = len(cols["loss"])
+    epoch = cols.get("epoch", np.arange(1, n + 1))
+    fig = Figure(figsize=(10.0, 6.4), layout="constrained")
+    axes = fig.subplots(2, 2, sharex=True)
+    panels = [
+        ("loss", "total loss", "#1f77b4"),
+        ("contrastive", "contrastive loss", "#9467bd"),
+        ("reconstruction", "reconstruction loss", "#8c564b"),
+        ("lr", "learning rate", "#ff7f0e"),
+    ]
+    for ax, (key, label, color) in zip(axes.ravel(), panels):
+        ax.plot(epoch, cols[key], color=color, marker="o" if n <= 30 else None, markersize=3, label="train")
+        if f"val_{key}" in cols:
+            ax.plot(epoch, cols[f"val_{key}"], color=color, linestyle="--", label="validation")
+            ax.legend(fontsize=9, frameon=False)
+        ax.set_title(label, fontsize=11)
+        ax.grid(alpha=0.3)
+        if key == "lr":
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    for ax in axes[1]:
+        ax.set_xlabel("epoch")
+    fig.suptitle("training curves", fontsize=13, fontweight="bold")
+    return fig
+
+
+def plot_map_vs_time(
+    df: Any,
+    x: str = "ms_per_query",
+    y: str = "map_medium",
+    label: str = "method",
+    hue: str | None = None,
+    title: str = "accuracy vs. cost of re-ranking",
+) -> Figure:
+    """Scatter of mAP against milliseconds per query (log x axis), each point annotated with its method.
+
+    ``df`` is a DataFrame with columns ``x``, ``y`` and ``label``; ``hue`` (e.g. ``'dataset'``)
+    gives one colour per value and a legend.
+    """
+    for col in [x, y, label] + ([hue] if hue else []):
+        if col not in df.columns:
+            raise CSAInputError(f"column {col!r} not in the table (columns: {list(df.columns)}); pass x=, y=, label=")
+    if (np.asarray(df[x], dtype=float) <= 0).any():
+        raise CSAInputError(f"column {x!r} has values <= 0, which a log axis cannot show: time must be positive")
+    fig = Figure(figsize=(8.0, 5.0), layout="constrained")
+    ax = fig.subplots()
+    groups = [(None, df)] if hue is None else list(df.groupby(hue, sort=False))
+    for i, (key, part) in enumerate(groups):
+        ax.scatter(part[x], part[y], s=55, color=f"C{i}", label=None if key is None else str(key), zorder=3,
+                   edgecolor="white", linewidth=0.8)
+        for _, row in part.iterrows():
+            ax.annotate(str(row[label]), (row[x], row[y]), textcoords="offset points", xytext=(6, 4), fontsize=9)
+    ax.set_xscale("log")
+    ax.set_xlabel("time per query (ms, log scale)")
+    ax.set_ylabel(y.replace("_", " "))
+    ax.set_title(title, fontsize=12, fontweight="bold")
+    ax.grid(alpha=0.3, which="both")
+    if hue is not None:
+        ax.legend(title=hue, fontsize=9, frameon=False)
+    return fig
+
+
+def plot_ablation(df: Any, x: str, y: str, hue: str | None = None, title: str | None = None,
+                  ci: tuple[str, str] | None = None) -> Figure:
+    """Line plot of ``y`` against ``x``, one line per value of ``hue``; ``ci=(low_col, high_col)`` shades an interval."""
+    for col in [x, y] + ([hue] if hue else []) + (list(ci) if ci else []):
+        if col not in df.columns:
+            raise CSAInputError(f"column {col!r} not in the table (columns: {list(df.columns)})")
+    fig = Figure(figsize=(7.0, 4.5), layout="constrained")
+    ax = fig.subplots()
+    groups = [(None, df)] if hue is None else list(df.groupby(hue, sort=True))
+    for i, (key, part) in enumerate(groups):
+        part = part.sort_values(x)
+        ax.plot(part[x], part[y], marker="o", color=f"C{i}", label=None if key is None else f"{hue} = {key}")
+        if ci:
+            ax.fill_between(part[x], part[ci[0]], part[ci[1]], color=f"C{i}", alpha=0.15, linewidth=0)
+    ax.set_xlabel(x.replace("_", " "))
+    ax.set_ylabel(y.replace("_", " "))
+    ax.set_title(title or f"{y.replace('_', ' ')} vs. {x.replace('_', ' ')}", fontsize=12, fontweight="bold")
+    ax.grid(alpha=0.3)
+    if hue is not None:
+        ax.legend(fontsize=9, frameon=False)
+    return fig

@@ -1,0 +1,269 @@
+"""First-stage search and Revisited evaluation at the 1M scale, without the full (N, Q) argsort.
+
+With the R1M distractors the database has about a million rows; sorting all N scores of every query
+(and then searching every positive in the sorted lists, as revisitop's ``compute_map`` does) costs far
+more than the matrix product itself. :func:`evaluate_large` streams the database in chunks and
+
+* keeps a running top-K per query (``torch.topk`` per chunk, then a stable merge), which is the
+  ranking re-rankers consume, and
+* finds the exact position of every positive and junk image in the *full* ranking by counting, for
+  each such image, the database rows that score higher (or equal with a lower index).
+
+The ordering is the one :func:`csa.search.first_stage` defines: descending inner product, ties broken
+by the lower database index. From those positions the average precision and mP@k follow the revisitop
+protocol exactly (junk images are removed and the later positions shift up), so the results equal
+``evaluate_revisited(full_ranks, gnd)``.
+
+Scores are computed in float32 chunk by chunk (float16 storage is upcast per chunk). The score of a
+positive / junk image is taken from the same chunk product that the counting pass compares it with,
+so an image never competes with a re-rounded copy of itself.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .evaluate import PROTOCOLS, compute_ap, protocol_gnd
+from .validation import CSAInputError, check_gnd
+
+__all__ = ["evaluate_large", "rank_positions", "topk_and_positions"]
+
+
+def _as_query_tensor(qvecs: Any) -> torch.Tensor:
+    if isinstance(qvecs, np.ndarray):
+        q = torch.from_numpy(np.ascontiguousarray(qvecs))
+    elif isinstance(qvecs, torch.Tensor):
+        q = qvecs.detach().cpu()
+    else:
+        raise CSAInputError(f"qvecs must be a numpy array or torch tensor (Q, D), got {type(qvecs).__name__}")
+    if q.ndim != 2 or q.shape[0] == 0 or not q.is_floating_point():
+        raise CSAInputError(f"qvecs must be a non-empty floating-point (Q, D) array, got shape "
+                            f"{tuple(q.shape)} and dtype {q.dtype}")
+    q = q.to(torch.float32).contiguous()
+    if not bool(torch.isfinite(q).all()):
+        raise CSAInputError("qvecs holds NaN or inf values; fix or drop those queries")
+    return q
+
+
+def _db_reader(db: Any, d: int) -> tuple[int, Callable[[int, int], torch.Tensor]]:
+    shape = tuple(getattr(db, "shape", ()))
+    if len(shape) != 2:
+        raise CSAInputError(f"db must be a 2-D (N, D) array, memory map, tensor or StackedDescriptors, "
+                            f"got {type(db).__name__} with shape {shape}")
+    if shape[1] != d:
+        raise CSAInputError(f"descriptor dimensions differ: qvecs has D={d}, db has D={shape[1]}; use the "
+                            f"same network for both (rows are images: transpose D x N arrays with .T)")
+    if shape[0] == 0:
+        raise CSAInputError("db is empty; pass at least one database descriptor")
+
+    def read(start: int, stop: int) -> torch.Tensor:
+        rows = db[start:stop]
+        if isinstance(rows, torch.Tensor):
+            t = rows.detach().cpu()
+        else:
+            with warnings.catch_warnings():  # read-only memory maps: the rows are only read
+                warnings.simplefilter("ignore", UserWarning)
+                t = torch.from_numpy(np.asarray(rows))
+        if not t.is_floating_point():
+            raise CSAInputError(f"db must hold floating-point descriptors, got dtype {t.dtype}")
+        return t.to(torch.float32)
+
+    return int(shape[0]), read
+
+
+def _chunk_scores(read: Callable[[int, int], torch.Tensor], q: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Scores (stop - start, Q) of one database chunk; the single place scores are computed."""
+    s = torch.mm(read(start, stop), q.t())
+    if not bool(torch.isfinite(s).all()):
+        raise CSAInputError(f"database rows {start}..{stop - 1} give NaN / inf scores; the descriptors "
+                            f"hold non-finite values: fix or drop those rows")
+    return s
+
+
+def _chunk_topk(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k rows of each column of ``s`` ordered by (score desc, row asc); exact on ties."""
+    vals, idx = torch.topk(s, k, dim=0, largest=True, sorted=True)
+    # torch.topk may pick any of several rows tied at the k-th value: redo those columns by a stable sort.
+    kth = vals[-1]
+    short = (s == kth).sum(0) != (vals == kth).sum(0)
+    for col in torch.nonzero(short).flatten().tolist():
+        order = torch.sort(s[:, col], descending=True, stable=True).indices[:k]
+        idx[:, col], vals[:, col] = order, s[order, col]
+    # Order the selected rows by (score desc, index asc).
+    by_index = torch.sort(idx, dim=0).indices
+    idx, vals = idx.gather(0, by_index), vals.gather(0, by_index)
+    by_score = torch.sort(vals, dim=0, descending=True, stable=True).indices
+    return vals.gather(0, by_score), idx.gather(0, by_score)
+
+
+def _merge_topk(vals: torch.Tensor, idx: torch.Tensor, new_vals: torch.Tensor, new_idx: torch.Tensor,
+                k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # Every kept index is below every new one and both lists are (score desc, index asc), so a
+    # stable sort of the concatenation keeps lower indices first among equal scores.
+    all_vals, all_idx = torch.cat([vals, new_vals]), torch.cat([idx, new_idx])
+    order = torch.sort(all_vals, dim=0, descending=True, stable=True).indices[:k]
+    return all_vals.gather(0, order), all_idx.gather(0, order)
+
+
+def topk_and_positions(qvecs: Any, db: Any, targets: Sequence[Sequence[int]], topk: int = 1024,
+                       chunk_size: int = 8192, progress: bool = True) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Top-``topk`` ranking ``(topk, Q)`` and the 0-based full-ranking positions of ``targets[q]``.
+
+    ``targets[q]`` are database indices of query ``q`` (any order, duplicates allowed); the returned
+    ``positions[q][i]`` is where ``targets[q][i]`` sits in the complete ranking of query ``q``
+    (descending score, ties by lower index), found without sorting the database.
+    """
+    q = _as_query_tensor(qvecs)
+    n, read = _db_reader(db, q.shape[1])
+    nq = q.shape[0]
+    if len(targets) != nq:
+        raise CSAInputError(f"targets has {len(targets)} entries but there are {nq} queries")
+    if int(topk) < 1:
+        raise CSAInputError(f"topk must be >= 1, got {topk}")
+    if int(chunk_size) < 1:
+        raise CSAInputError(f"chunk_size must be >= 1 row, got {chunk_size}")
+    k, chunk = min(int(topk), n), int(chunk_size)
+
+    uniq = [np.unique(np.asarray(t, dtype=np.int64)) for t in targets]
+    for qi, u in enumerate(uniq):
+        if u.size and (u[0] < 0 or u[-1] >= n):
+            raise CSAInputError(f"targets of query {qi} hold indices outside [0, {n - 1}]; does the ground "
+                                f"truth belong to this database (were distractors prepended instead of appended)?")
+    m = max([u.size for u in uniq] + [1])
+    tidx = torch.full((nq, m), -1, dtype=torch.int64)
+    for qi, u in enumerate(uniq):
+        tidx[qi, :u.size] = torch.from_numpy(u)
+    valid = tidx >= 0
+
+    # Pass 1: the target scores, from the very chunk products the counting pass recomputes.
+    tscore = torch.full((nq, m), float("inf"), dtype=torch.float32)
+    starts = sorted({int(i) // chunk * chunk for u in uniq for i in u})
+    for start in starts:
+        stop = min(start + chunk, n)
+        s = _chunk_scores(read, q, start, stop)
+        inside = valid & (tidx >= start) & (tidx < stop)
+        rows, cols = torch.nonzero(inside, as_tuple=True)
+        tscore[rows, cols] = s[tidx[rows, cols] - start, rows]
+    tsorted, perm = torch.sort(tscore, dim=1, stable=True)  # padding (+inf) stays last
+    sorted_idx = tidx.gather(1, perm)
+
+    # Pass 2: stream the database; running top-k and, per target, #higher and #tied-with-lower-index.
+    below_hist = torch.zeros((nq, m + 1), dtype=torch.int64)
+    tied_before = torch.zeros((nq, m), dtype=torch.int64)
+    top_vals = torch.empty((0, nq), dtype=torch.float32)
+    top_idx = torch.empty((0, nq), dtype=torch.int64)
+    for start in tqdm(range(0, n, chunk), desc="large-scale search", unit="chunk", disable=not progress):
+        stop = min(start + chunk, n)
+        s = _chunk_scores(read, q, start, stop)
+        cv, ci = _chunk_topk(s, min(k, stop - start))
+        top_vals, top_idx = _merge_topk(top_vals, top_idx, cv, ci + start, k)
+
+        st = s.t().contiguous()                                      # (Q, c)
+        left = torch.searchsorted(tsorted, st, right=False)          # targets strictly below each score
+        below_hist.scatter_add_(1, left, torch.ones_like(left))
+        right = torch.searchsorted(tsorted, st, right=True)
+        qq, jj = torch.nonzero(right > left, as_tuple=True)          # scores equal to some target's
+        if qq.numel():
+            lo, hi, jglob = left[qq, jj], right[qq, jj], jj + start
+            for off in range(int((hi - lo).max())):
+                kk = lo + off
+                use = kk < hi
+                kk_c = kk.clamp(max=m - 1)
+                use &= jglob < sorted_idx[qq, kk_c]
+                tied_before.index_put_((qq[use], kk_c[use]), torch.ones(int(use.sum()), dtype=torch.int64),
+                                       accumulate=True)
+
+    # #scores above target k = #rows whose 'left' exceeds k.
+    higher = below_hist.flip(1).cumsum(1).flip(1)[:, 1:]
+    pos_sorted = higher + tied_before
+    pos = torch.empty_like(pos_sorted).scatter_(1, perm, pos_sorted)
+
+    top_np = top_idx.numpy()
+    positions = []
+    for qi, (t, u) in enumerate(zip(targets, uniq)):
+        pu = pos[qi, :u.size].numpy()
+        # Self-check: a target inside the top-k must be listed exactly at its counted position.
+        inside = pu < k
+        if not np.array_equal(top_np[pu[inside], qi], u[inside]):
+            raise RuntimeError("top-k list and counted positions disagree: the chunk products were not "
+                               "reproducible (non-deterministic matmul?)")
+        t = np.asarray(t, dtype=np.int64)
+        positions.append(pu[np.searchsorted(u, t)] if t.size else np.empty(0, dtype=np.int64))
+    return top_np, positions
+
+
+def rank_positions(qvecs: Any, db: Any, targets: Sequence[Sequence[int]], chunk_size: int = 8192,
+                   progress: bool = True) -> list[np.ndarray]:
+    """0-based positions of ``targets[q]`` in query ``q``'s full ranking (see :func:`topk_and_positions`)."""
+    return topk_and_positions(qvecs, db, targets, topk=1, chunk_size=chunk_size, progress=progress)[1]
+
+
+def _protocol_scores(pos_of: dict[int, int], ok: np.ndarray, junk: np.ndarray,
+                     kappas: Sequence[int]) -> tuple[float, np.ndarray]:
+    """AP and P@k of one query from full-ranking positions (revisitop rules, as compute_map)."""
+    if ok.size == 0:
+        return float("nan"), np.full(len(kappas), np.nan)
+    pos = np.sort(np.array([pos_of[i] for i in np.unique(ok)], dtype=np.int64))
+    jpos = np.sort(np.array([pos_of[i] for i in np.unique(junk)], dtype=np.int64))
+    pos = pos - np.searchsorted(jpos, pos, side="left")  # junk ranked above a positive is removed
+    ap = compute_ap(pos, ok.size)
+    pos1 = pos + 1
+    prs = np.zeros(len(kappas))
+    for j, k in enumerate(kappas):
+        kq = min(int(pos1.max()), k)
+        prs[j] = np.count_nonzero(pos1 <= kq) / kq
+    return ap, prs
+
+
+def evaluate_large(qvecs: Any, db: Any, gnd: Sequence[dict], kappas: Sequence[int] = (1, 5, 10),
+                   topk: int = 1024, chunk_size: int = 8192, progress: bool = True) -> tuple[dict, np.ndarray]:
+    """Revisited Easy / Medium / Hard evaluation of the first-stage ranking over a huge database.
+
+    ``qvecs`` (Q, D); ``db`` (N, D) numpy array / memory map (float32 or float16), torch tensor or
+    :class:`csa.r1m.StackedDescriptors`; ``gnd`` the revisitop list (raw 'easy' / 'hard' / 'junk').
+    Returns ``(results, ranks)``: ``results`` has the layout of :func:`csa.evaluate.evaluate_revisited`
+    (``{'easy'|'medium'|'hard': {'map', 'mp@k', 'aps'}}``, percent) and equals it on the full argsort;
+    ``ranks`` is the top-``topk`` first-stage ranking ``(topk, Q)`` (ties by lower index).
+    Memory beyond the descriptors: one chunk (``chunk_size * D`` floats) plus ``O(Q * topk)``.
+    """
+    if isinstance(gnd, dict) and "gnd" in gnd:
+        gnd = gnd["gnd"]
+    check_gnd(gnd)
+    raw = [g for g in gnd if not all(key in g for key in ("easy", "hard", "junk"))]
+    if raw:
+        raise CSAInputError("evaluate_large needs the raw revisitop ground truth (every query with 'easy', "
+                            "'hard' and 'junk'), not a single-protocol 'ok' list")
+    nq = _as_query_tensor(qvecs).shape[0]
+    if len(gnd) != nq:
+        raise CSAInputError(f"gnd has {len(gnd)} queries but qvecs has {nq} rows")
+    kappas = [int(kq) for kq in kappas]
+    if any(kq < 1 for kq in kappas):
+        raise CSAInputError(f"kappas must be positive ranks, got {kappas}")
+    targets = [np.concatenate([np.asarray(g[key], dtype=np.int64).ravel() for key in ("easy", "hard", "junk")])
+               for g in gnd]
+    ranks, positions = topk_and_positions(qvecs, db, targets, topk=topk, chunk_size=chunk_size, progress=progress)
+
+    pos_of = [dict(zip(t.tolist(), p.tolist())) for t, p in zip(targets, positions)]
+    results = {}
+    for proto in PROTOCOLS:
+        aps = np.zeros(nq)
+        prs = np.zeros((nq, len(kappas)))
+        for qi, g in enumerate(protocol_gnd(gnd, proto)):
+            ok = np.asarray(g["ok"], dtype=np.int64).ravel()
+            junk = np.asarray(g["junk"], dtype=np.int64).ravel()
+            aps[qi], prs[qi] = _protocol_scores(pos_of[qi], ok, junk, kappas)
+        results[proto] = _summarize(aps, prs, kappas)
+    return results, ranks
+
+
+def _summarize(aps: np.ndarray, prs: np.ndarray, kappas: Sequence[int]) -> dict:
+    # Same reductions as csa.evaluate.compute_map, so the floats are bit-identical.
+    n = int(np.count_nonzero(~np.isnan(aps)))
+    mean_ap = float(np.nansum(aps) / n) if n else float("nan")
+    mean_pr = np.nansum(prs, axis=0) / n if n else np.full(len(kappas), np.nan)
+    return {"map": 100.0 * mean_ap, "mp@k": {int(kq): 100.0 * float(p) for kq, p in zip(kappas, mean_pr)},
+            "aps": 100.0 * aps}

@@ -1,0 +1,89 @@
+"""Parameter checking for the papermill notebooks.
+
+Papermill injects ``-p name value`` pairs as a cell after the one tagged ``parameters`` and only warns
+about names the notebook does not know. The notebooks here fail fast instead::
+
+    guard = ParameterGuard(globals())          # first code cell, before the parameters cell
+    ...                                        # the `parameters` cell (papermill injects after it)
+    guard.check(globals(), epochs=int, device=("auto", "cpu", "cuda"))
+
+``check`` raises :class:`csa.validation.CSAInputError` naming every unknown parameter (with the closest
+known name) and every value of the wrong type or outside its choices.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from csa.validation import CSAInputError
+
+Rule = type | tuple | Callable[[Any], bool] | None
+
+__all__ = ["ParameterGuard"]
+
+
+class ParameterGuard:
+    """Remembers the names that existed before the parameters cell ran."""
+
+    def __init__(self, namespace: Mapping[str, Any]):
+        self._before = set(namespace) | {"guard"}
+
+    def check(self, namespace: Mapping[str, Any], **rules: Rule) -> dict[str, Any]:
+        """Validate the parameters; returns ``{name: value}`` of the known ones.
+
+        A rule is a type (``int`` accepts ints; ``float`` accepts ints too; a tuple of types is
+        ``isinstance``), a tuple of allowed values, a predicate, or ``None`` (any value).
+        """
+        new = {
+            name
+            for name, value in namespace.items()
+            if name not in self._before and not name.startswith("_") and not isinstance(value, types.ModuleType)
+        }
+        problems = []
+        for name in sorted(new - set(rules)):
+            close = difflib.get_close_matches(name, list(rules), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(f"unknown parameter {name!r}{hint}")
+        for name, rule in rules.items():
+            if name not in namespace:
+                problems.append(f"parameter {name!r} is missing from the parameters cell")
+                continue
+            value = namespace[name]
+            if not _accepts(rule, value):
+                problems.append(f"parameter {name}={value!r} is invalid: expected {_describe(rule)}")
+        if problems:
+            known = ", ".join(sorted(rules))
+            raise CSAInputError(
+                "bad notebook parameters: " + "; ".join(problems) + f". Known parameters: {known}. "
+                "Fix the `-p name value` arguments given to papermill (or the parameters cell)."
+            )
+        return {name: namespace[name] for name in rules}
+
+
+def _accepts(rule: Rule, value: Any) -> bool:
+    if rule is None:
+        return True
+    if rule is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if rule is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(rule, type):
+        return isinstance(value, rule)
+    if isinstance(rule, tuple):
+        if all(isinstance(r, type) for r in rule):
+            return isinstance(value, rule)
+        return value in rule
+    return bool(rule(value))
+
+
+def _describe(rule: Rule) -> str:
+    if isinstance(rule, type):
+        return rule.__name__
+    if isinstance(rule, tuple):
+        if all(isinstance(r, type) for r in rule):
+            return " or ".join(r.__name__ for r in rule)
+        return "one of " + ", ".join(repr(r) for r in rule)
+    return getattr(rule, "__doc__", None) or getattr(rule, "__name__", "a valid value")

@@ -1,0 +1,180 @@
+"""Input checks shared by the whole package.
+
+Every check raises :class:`CSAInputError` (a ``ValueError``) with one message that names the problem
+and says how to fix it.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+__all__ = [
+    "CSAInputError",
+    "check_descriptors",
+    "check_ranks",
+    "check_topk",
+    "check_gnd",
+    "NORM_TOLERANCE",
+]
+
+#: Largest allowed deviation of a descriptor's L2 norm from 1 before it counts as "not normalized".
+#: Loose enough for descriptors stored in float16, tight enough to catch un-normalized features.
+NORM_TOLERANCE = 1e-3
+
+
+class CSAInputError(ValueError):
+    """Bad input given to a csa function (wrong shape, dtype, range, missing key, corrupt file...)."""
+
+
+def _shape(x: Any) -> tuple[int, ...]:
+    return tuple(x.shape)
+
+
+def _as_float_tensor(x: Any, name: str) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        t = x
+    elif isinstance(x, np.ndarray):
+        t = torch.from_numpy(x)
+    else:
+        raise CSAInputError(f"{name} must be a numpy array or a torch tensor, got {type(x).__name__}")
+    if not (t.is_floating_point()):
+        raise CSAInputError(f"{name} must hold floating-point descriptors, got dtype {t.dtype}; "
+                            f"convert with .astype(np.float32) / .float()")
+    return t
+
+
+def check_descriptors(qvecs: Any, dbvecs: Any, normalize: str = "warn") -> tuple[Any, Any]:
+    """Check query (Q, D) and database (N, D) descriptors; return them (renormalized if needed).
+
+    Checks: numpy or torch floating-point, 2-D (one row per image), same dimension D, at least one
+    row each, all values finite, rows L2-normalized (within :data:`NORM_TOLERANCE`).
+
+    ``normalize`` says what to do with rows that are not unit-norm:
+    ``'warn'`` (default) renormalizes them and emits a ``UserWarning`` — cosine similarity is what
+    every ranking in CSA means, so renormalizing is the intended behaviour, but the warning tells you
+    your features were not what you thought; ``'silent'`` renormalizes without a warning;
+    ``'error'`` raises :class:`CSAInputError`.  Zero rows always raise.
+    The returned arrays have the same kind (numpy/torch) as the inputs; they are the inputs
+    themselves when nothing had to change.
+    """
+    if normalize not in ("warn", "error", "silent"):
+        raise CSAInputError(f"normalize must be 'warn', 'error' or 'silent', got {normalize!r}")
+    tensors = []
+    for name, x in (("qvecs", qvecs), ("dbvecs", dbvecs)):
+        t = _as_float_tensor(x, name)
+        if t.ndim != 2:
+            raise CSAInputError(f"{name} must be 2-D (one row per image, shape (n, D)), got shape {_shape(x)}")
+        if t.shape[0] == 0 or t.shape[1] == 0:
+            raise CSAInputError(f"{name} is empty (shape {_shape(x)}); pass at least one descriptor")
+        tensors.append(t)
+    if tensors[0].shape[1] != tensors[1].shape[1]:
+        raise CSAInputError(f"descriptor dimensions differ: qvecs has D={tensors[0].shape[1]}, dbvecs has "
+                            f"D={tensors[1].shape[1]}; both must come from the same network (rows are images: "
+                            f"transpose D x N arrays with .T)")
+    out = []
+    for name, x, t in zip(("qvecs", "dbvecs"), (qvecs, dbvecs), tensors):
+        if not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).any(dim=1).sum())
+            raise CSAInputError(f"{name} has {bad} row(s) with NaN or inf values; "
+                                f"fix or drop those descriptors before ranking")
+        norms = torch.linalg.vector_norm(t.double(), dim=1)
+        if bool((norms == 0).any()):
+            raise CSAInputError(f"{name} has {int((norms == 0).sum())} all-zero row(s); they have no direction "
+                                f"and cannot be L2-normalized — drop or recompute them")
+        off = (norms - 1).abs() > NORM_TOLERANCE
+        if bool(off.any()):
+            msg = (f"{name}: {int(off.sum())} of {t.shape[0]} rows are not L2-normalized "
+                   f"(norms from {float(norms.min()):.4g} to {float(norms.max()):.4g})")
+            if normalize == "error":
+                raise CSAInputError(msg + "; L2-normalize the rows (x / ||x||) before calling")
+            if normalize == "warn":
+                warnings.warn(msg + "; renormalizing them", UserWarning, stacklevel=3)
+            t = (t.double() / norms[:, None]).to(t.dtype)
+            x = t.numpy() if isinstance(x, np.ndarray) else t
+        out.append(x)
+    return out[0], out[1]
+
+
+def check_ranks(ranks: Any, n_db: int, n_q: int, min_rows: int = 1) -> Any:
+    """Check a ranking in the (N or K, Q) layout: integer, 2-D, ``n_q`` columns, indices in [0, n_db).
+
+    ``min_rows`` is the number of rows the caller needs (e.g. max(K, L - 1) for re-ranking).
+    Returns ``ranks`` unchanged.
+    """
+    if isinstance(ranks, torch.Tensor):
+        is_int = not ranks.is_floating_point() and not ranks.is_complex() and ranks.dtype != torch.bool
+    elif isinstance(ranks, np.ndarray):
+        is_int = np.issubdtype(ranks.dtype, np.integer)
+    else:
+        raise CSAInputError(f"ranks must be a numpy array or a torch tensor, got {type(ranks).__name__}")
+    if not is_int:
+        raise CSAInputError(f"ranks must hold integer database indices, got dtype {ranks.dtype}")
+    if ranks.ndim != 2:
+        raise CSAInputError(f"ranks must be 2-D with layout (N or K, Q) (ranks[:, q] is query q's order), "
+                            f"got shape {tuple(ranks.shape)}")
+    if ranks.shape[1] != n_q:
+        hint = " (it looks transposed: use ranks.T)" if ranks.shape[0] == n_q else ""
+        raise CSAInputError(f"ranks has {ranks.shape[1]} columns but there are {n_q} queries; the layout is "
+                            f"(N or K, Q){hint}")
+    if ranks.shape[0] < min_rows:
+        raise CSAInputError(f"ranks has {ranks.shape[0]} rows but {min_rows} are needed (top-K / anchors); "
+                            f"compute a deeper first-stage ranking or lower topk / anchor_len")
+    if ranks.shape[0] > n_db:
+        raise CSAInputError(f"ranks has {ranks.shape[0]} rows but the database has only {n_db} images")
+    if ranks.numel() if isinstance(ranks, torch.Tensor) else ranks.size:
+        lo, hi = int(ranks.min()), int(ranks.max())
+        if lo < 0 or hi >= n_db:
+            raise CSAInputError(f"ranks holds indices from {lo} to {hi}, outside the database range "
+                                f"[0, {n_db - 1}]; were they computed against another database?")
+    return ranks
+
+
+def check_topk(topk: int, anchor_len: int, n_db: int) -> None:
+    """Check the re-ranking depth K and the anchor count L against a database of ``n_db`` images.
+
+    The anchors are the query plus the top L-1 database images, so L-1 <= n_db is needed; the
+    top-K needs K <= n_db.
+    """
+    for name, v in (("topk", topk), ("anchor_len", anchor_len)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise CSAInputError(f"{name} must be a positive integer, got {v!r}")
+    if topk > n_db:
+        raise CSAInputError(f"topk={topk} is larger than the database ({n_db} images); use topk <= {n_db}")
+    if anchor_len - 1 > n_db:
+        raise CSAInputError(f"anchor_len={anchor_len} needs {anchor_len - 1} database anchors but the database "
+                            f"has {n_db} images; use anchor_len <= {n_db + 1} (and a model trained for it)")
+
+
+def check_gnd(gnd: Sequence[dict], n_db: int | None = None) -> Sequence[dict]:
+    """Check revisitop ground truth: a list of dicts with 'easy'/'hard'/'junk' (raw) or 'ok'/'junk'.
+
+    With ``n_db`` given, every index must lie in [0, n_db).  Returns ``gnd`` unchanged.
+    """
+    if isinstance(gnd, dict) and "gnd" in gnd:
+        raise CSAInputError("pass the list gnd['gnd'], not the whole ground-truth dict")
+    if not isinstance(gnd, (list, tuple)) or len(gnd) == 0:
+        raise CSAInputError(f"gnd must be a non-empty list with one dict per query, got {type(gnd).__name__}")
+    for i, g in enumerate(gnd):
+        if not isinstance(g, dict):
+            raise CSAInputError(f"gnd[{i}] must be a dict, got {type(g).__name__}")
+        if "ok" in g:
+            needed = ("ok",)
+        else:
+            needed = ("easy", "hard", "junk")
+        missing = [k for k in needed if k not in g]
+        if missing:
+            raise CSAInputError(f"gnd[{i}] is missing key(s) {missing}; each query needs 'easy', 'hard', 'junk' "
+                                f"(raw revisitop) or 'ok' (+ optional 'junk') (one protocol)")
+        if n_db is not None:
+            for k in ("ok", "easy", "hard", "junk"):
+                if k in g and len(g[k]):
+                    idx = np.asarray(g[k])
+                    if not np.issubdtype(idx.dtype, np.integer):
+                        raise CSAInputError(f"gnd[{i}]['{k}'] must hold integer database indices, got {idx.dtype}")
+                    if idx.min() < 0 or idx.max() >= n_db:
+                        raise CSAInputError(f"gnd[{i}]['{k}'] has indices outside [0, {n_db - 1}]; does the "
+                                            f"ground truth belong to this database?")
+    return gnd

@@ -1,0 +1,136 @@
+"""Tests for csa.comparison on hand-built rankings with hand-computed revisited APs."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from csa.comparison import COLUMNS, FIRST_STAGE, PUBLISHED, default_methods, run_comparison
+from csa.validation import CSAInputError
+
+
+def unit_rows(rng, n, d):
+    x = rng.standard_normal((n, d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture
+def hand_case():
+    """Two queries, six database images, hand-built first stage.
+
+    Query 0: easy [0], hard [1], junk [2]; first stage 0, 2, 3, 1, 4, 5.
+      Medium (ok {0, 1}, junk {2}): positives at 1st and 3rd place after junk removal ->
+      AP = 1/2 * (1 + 1)/2 + 1/2 * (1/2 + 2/3)/2 = 0.791666...; P@10 rule of revisitop: 2/3.
+      Easy (ok {0}): AP 1.  Hard (ok {1}, junk {0, 2}): 2nd place -> AP = 1 * (0 + 1/2)/2 = 0.25.
+    Query 1: easy [4], no hard, no junk; first stage 4, 0, 1, 2, 3, 5: Easy = Medium = 1, P@10 = 1;
+      Hard has no positive, so it is excluded from the Hard mAP.
+    """
+    rng = np.random.default_rng(0)
+    gnd = [{"easy": [0], "hard": [1], "junk": [2]}, {"easy": [4], "hard": [], "junk": []}]
+    ranks = np.array([[0, 2, 3, 1, 4, 5], [4, 0, 1, 2, 3, 5]]).T
+    return unit_rows(rng, 2, 4), unit_rows(rng, 6, 4), gnd, ranks
+
+
+def test_run_comparison_hand_computed_values(hand_case):
+    q, db, gnd, ranks = hand_case
+    perfect = np.array([[0, 1, 2, 3, 4, 5], [4, 0, 1, 2, 3, 5]]).T
+
+    def slow_identity(qq, dd, rr):
+        time.sleep(0.02)
+        return rr
+
+    methods = {"identity": slow_identity, "perfect": lambda qq, dd, rr: perfect,
+               "reversed": lambda qq, dd, rr: rr[::-1].copy()}
+    df = run_comparison(q, db, gnd, methods, first_stage_ranks=ranks, n_boot=500, seed=0, progress=False)
+    assert list(df.columns) == COLUMNS
+    assert df["method"].tolist() == [FIRST_STAGE, "identity", "perfect", "reversed"]
+    fs = df.iloc[0]
+    medium_q0 = 0.5 * (1 + 1) / 2 + 0.5 * (1 / 2 + 2 / 3) / 2
+    assert fs["easy_map"] == pytest.approx(100.0)
+    assert fs["medium_map"] == pytest.approx(100 * (medium_q0 + 1) / 2)
+    assert fs["hard_map"] == pytest.approx(25.0)
+    assert fs["medium_mp@10"] == pytest.approx(100 * (2 / 3 + 1) / 2)
+    assert np.isnan(fs["ms_per_query"])                                 # first stage given, not timed
+    gains = ["medium_gain", "medium_gain_low", "medium_gain_high", "hard_gain", "hard_gain_low", "hard_gain_high"]
+    assert (df.loc[df.method.isin([FIRST_STAGE, "identity"]), gains] == 0).all().all()
+    assert df.set_index("method").loc["identity", "ms_per_query"] >= 10.0   # 20 ms over 2 queries
+    best = df.set_index("method").loc["perfect"]
+    assert best["medium_map"] == pytest.approx(100.0) and best["hard_map"] == pytest.approx(100.0)
+    assert best["medium_gain"] == pytest.approx((100 - 100 * medium_q0) / 2)
+    assert 0.0 <= best["medium_gain_low"] <= best["medium_gain"] <= best["medium_gain_high"] <= 100 - 100 * medium_q0
+    assert best["hard_gain"] == best["hard_gain_low"] == best["hard_gain_high"] == pytest.approx(75.0)
+    worst = df.set_index("method").loc["reversed"]
+    assert worst["medium_gain"] < 0 and worst["medium_gain_high"] <= 0
+
+
+def test_run_comparison_default_first_stage_is_timed_exact_search(hand_case):
+    q, db, gnd, _ = hand_case
+    df = run_comparison(q, db, gnd, {"same": lambda qq, dd, rr: rr}, n_boot=50, progress=False)
+    assert df.iloc[0]["ms_per_query"] >= 0
+    assert df.iloc[1]["medium_gain"] == 0 and df.iloc[1]["medium_map"] == df.iloc[0]["medium_map"]
+
+
+def test_run_comparison_rejects_bad_input(hand_case):
+    q, db, gnd, ranks = hand_case
+    with pytest.raises(CSAInputError, match="gnd has 1 queries"):
+        run_comparison(q, db, gnd[:1], {"x": lambda a, b, c: c}, first_stage_ranks=ranks)
+    with pytest.raises(CSAInputError, match="reserved"):
+        run_comparison(q, db, gnd, {FIRST_STAGE: lambda a, b, c: c}, first_stage_ranks=ranks)
+    with pytest.raises(CSAInputError, match="non-empty"):
+        run_comparison(q, db, gnd, {}, first_stage_ranks=ranks)
+    with pytest.raises(CSAInputError, match="not callable"):
+        run_comparison(q, db, gnd, {"x": 3}, first_stage_ranks=ranks)
+
+
+def test_default_methods_run_on_a_small_synthetic_benchmark():
+    """Every default method runs (depths capped to the database) and returns valid rankings."""
+    rng = np.random.default_rng(1)
+    centres = unit_rows(rng, 5, 16)
+    labels = np.repeat(np.arange(5), 12)
+    db = centres[labels] + 0.35 * rng.standard_normal((60, 16))
+    db = (db / np.linalg.norm(db, axis=1, keepdims=True)).astype(np.float32)
+    q = centres + 0.35 * rng.standard_normal((5, 16))
+    q = (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+    gnd = []
+    for c in range(5):
+        members = np.flatnonzero(labels == c)
+        gnd.append({"easy": members[:6].tolist(), "hard": members[6:10].tolist(), "junk": members[10:].tolist()})
+    methods = default_methods(n_db=60, topk=40, anchor_len=16)
+    assert set(methods) == {"AQE", "αQE", "αDBA", "αDBA+αQE", "diffusion", "k-reciprocal", "affinity cosine",
+                            "affinity cosine (centred)"}
+    df = run_comparison(q, db, gnd, methods, n_boot=100, progress=False)
+    assert len(df) == 1 + len(methods)
+    assert df[["easy_map", "medium_map", "hard_map"]].notna().all().all()
+    assert ((df[["easy_map", "medium_map", "hard_map"]] >= 0) & (df[["easy_map", "medium_map", "hard_map"]] <= 100)).all().all()
+    assert (df["medium_gain_low"] <= df["medium_gain"]).all() and (df["medium_gain"] <= df["medium_gain_high"]).all()
+
+
+def test_default_methods_with_model_adds_csa_rows():
+    torch = pytest.importorskip("torch")
+    from csa.model import RerankTransformer
+
+    torch.manual_seed(0)
+    model = RerankTransformer(anchor_len=8, embed_dim=16, depth=1, num_heads=2).eval()
+    methods = default_methods(model, n_db=30, topk=20)
+    assert {"CSA", "αQE+CSA", "diffusion+CSA"} <= set(methods)
+    rng = np.random.default_rng(2)
+    q, db = unit_rows(rng, 2, 8), unit_rows(rng, 30, 8)
+    from csa.search import first_stage
+    ranks = first_stage(q, db)
+    out = methods["CSA"](q, db, ranks)
+    assert out.shape == ranks.shape and np.array_equal(out[20:], ranks[20:])
+    assert all(sorted(out[:, i]) == list(range(30)) for i in range(2))
+
+
+def test_published_numbers_and_sources():
+    pub = PUBLISHED.set_index(["method", "dataset", "source"])
+    assert set(PUBLISHED["source"].str.contains("CSA repository|SSR paper")) == {True}
+    row = PUBLISHED[(PUBLISHED.method == FIRST_STAGE) & (PUBLISHED.dataset == "roxford5k")].iloc[0]
+    assert (row.medium_map, row.hard_map) == (67.3, 44.3)
+    csa_par = PUBLISHED[(PUBLISHED.method == "CSA") & (PUBLISHED.dataset == "rparis6k+r1m")].iloc[0]
+    assert (csa_par.medium_map, csa_par.hard_map) == (71.6, 51.0)
+    ssr = PUBLISHED[(PUBLISHED.method == "SSR") & (PUBLISHED.dataset == "rparis6k")].iloc[0]
+    assert (ssr.medium_map, ssr.hard_map) == (84.4, 67.8)
+    assert {"αQE", "AQE", "k-reciprocal", "diffusion (regional)", "LAttQE", "affinity cosine"} <= set(PUBLISHED.method)
+    assert pub.index.is_unique

@@ -1,0 +1,150 @@
+"""Tests of csa.figures: label rule, example selection rule, and the structure of the figures."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.colors import to_hex
+from matplotlib.patches import Rectangle
+
+from csa.figures import (
+    JUNK_COLOR,
+    NEGATIVE_COLOR,
+    POSITIVE_COLOR,
+    QUERY_COLOR,
+    label_ranked,
+    plot_ablation,
+    plot_map_vs_time,
+    plot_topk_grid,
+    plot_training_curves,
+    select_examples,
+)
+from csa.validation import CSAInputError
+
+# A hand-made ground truth entry: database images 0..9.
+GND = {"bbx": [1, 2, 30, 40], "easy": [0, 3], "hard": [5], "junk": [7]}
+RANKED = [5, 0, 9, 7, 3, 1]
+
+
+def test_label_ranked_medium_protocol():
+    # Medium: positives = easy + hard = {0, 3, 5}; junk = {7}.
+    assert label_ranked(RANKED, GND) == ["pos", "pos", "neg", "junk", "pos", "neg"]
+
+
+def test_label_ranked_easy_and_hard_protocols():
+    # Easy: positives = {0, 3}; junk = junk + hard = {7, 5}.
+    assert label_ranked(RANKED, GND, protocol="easy") == ["junk", "pos", "neg", "junk", "pos", "neg"]
+    # Hard: positives = {5}; junk = junk + easy = {7, 0, 3}.
+    assert label_ranked(np.array(RANKED), GND, protocol="Hard") == ["pos", "junk", "neg", "junk", "junk", "neg"]
+
+
+def test_label_ranked_rejects_bad_protocol_and_gnd():
+    with pytest.raises(CSAInputError, match="protocol"):
+        label_ranked(RANKED, GND, protocol="difficult")
+    with pytest.raises(CSAInputError, match="junk"):
+        label_ranked(RANKED, {"easy": [0], "hard": []})
+
+
+def test_select_examples_rule_gain_ties_and_nan():
+    before = [10.0, 50.0, 20.0, 30.0, 40.0, np.nan, 60.0, 70.0]
+    after = [30.0, 40.0, 40.0, 35.0, 20.0, 90.0, 60.0, 50.0]
+    # gains: +20, -10, +20, +5, -20, nan, 0, -20
+    successes, failures = select_examples(before, after, n=2)
+    assert successes == [0, 2]  # tie at +20 broken by smaller query index
+    assert failures == [4, 7]  # tie at -20 broken by smaller query index
+    successes, failures = select_examples(before, after, n=10)
+    assert successes == [0, 2, 3]  # zero gain (query 6) and NaN (query 5) never picked
+    assert failures == [4, 7, 1]
+
+
+def test_select_examples_input_errors():
+    with pytest.raises(CSAInputError, match="same queries"):
+        select_examples([1.0, 2.0], [1.0])
+    assert select_examples([5.0, 5.0], [5.0, 5.0], n=3) == ([], [])
+
+
+def _grid_figure(k=4, title="query 3: AP 20.0 -> 55.0"):
+    rng = np.random.default_rng(0)
+    images = {f"img{i}": rng.random((12 + i, 16, 3)) for i in range(k + 2)}
+    query = rng.random((50, 40, 3))
+    before = [f"img{i}" for i in range(k)]
+    after = [f"img{i}" for i in reversed(range(k))]
+    labels_before = (["pos", "neg", "junk", "neg"] * k)[:k]
+    labels_after = (["neg", "pos", "pos", "junk"] * k)[:k]
+    fig = plot_topk_grid(query, [5, 6, 25, 30], before, after, labels_before, labels_after, images.__getitem__,
+                         k=k, title=title)
+    return fig, labels_before, labels_after
+
+
+def test_plot_topk_grid_structure_colours_and_box():
+    k = 4
+    fig, labels_before, labels_after = _grid_figure(k)
+    axes = fig.axes
+    assert len(axes) == 1 + 2 * k
+    query_ax = axes[0]
+    boxes = [p for p in query_ax.patches if isinstance(p, Rectangle)]
+    assert len(boxes) == 1
+    box = boxes[0]
+    assert to_hex(box.get_edgecolor()) == QUERY_COLOR
+    assert (box.get_x(), box.get_y(), box.get_width(), box.get_height()) == (5.0, 6.0, 20.0, 24.0)
+    assert query_ax.get_title() == "query"
+    colour = {"pos": POSITIVE_COLOR, "neg": NEGATIVE_COLOR, "junk": JUNK_COLOR}
+    expected = [colour[lab] for lab in labels_before] + [colour[lab] for lab in labels_after]
+    for ax, want in zip(axes[1:], expected):
+        assert {to_hex(s.get_edgecolor()) for s in ax.spines.values()} == {want}
+    assert [ax.get_title() for ax in axes[1:]] == [str(r) for r in range(1, k + 1)] * 2
+    assert "before" in axes[1].get_ylabel() and "1/4 positive" in axes[1].get_ylabel()
+    assert "after" in axes[1 + k].get_ylabel() and "2/4 positive" in axes[1 + k].get_ylabel()
+    assert fig._suptitle.get_text() == "query 3: AP 20.0 -> 55.0"
+
+
+def test_plot_topk_grid_rejects_short_lists_and_bad_labels():
+    with pytest.raises(CSAInputError, match="need 10"):
+        plot_topk_grid(np.zeros((4, 4)), None, ["a"] * 3, ["a"] * 10, ["pos"] * 3, ["pos"] * 10, lambda n: np.zeros((4, 4)))
+    with pytest.raises(CSAInputError, match="unknown label"):
+        plot_topk_grid(np.zeros((4, 4)), None, ["a"] * 2, ["a"] * 2, ["pos", "tp"], ["pos"] * 2,
+                       lambda n: np.zeros((4, 4)), k=2)
+
+
+def test_plot_training_curves_panels_and_data():
+    history = pd.DataFrame({
+        "epoch": [1, 2, 3], "loss": [3.0, 2.0, 1.5], "contrastive": [2.0, 1.5, 1.2],
+        "reconstruction": [1.0, 0.9, 0.8], "lr": [0.01, 0.1, 0.05], "val_loss": [3.1, 2.2, 1.9],
+    })
+    fig = plot_training_curves(history)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["total loss", "contrastive loss", "reconstruction loss", "learning rate"]
+    assert len(fig.axes[0].lines) == 2  # train + validation
+    np.testing.assert_allclose(fig.axes[3].lines[0].get_ydata(), [0.01, 0.1, 0.05])
+    # a list of per-epoch dicts works too, epochs default to 1..E
+    rows = history.drop(columns=["epoch", "val_loss"]).to_dict("records")
+    fig = plot_training_curves(rows)
+    np.testing.assert_allclose(fig.axes[1].lines[0].get_xdata(), [1, 2, 3])
+    with pytest.raises(CSAInputError, match="lr"):
+        plot_training_curves(history.drop(columns=["lr"]))
+
+
+def test_plot_map_vs_time_log_axis_and_labels():
+    df = pd.DataFrame({"method": ["first stage", "CSA"], "ms_per_query": [0.2, 3.0], "map_medium": [67.3, 78.2],
+                       "dataset": ["ROxf", "ROxf"]})
+    fig = plot_map_vs_time(df, hue="dataset")
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log"
+    assert sorted(t.get_text() for t in ax.texts) == ["CSA", "first stage"]
+    with pytest.raises(CSAInputError, match="<= 0"):
+        plot_map_vs_time(df.assign(ms_per_query=[0.0, 1.0]))
+    with pytest.raises(CSAInputError, match="not in the table"):
+        plot_map_vs_time(df, y="map_hard")
+
+
+def test_plot_ablation_one_line_per_hue_sorted_by_x():
+    df = pd.DataFrame({"topk": [256, 128, 256, 128], "map": [2.0, 1.0, 4.0, 3.0], "anchor_len": [64, 64, 128, 128]})
+    fig = plot_ablation(df, x="topk", y="map", hue="anchor_len")
+    lines = fig.axes[0].lines
+    assert len(lines) == 2
+    np.testing.assert_allclose(lines[0].get_xdata(), [128, 256])
+    np.testing.assert_allclose(lines[0].get_ydata(), [1.0, 2.0])
+    assert lines[1].get_label() == "anchor_len = 128"
+    assert not math.isnan(lines[1].get_ydata()[0])
