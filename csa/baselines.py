@@ -49,6 +49,7 @@ __all__ = [
 
 Ranker = Callable[..., Any]
 
+
 # ----------------------------------------------------------------------------------------------
 # shared helpers
 # ----------------------------------------------------------------------------------------------
@@ -109,11 +110,6 @@ def _reorder_top(ranks: np.ndarray, q: int, depth: int, scores: np.ndarray, out:
     out[:depth, q] = ranks[:depth, q][order]
 
 
-def _stable_descending(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest scores per row; equal scores keep increasing index order."""
-    return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
-
-
 def _search(qvecs: torch.Tensor, dbvecs: torch.Tensor, depth: int) -> np.ndarray:
     """Exact cosine ranking of the whole database, (depth, Q) int64 (ties by index); see
     :func:`csa.search.first_stage`.  Time O(Q N D), memory O(Q (depth + chunk))."""
@@ -145,7 +141,7 @@ def alpha_qe(qvecs: Any, dbvecs: Any, ranks: Any, n: int = 50, alpha: float = 3.
         return _like(r.copy(), ranks)
     neighbours = db[torch.from_numpy(r[:n].T.copy())]               # (Q, n, D)
     sims = torch.einsum("qnd,qd->qn", neighbours, q)
-    weights = sims.pow(alpha)  # 0 ** 0 == 1
+    weights = sims.clamp_min(0.0).pow(alpha)                         # 0 ** 0 == 1
     expanded = _normalize_rows(q + torch.einsum("qn,qnd->qd", weights, neighbours))
     return _like(_search(expanded, db, depth=r.shape[0]), ranks)
 

@@ -29,7 +29,7 @@ def _load_eval_inputs(args: argparse.Namespace):
 
     gnd = load_gnd(args.data_root, args.dataset)
     feats = load_test_features(args.data_root, args.dataset, args.features)
-    qvecs, dbvecs = feats["query"], feats["db"]
+    qvecs, dbvecs = feats.query, feats.db
     if args.r1m is not None:
         from csa.r1m import append_distractors
 

@@ -13,7 +13,6 @@ import time
 from functools import partial
 from typing import Any, Callable, Mapping, Sequence
 
-import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 

@@ -359,22 +359,11 @@ def first_stage_report(root: str | os.PathLike, dataset: str, name: str = FEATUR
     lines = [format_revisited(dataset, res, method=f"first stage ({name})")]
     numbers = {"results": res, "random": chance, "ci": {}}
     for level in ("easy", "medium", "hard"):
-        ci = bootstrap_map_ci(res[level]["aps"], n_boot=n_boot, seed=seed)
-        numbers["ci"][level] = ci
-        lo, hi = _ci_bounds(ci)
+        _, lo, hi = bootstrap_map_ci(res[level]["aps"], n_boot=n_boot, seed=seed)
+        numbers["ci"][level] = (lo, hi)
         lines.append(f"  {level:6s} mAP {res[level]['map']:6.2f}  95% CI [{lo:6.2f}, {hi:6.2f}]  "
                      f"random ranking {chance[level]:5.2f}")
     return numbers, "\n".join(lines)
-
-
-def _ci_bounds(ci: Any) -> tuple[float, float]:
-    """(low, high) from what bootstrap_map_ci returns (a (lo, hi) pair, or a dict/tuple holding them)."""
-    if isinstance(ci, dict):
-        for lo_key, hi_key in (("low", "high"), ("lo", "hi"), ("lower", "upper")):
-            if lo_key in ci:
-                return float(ci[lo_key]), float(ci[hi_key])
-    vals = list(ci)
-    return float(vals[-2]), float(vals[-1])
 
 
 # --------------------------------------------------------------------------------------------

@@ -46,6 +46,18 @@ def _as_float_tensor(x: Any, name: str) -> torch.Tensor:
     return t
 
 
+def _row_stats(t: torch.Tensor, chunk: int = 65536) -> tuple[int, torch.Tensor]:
+    """(number of rows with NaN/inf, float64 row norms), computed in row chunks so that a 1M x 2048
+    database needs no full-size temporary copy."""
+    bad = 0
+    norms = torch.empty(t.shape[0], dtype=torch.float64)
+    for start in range(0, t.shape[0], chunk):
+        block = t[start:start + chunk]
+        bad += int((~torch.isfinite(block)).any(dim=1).sum())
+        norms[start:start + chunk] = torch.linalg.vector_norm(block.double(), dim=1)
+    return bad, norms
+
+
 def check_descriptors(qvecs: Any, dbvecs: Any, normalize: str = "warn") -> tuple[Any, Any]:
     """Check query (Q, D) and database (N, D) descriptors; return them (renormalized if needed).
 
@@ -76,11 +88,10 @@ def check_descriptors(qvecs: Any, dbvecs: Any, normalize: str = "warn") -> tuple
                             f"transpose D x N arrays with .T)")
     out = []
     for name, x, t in zip(("qvecs", "dbvecs"), (qvecs, dbvecs), tensors):
-        if not bool(torch.isfinite(t).all()):
-            bad = int((~torch.isfinite(t)).any(dim=1).sum())
+        bad, norms = _row_stats(t)
+        if bad:
             raise CSAInputError(f"{name} has {bad} row(s) with NaN or inf values; "
                                 f"fix or drop those descriptors before ranking")
-        norms = torch.linalg.vector_norm(t.double(), dim=1)
         if bool((norms == 0).any()):
             raise CSAInputError(f"{name} has {int((norms == 0).sum())} all-zero row(s); they have no direction "
                                 f"and cannot be L2-normalized — drop or recompute them")

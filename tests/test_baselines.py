@@ -414,5 +414,5 @@ def test_alpha_qe_gives_negative_similarities_zero_weight():
     ranks = naive_ranks(q, db)
     assert ranks[:, 0].tolist() == [0, 1, 2]
     assert alpha_qe(q, db, ranks, n=1, alpha=1.0)[:, 0].tolist() == [0, 1, 2]
-    # AQE (alpha = 0) weighs every neighbour 1 whatever its sign: q + d(100) points to 40 deg
-    assert aqe(q, db, ranks, n=1)[:, 0].tolist() == angular_order(40.0, [100, -105, 180]).tolist()
+    # AQE (alpha = 0) weighs every neighbour 1 whatever its sign: q + d(100) points to 50 deg (the bisector)
+    assert aqe(q, db, ranks, n=1)[:, 0].tolist() == angular_order(50.0, [100, -105, 180]).tolist() == [0, 2, 1]
