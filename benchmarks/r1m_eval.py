@@ -25,6 +25,7 @@ import shutil
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -145,6 +146,7 @@ def main() -> None:
     parser.add_argument("--tmpdir", default=None, help="where the temporary memmaps go")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # memmaps are only read
     torch.set_num_threads(args.threads)
     print(f"R1M evaluation benchmark: N={args.n:,} D={args.d} Q={args.queries} chunk={args.chunk} "
           f"topk={args.topk} torch threads={args.threads}", flush=True)

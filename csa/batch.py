@@ -155,7 +155,8 @@ def run_grid(
 ) -> BatchResult:
     """Execute ``notebook`` once per point of the Cartesian product of ``grid`` and collect the tables.
 
-    ``params`` are fixed for every run.  The rows of ``out_dir/results.csv`` come in grid order
+    ``params`` are fixed for every run.  The notebooks run in ``cwd`` (default: the notebook's own
+    folder, as in Jupyter, so relative paths inside it resolve the same way).  The rows of ``out_dir/results.csv`` come in grid order
     (first key slowest), each prefixed with the grid values; failed runs contribute no rows and are
     listed in ``BatchResult.failures`` as ``(run name, error)``.
     """
@@ -178,6 +179,9 @@ def run_grid(
         raise CSAInputError(f"max_workers must be >= 1, got {max_workers}")
     check_parameters(notebook, [*grid, *params], kernel=kernel)
 
+    run_cwd = Path(cwd) if cwd is not None else notebook.resolve().parent
+    if not run_cwd.is_dir():
+        raise CSAInputError(f"working directory {run_cwd} does not exist: pass an existing folder as cwd")
     out_dir = Path(out_dir)
     runs_dir = out_dir / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
@@ -197,7 +201,7 @@ def run_grid(
             papermill.execute_notebook(
                 str(notebook), str(out_dir / f"{names[i]}.ipynb"),
                 parameters={**params, **points[i], RESULTS_PARAMETER: str(run_csv.resolve())},
-                kernel_name=kernel, progress_bar=False, cwd=None if cwd is None else str(cwd),
+                kernel_name=kernel, progress_bar=False, cwd=str(run_cwd),
             )
             if not run_csv.is_file():
                 return i, None, f"the notebook finished but wrote no table to {RESULTS_PARAMETER} ({run_csv})"
@@ -250,7 +254,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="output folder (notebooks, runs/, results.csv)")
     parser.add_argument("--kernel", default="python3", help="Jupyter kernel name (default: python3)")
     parser.add_argument("--max-workers", type=int, default=1, help="runs executed at the same time (default 1)")
-    parser.add_argument("--cwd", default=None, help="working directory of the notebooks (default: the current one)")
+    parser.add_argument("--cwd", default=None, help="working directory of the runs (default: the notebook's folder, as in Jupyter)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 

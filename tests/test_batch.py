@@ -19,11 +19,11 @@ def write_grid_notebook(path: Path, fail_when_topk: int | None = None) -> Path:
     params = nbformat.v4.new_code_cell("topk = 8\nanchor_len = 4\nlabel = 'x'\nresults_csv = 'out.csv'")
     params.metadata["tags"] = ["parameters"]
     body = (
-        "import pandas as pd\n"
+        "import os\nimport pandas as pd\n"
         f"if {fail_when_topk!r} is not None and topk == {fail_when_topk!r}:\n"
         "    raise RuntimeError(f'boom at topk={topk}')\n"
         "pd.DataFrame({'protocol': ['medium', 'hard'], 'map': [topk + anchor_len, topk * anchor_len],\n"
-        "              'label': [label, label]}).to_csv(results_csv, index=False)\n"
+        "              'label': [label, label], 'cwd': [os.getcwd()] * 2}).to_csv(results_csv, index=False)\n"
     )
     nb.cells = [params, nbformat.v4.new_code_cell(body)]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
@@ -89,12 +89,13 @@ def test_grid_2x2_collects_four_runs_into_one_csv(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     table = pd.read_csv(out / "results.csv")
-    assert list(table.columns) == ["topk", "anchor_len", "protocol", "map", "label"]
+    assert list(table.columns) == ["topk", "anchor_len", "protocol", "map", "label", "cwd"]
     # 4 runs x 2 rows, in grid order (first key slowest), values computed inside each notebook run
     assert table["topk"].tolist() == [2, 2, 2, 2, 3, 3, 3, 3]
     assert table["anchor_len"].tolist() == [10, 10, 20, 20, 10, 10, 20, 20]
     assert table["map"].tolist() == [12, 20, 22, 40, 13, 30, 23, 60]
     assert set(table["label"]) == {"run"}
+    assert set(table["cwd"]) == {str(tmp_path.resolve())}  # runs start in the notebook's folder
     names = sorted(p.name for p in out.glob("*.ipynb"))
     assert names == ["grid__topk-2_anchor_len-10.ipynb", "grid__topk-2_anchor_len-20.ipynb",
                      "grid__topk-3_anchor_len-10.ipynb", "grid__topk-3_anchor_len-20.ipynb"]
