@@ -153,7 +153,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="csa-r1m-bench-", dir=args.tmpdir))
     try:
         t0 = time.perf_counter()
-        db32, q, gnd = make_problem(work / "db32.npy", args.n, args.d, args.queries, 4993, args.seed, 65536)
+        db32, q, gnd = make_problem(work / "db32.npy", args.n, args.d, args.queries, 4993, args.seed, 16384)
         print(f"generated {args.n:,} x {args.d} float32 descriptors + synthetic gnd in "
               f"{time.perf_counter() - t0:.1f} s ({os.path.getsize(work / 'db32.npy') / 2**30:.2f} GB)", flush=True)
         dtypes = args.dtypes.split(",")

@@ -193,8 +193,10 @@ class ResumableHTTPDownloader:
             raise DownloadError(f"{url}: HTTP {e.code} {e.reason}; check the address (or your mirror, "
                                 f"{MIRROR_ENV}) and your network, then re-run") from e
         except (OSError, http.client.HTTPException) as e:
-            raise DownloadError(f"{url}: the connection failed after {self._size()} bytes ({e!r}); check the "
-                                f"network and re-run: the download resumes from {self.part_path}") from e
+            got = self._size()
+            then = f"the download resumes from {self.part_path}" if got else "nothing was saved"
+            raise DownloadError(f"{url}: the connection failed after {got} bytes ({e!r}); check the "
+                                f"network (or the mirror, {MIRROR_ENV}) and re-run: {then}") from e
         size = self._size()
         if total is not None and size != total:
             raise DownloadError(f"{url}: received {size} of {total} bytes; re-run to resume from "
@@ -322,7 +324,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for ds, names in DATASETS.items():
             print(f"{ds}: {', '.join(names) if len(names) < 8 else names[0] + ', ... (' + str(len(names)) + ')'}")
         for n, r in RESOURCES.items():
-            print(f"  {n:32s} {r.url} -> {r.dest}")
+            if n.startswith("revisitop1m.") and n != "revisitop1m.1":
+                continue
+            label = "revisitop1m.1 .. revisitop1m.100" if n == "revisitop1m.1" else n
+            print(f"  {label:34s} {r.url} -> {r.dest}")
         return 0
     try:
         for n in args.names:

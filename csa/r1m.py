@@ -43,7 +43,7 @@ def _storage_dtype(dtype: Any) -> np.dtype:
     return dt
 
 
-def simulate_distractors(n: int, d: int, seed: int = 0, dtype: Any = np.float32, chunk: int = 65536,
+def simulate_distractors(n: int, d: int, seed: int = 0, dtype: Any = np.float32, chunk: int = 16384,
                          path: str | os.PathLike | None = None, progress: bool = True) -> np.ndarray:
     """Random L2-normalized rows standing in for distractor descriptors, shape ``(n, d)``.
 
@@ -186,6 +186,11 @@ class StackedDescriptors:
             if a < b:
                 out[a - start:b - start] = _rows_numpy(p, a - lo, b - lo)
         return out
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        """``np.asarray(view)``: every row in one in-memory array (8 GB for R1M in float32)."""
+        out = self[0:self.shape[0]]
+        return out if dtype is None else out.astype(dtype, copy=False)
 
     def __repr__(self) -> str:
         return f"StackedDescriptors(shape={self.shape}, dtype={self.dtype.name}, parts={len(self.parts)})"

@@ -10,7 +10,7 @@ PY=.venv/bin/python
 OUT=book/notebooks
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
-for nb in 01_data_preparation 02_training 00_inference_in_a_few_lines 03_reranking 04_qualitative_top10 05_comparison; do
+for nb in 01_data_preparation 02_training 00_inference_in_a_few_lines 03_reranking 04_qualitative_top10 05_comparison 06_ablation; do
     echo ">> executing notebooks/$nb.ipynb"
     start=$(date +%s)
     # papermill runs with notebooks/ as the working directory, so relative paths inside the notebooks

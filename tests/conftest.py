@@ -33,3 +33,60 @@ def demo_features() -> Path:
     """The demo data root with descriptors extracted (the main job's first step; a no-op when up to date)."""
     subprocess.run([sys.executable, "-m", "csa.demo", "extract", "--root", str(DEMO_ROOT)], check=True, cwd=REPO_ROOT)
     return DEMO_ROOT
+
+
+class ExecutedNotebooks:
+    """Where the session's papermill runs went: executed notebooks, their CSV tables, training runs."""
+
+    def __init__(self, root: Path, epochs: int):
+        self.root = root
+        self.out = root / "notebooks"
+        self.runs = root / "runs"
+        self.ablation = root / "ablation"
+        self.epochs = epochs
+        self.notebooks: dict = {}
+        self.csv: dict[str, Path] = {}
+
+
+# Tiny parameters: a few-minute run of every notebook on the real demo data.
+TINY_EPOCHS = 2
+
+
+def _tiny_parameters(ex: ExecutedNotebooks) -> dict[str, dict]:
+    runs = ex.runs
+    ckpts = (f"roxford5k-mini:{runs / 'rparis6k-mini-train' / 'checkpoint.pth'},"
+             f"rparis6k-mini:{runs / 'roxford5k-mini-train' / 'checkpoint.pth'}")
+    data = str(DEMO_ROOT)
+    return {
+        "01_data_preparation": {"data_root": data},
+        "02_training": {"data_root": data, "output_root": str(runs), "epochs": TINY_EPOCHS, "warmup_epochs": 1,
+                        "topk": 16, "anchor_len": 16, "embed_dim": 32, "num_heads": 4, "batch_size": 16,
+                        "nproc_per_node": 2},
+        "00_inference_in_a_few_lines": {"data_root": data, "topk": 32,
+                                        "checkpoint": str(runs / "rparis6k-mini-train" / "checkpoint.pth")},
+        "03_reranking": {"data_root": data, "checkpoints": ckpts, "topk": 32, "n_boot": 200},
+        "04_qualitative_top10": {"data_root": data, "checkpoints": ckpts, "topk": 32, "n_examples": 1},
+        "05_comparison": {"data_root": data, "checkpoints": ckpts, "topk": 32, "n_boot": 200},
+        "06_ablation": {"checkpoints": ckpts, "topk_grid": "16,32", "anchor_grid": "16", "n_boot": 100,
+                        "out_dir": str(ex.ablation), "notebook": str(REPO_ROOT / "notebooks" / "03_reranking.ipynb")},
+    }
+
+
+@pytest.fixture(scope="session")
+def executed_notebooks(tmp_path_factory, demo_features) -> ExecutedNotebooks:
+    """Run every notebook once with tiny parameters (in the main job's order); later tests inspect them."""
+    import nbformat
+    import papermill as pm
+
+    ex = ExecutedNotebooks(tmp_path_factory.mktemp("notebooks"), TINY_EPOCHS)
+    ex.out.mkdir()
+    for name, params in _tiny_parameters(ex).items():
+        source = REPO_ROOT / "notebooks" / f"{name}.ipynb"
+        target = ex.out / f"{name}.ipynb"
+        if name not in ("00_inference_in_a_few_lines", "06_ablation"):
+            params = {**params, "results_csv": str(ex.root / f"{name}.csv")}
+            ex.csv[name] = ex.root / f"{name}.csv"
+        pm.execute_notebook(str(source), str(target), parameters=params, kernel_name="python3",
+                            cwd=str(REPO_ROOT / "notebooks"), progress_bar=False)
+        ex.notebooks[name] = nbformat.read(str(target), as_version=4)
+    return ex

@@ -81,10 +81,15 @@ def placeholder_notebook(name: str) -> nbformat.NotebookNode:
     return nb
 
 
-def prepare_book_copy(dest: Path) -> tuple[Path, list[str]]:
-    """Copy book/ to ``dest`` (no _build) and add placeholders for the toc's missing notebooks."""
+def prepare_book_copy(dest: Path, executed: Path | None = None) -> tuple[Path, list[str]]:
+    """Copy book/ to ``dest`` (no _build), put the executed notebooks from ``executed`` into its notebooks/
+    folder, and add placeholders for the toc's notebooks that are still missing."""
     book = dest / "book"
     shutil.copytree(BOOK, book, ignore=shutil.ignore_patterns("_build", ".ipynb_checkpoints"))
+    if executed is not None:
+        (book / "notebooks").mkdir(exist_ok=True)
+        for nb in executed.glob("*.ipynb"):
+            shutil.copy2(nb, book / "notebooks" / nb.name)
     created = []
     for entry in toc_files():
         stem = book / entry
@@ -110,7 +115,8 @@ def test_toc_chapters_exist_and_notebook_pages_are_planned():
     assert not missing, f"toc lists prose pages that do not exist: {missing}"
     assert [f for f in files if f.startswith("notebooks/")] == [
         "notebooks/00_inference_in_a_few_lines", "notebooks/01_data_preparation", "notebooks/02_training",
-        "notebooks/03_reranking", "notebooks/04_qualitative_top10", "notebooks/05_comparison",
+        "notebooks/03_reranking", "notebooks/06_ablation", "notebooks/04_qualitative_top10",
+        "notebooks/05_comparison",
     ]
     config = yaml.safe_load((BOOK / "_config.yml").read_text())
     assert config["execute"]["execute_notebooks"] == "off"  # the book never re-executes notebooks
@@ -130,12 +136,13 @@ def test_api_page_documents_importable_modules():
 
 
 @pytest.mark.slow
-def test_book_builds_without_warnings_and_renders_results_page():
+def test_book_builds_without_warnings_and_renders_results_page(executed_notebooks):
     jb = Path(sys.executable).parent / "jupyter-book"
     if not jb.exists():
         pytest.skip("jupyter-book is not installed in this environment (pip install -e '.[notebooks]')")
     with tempfile.TemporaryDirectory(prefix="csa-book-") as tmp:
-        book, placeholders = prepare_book_copy(Path(tmp))
+        book, placeholders = prepare_book_copy(Path(tmp), executed_notebooks.out)
+        assert not placeholders, f"notebooks missing from the papermill run: {placeholders}"
         proc = subprocess.run([str(jb), "build", str(book), "-W", "--keep-going"], capture_output=True,
                               text=True, timeout=900, cwd=tmp)
         log = proc.stdout + proc.stderr

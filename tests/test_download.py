@@ -244,3 +244,15 @@ def test_backbone_network_urls_are_downloadable():
     backbones = pytest.importorskip("csa.backbones")
     urls = {r.url for r in dl.RESOURCES.values()}
     assert set(backbones.NETWORK_URLS.values()) <= urls
+
+
+def test_unreachable_host_error_names_url_and_leaves_nothing(tmp_path, monkeypatch):
+    import socket
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    _register(monkeypatch, "gone", "gone.bin", "annotations/gone.bin")
+    with pytest.raises(dl.DownloadError) as err:
+        dl.download("gone", tmp_path, progress=False, base_url=f"http://127.0.0.1:{port}")
+    assert f"http://127.0.0.1:{port}/gone.bin" in str(err.value) and "re-run" in str(err.value)
+    assert _leftovers(tmp_path) == []

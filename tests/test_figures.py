@@ -148,3 +148,29 @@ def test_plot_ablation_one_line_per_hue_sorted_by_x():
     np.testing.assert_allclose(lines[0].get_ydata(), [1.0, 2.0])
     assert lines[1].get_label() == "anchor_len = 128"
     assert not math.isnan(lines[1].get_ydata()[0])
+
+
+def test_plot_method_bars_draws_one_panel_per_dataset_with_interval_bars():
+    import pandas as pd
+
+    from csa.figures import plot_method_bars
+
+    rows = []
+    for ds in ("a", "b"):
+        rows.append(dict(dataset=ds, method="first stage", medium_map=20.0, hard_map=10.0, medium_gain=0.0,
+                         medium_gain_low=0.0, medium_gain_high=0.0, hard_gain=0.0, hard_gain_low=0.0,
+                         hard_gain_high=0.0))
+        rows.append(dict(dataset=ds, method="CSA", medium_map=25.0, hard_map=12.0, medium_gain=5.0,
+                         medium_gain_low=1.0, medium_gain_high=9.0, hard_gain=2.0, hard_gain_low=-1.0,
+                         hard_gain_high=4.0))
+    fig = plot_method_bars(pd.DataFrame(rows))
+    axes = fig.get_axes()
+    assert [ax.get_title() for ax in axes] == ["a", "b"]
+    heights = sorted(p.get_height() for p in axes[0].patches)
+    assert heights == [10.0, 12.0, 20.0, 25.0]
+    # the CSA Medium error bar spans its mAP shifted by the gain interval: [21, 29]
+    segments = [seg for coll in axes[0].collections for seg in coll.get_segments()]
+    spans = sorted((round(float(s[:, 1].min()), 6), round(float(s[:, 1].max()), 6)) for s in segments)
+    assert (21.0, 29.0) in spans and (9.0, 14.0) in spans
+    with pytest.raises(CSAInputError, match="lacks the column"):
+        plot_method_bars(pd.DataFrame(rows).drop(columns=["hard_gain_low"]))

@@ -65,6 +65,7 @@ def test_append_view_and_written_concatenation(tmp_path):
     for a, b in [(0, 17), (0, 10), (8, 12), (10, 17), (3, 4), (16, 30), (5, 5)]:
         np.testing.assert_array_equal(view[a:b], full[a:b])
     assert view[2:4].dtype == np.float32
+    np.testing.assert_array_equal(np.asarray(view), full)  # materializes (what the CLI does)
     half = append_distractors(torch.from_numpy(db), dis, dtype="float16")
     assert half[0:17].dtype == np.float16
     out = append_distractors(db, dis, out=tmp_path / "all.npy")

@@ -1,0 +1,236 @@
+"""Benchmark on one CUDA GPU (about 1-3 minutes): re-ranking and training at the paper's sizes.
+
+1. Re-ranking 70 queries (one ROxf / RPar query set) at K = 1024, L = 512, C = 768, 12 heads,
+   depth 2 over a seeded 5,000 x 2048 random database: ``csa.rerank`` in fp32 and bf16, and the
+   re-created official per-query loop (``benchmarks/_official.py``; fp16 autocast like the official
+   ``forward_feature``) for reference; peak GPU memory of each.
+2. Training at the paper's configuration (K = L = 512, C = 768, 12 heads, depth 2, batch 256,
+   fp16 AMP, SGD) with ``csa.engine.train_one_epoch`` on synthetic clustered 2048-d descriptors
+   resident on the GPU: samples/s, the projected time of one rSfM120k epoch (91,642 samples; the
+   paper reports about 9.4 min/epoch on 4 x RTX 2080 Ti), peak GPU memory; and the official
+   pipeline (per-sample ``mm`` in 8 loader workers, collate, same model) for a few steps.
+
+Without a CUDA device it exits with a message (status 2) unless ``--dry-run`` is given: then every
+path runs at tiny sizes on the CPU (used by the tests).
+
+    python benchmarks/gpu.py              # on a CUDA machine
+    python benchmarks/gpu.py --dry-run    # tiny CPU run of the same code
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _official import OfficialStyleModel, OfficialTrainingSet, official_rerank, official_train_steps  # noqa: E402
+
+from csa.datasets import GlobalBatchSampler, NeighbourTable, TrainingSet  # noqa: E402
+from csa.engine import build_optimizer, train_one_epoch  # noqa: E402
+from csa.losses import CSACriterion  # noqa: E402
+from csa.model import RerankTransformer  # noqa: E402
+from csa.rerank import rerank  # noqa: E402
+from csa.search import first_stage  # noqa: E402
+
+RSFM120K_TRAIN = 91_642
+PAPER_MIN_PER_EPOCH = 9.4
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "n/a on CPU"
+    return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+
+
+def timed(fn, device: torch.device, repeats: int) -> tuple[float, object]:
+    """Best wall time of ``fn()`` over ``repeats`` runs (after one warm-up), and its last result."""
+    out = fn()
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def bench_rerank(args, device: torch.device) -> None:
+    g = torch.Generator().manual_seed(args.seed)
+    db = torch.randn(args.db, args.dim, generator=g)
+    q = torch.randn(args.queries, args.dim, generator=g)
+    db, q = db / db.norm(dim=1, keepdim=True), q / q.norm(dim=1, keepdim=True)
+    ranks = first_stage(q, db, device=device).cpu()
+    torch.manual_seed(args.seed)
+    model = RerankTransformer(anchor_len=args.anchor_len, embed_dim=args.embed_dim, depth=args.depth,
+                              num_heads=args.heads).to(device).eval()
+    print(f"[rerank] {args.queries} queries, database {args.db} x {args.dim}, K={args.topk}, L={args.anchor_len}, "
+          f"C={args.embed_dim}, heads={args.heads}, depth={args.depth}, batch_size={args.rerank_batch}")
+    results = {}
+    for precision in ("fp32", "bf16"):
+        reset_peak(device)
+        t, out = timed(lambda: rerank(model, q, db, ranks, topk=args.topk, anchor_len=args.anchor_len,
+                                      batch_size=args.rerank_batch, precision=precision, progress=False),
+                       device, args.repeats)
+        results[precision] = out
+        print(f"[rerank] csa.rerank {precision}: {t:.3f} s ({t / args.queries * 1e3:.2f} ms/query), "
+              f"peak GPU memory {peak_gib(device)}")
+    twin = OfficialStyleModel.from_model(model).eval()
+    amp = device.type == "cuda"
+
+    def official():
+        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
+            return official_rerank(twin, q, db, ranks, args.topk, args.anchor_len, num_workers=0, device=str(device))
+
+    reset_peak(device)
+    t, out = timed(official, device, args.repeats)
+    top10 = float((out[:10] == results["fp32"][:10]).all(dim=0).float().mean())
+    print(f"[rerank] official per-query loop ({'fp16 autocast' if amp else 'fp32'}): {t:.3f} s "
+          f"({t / args.queries * 1e3:.2f} ms/query), peak GPU memory {peak_gib(device)}; identical top-10 with "
+          f"csa fp32: {100 * top10:.0f}% of queries")
+
+
+def bench_train(args, device: torch.device) -> None:
+    rng = np.random.default_rng(args.seed)
+    centres = rng.standard_normal((args.clusters, args.dim))
+    labels = rng.integers(0, args.clusters, args.samples)
+    x = centres[labels] / np.sqrt(args.dim) + rng.standard_normal((args.samples, args.dim)) / np.sqrt(args.dim)
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    t0 = time.perf_counter()
+    table = NeighbourTable([x], args.train_topk, args.train_anchor_len, device=device, progress=False)
+    print(f"[train] {args.samples} synthetic {args.dim}-d samples, neighbour table in {time.perf_counter() - t0:.1f} s; "
+          f"K={args.train_topk}, L={args.train_anchor_len}, C={args.embed_dim}, heads={args.heads}, "
+          f"depth={args.depth}, batch {args.train_batch}, AMP {'fp16' if device.type == 'cuda' else 'off (CPU)'}")
+    features = torch.from_numpy(x).to(device)
+    torch.manual_seed(args.seed)
+    model = RerankTransformer(anchor_len=args.train_anchor_len, embed_dim=args.embed_dim, depth=args.depth,
+                              num_heads=args.heads).to(device)
+    twin = OfficialStyleModel.from_model(model)
+    criterion = CSACriterion()
+    optimizer = build_optimizer(model, lr=0.01)
+    amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    dataset = TrainingSet(table, labels, seed=args.seed)
+    epochs = itertools.count()
+
+    def ours(steps: int) -> int:
+        e = next(epochs)
+        sampler = GlobalBatchSampler(len(dataset), args.train_batch, seed=args.seed)
+        sampler.set_epoch(e)
+        dataset.set_epoch(e)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers,
+                                             pin_memory=device.type == "cuda", persistent_workers=False)
+        stats = train_one_epoch(model, criterion, itertools.islice(loader, steps), optimizer, None, device,
+                                scaler=scaler, clip_grad=0.0, amp=amp, progress=False, features=features)
+        return stats["iterations"] * args.train_batch
+
+    ours(2)  # warm-up (cuDNN/cuBLAS heuristics, allocator)
+    reset_peak(device)
+    sync(device)
+    t0 = time.perf_counter()
+    seen = ours(args.train_steps)
+    sync(device)
+    rate = seen / (time.perf_counter() - t0)
+    epoch_min = RSFM120K_TRAIN / rate / 60
+    print(f"[train] csa engine: {rate:.1f} samples/s, projected rSfM120k epoch ({RSFM120K_TRAIN} samples) "
+          f"{epoch_min:.2f} min on this device (paper: ~{PAPER_MIN_PER_EPOCH} min/epoch on 4 x RTX 2080 Ti), "
+          f"peak GPU memory {peak_gib(device)}")
+
+    if args.official_steps:
+        neighbours = torch.from_numpy(table.indices.astype(np.int64))
+        relevance = torch.from_numpy((labels[table.indices] == labels[:, None]).astype(np.float32))
+        official_set = OfficialTrainingSet(torch.from_numpy(x), neighbours, relevance, args.train_topk,
+                                           args.train_anchor_len)
+        opt_official = build_optimizer(twin, lr=0.01)
+
+        def official(steps: int) -> int:
+            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
+                return official_train_steps(twin, official_set, args.train_batch, steps, opt_official,
+                                            num_workers=args.official_workers, device=str(device))
+
+        official(1)
+        reset_peak(device)
+        sync(device)
+        t0 = time.perf_counter()
+        seen = official(args.official_steps)
+        sync(device)
+        rate_off = seen / (time.perf_counter() - t0)
+        print(f"[train] official pipeline ({args.official_workers} workers, per-sample mm, no loss scaling): "
+              f"{rate_off:.1f} samples/s, projected epoch {RSFM120K_TRAIN / rate_off / 60:.2f} min, peak GPU memory "
+              f"{peak_gib(device)}; csa engine speed-up {rate / rate_off:.2f}x")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--queries", type=int, default=70)
+    p.add_argument("--db", type=int, default=5000)
+    p.add_argument("--dim", type=int, default=2048)
+    p.add_argument("--topk", type=int, default=1024)
+    p.add_argument("--anchor-len", type=int, default=512)
+    p.add_argument("--embed-dim", type=int, default=768)
+    p.add_argument("--depth", type=int, default=2)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--rerank-batch", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--samples", type=int, default=20000, help="synthetic training samples")
+    p.add_argument("--clusters", type=int, default=1000)
+    p.add_argument("--train-topk", type=int, default=512)
+    p.add_argument("--train-anchor-len", type=int, default=512)
+    p.add_argument("--train-batch", type=int, default=256)
+    p.add_argument("--train-steps", type=int, default=20)
+    p.add_argument("--workers", type=int, default=2, help="loader workers of the csa engine (indices only)")
+    p.add_argument("--official-steps", type=int, default=4, help="0 skips the official training pipeline")
+    p.add_argument("--official-workers", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-train", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU, to test the script")
+    args = p.parse_args(argv)
+    if args.dry_run:
+        args.queries, args.db, args.dim, args.topk, args.anchor_len = 3, 200, 64, 32, 16
+        args.embed_dim, args.heads, args.rerank_batch, args.repeats = 32, 2, 2, 1
+        args.samples, args.clusters, args.train_topk, args.train_anchor_len = 120, 6, 16, 16
+        args.train_batch, args.train_steps, args.workers, args.official_steps, args.official_workers = 8, 2, 0, 1, 0
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.dry_run:
+        device = torch.device("cpu")
+        print("device: CPU dry run (tiny sizes; the figures mean nothing)")
+    elif not torch.cuda.is_available():
+        print("no CUDA device found: this benchmark needs a GPU (run with --dry-run to test it on the CPU)",
+              file=sys.stderr)
+        return 2
+    else:
+        device = torch.device("cuda")
+        props = torch.cuda.get_device_properties(device)
+        print(f"device: {torch.cuda.get_device_name(device)} ({props.total_memory / 2**30:.0f} GiB), torch "
+              f"{torch.__version__}, CUDA {torch.version.cuda}, bf16 supported {torch.cuda.is_bf16_supported()}")
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32
+    t0 = time.perf_counter()
+    bench_rerank(args, device)
+    if not args.skip_train:
+        bench_train(args, device)
+    print(f"total benchmark time: {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

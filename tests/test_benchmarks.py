@@ -1,0 +1,74 @@
+"""Smoke tests of the benchmark scripts: each one's smallest mode runs, exits 0 and prints its result lines.
+
+Not timing tests: the figures of a tiny run mean nothing; what is checked is that every code path
+(official re-creation, csa path, floor, quality, verdict, training loops, GPU script's CPU dry run)
+executes and reports.  One thread per process, so a busy shared CPU does not stall them.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BENCH = REPO_ROOT / "benchmarks"
+
+
+def run_script(name: str, *args: str, expect_rc: int = 0) -> str:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MPLBACKEND="Agg")
+    proc = subprocess.run([sys.executable, str(BENCH / name), *args], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == expect_rc, f"{name} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout + proc.stderr
+
+
+def test_rerank_cpu_quick_reports_times_floor_and_order_check():
+    out = run_script("rerank_cpu.py", "--quick")
+    for label in ("official per-query loop", "csa.rerank", "fp32 floor", "speed-up vs official", "csa.rerank / floor"):
+        assert re.search(rf"^{re.escape(label)}\s*: \d+\.\d+", out, re.M), (label, out)
+    assert "top-K order equivalent to the official loop: True" in out
+
+
+def test_model_flops_counts_every_matmul():
+    sys.path.insert(0, str(BENCH))
+    try:
+        from rerank_cpu import model_flops
+    finally:
+        sys.path.remove(str(BENCH))
+    # one query, K=1 (T=2 tokens), L=3, D=5, C=4, depth 1, hidden 16: hand-counted 2*m*n*k per product
+    f = model_flops(1, topk=1, anchor_len=3, dim=5, embed_dim=4, depth=1)
+    assert f == {"affinity bmm": 2 * 2 * 3 * 5, "topk_proj": 2 * 2 * 3 * 4, "qkv": 2 * 2 * 4 * 12,
+                 "attention QK^T": 2 * 2 * 2 * 4, "attention AV": 2 * 2 * 2 * 4, "proj": 2 * 2 * 4 * 4,
+                 "fc1": 2 * 2 * 4 * 16, "fc2": 2 * 2 * 16 * 4}
+    assert model_flops(3, 1, 3, 5, 4, 2)["fc1"] == 3 * 2 * f["fc1"]
+
+
+def test_precision_quick_reports_speed_quality_and_verdict():
+    out = run_script("precision.py", "--quick")
+    assert re.search(r"fp32: \d+\.\d+ s\s+bf16: \d+\.\d+ s\s+bf16 speed-up: \d+\.\d+x", out), out
+    assert re.search(r"quality \[synthetic\].*Medium first stage \d+\.\d+, fp32 \d+\.\d+, bf16 \d+\.\d+", out), out
+    assert re.search(r"verdict: 'auto' should pick (bf16|fp32) on this CPU", out), out
+
+
+def test_train_throughput_quick_reports_both_pipelines():
+    out = run_script("train_throughput.py", "--quick")
+    assert re.search(r"official pipeline : \d+\.\d+ samples/s", out), out
+    assert re.search(r"csa engine\s+: \d+\.\d+ samples/s", out), out
+    assert re.search(r"speed-up\s+: \d+\.\d+x", out), out
+
+
+def test_gpu_dry_run_runs_every_path_on_cpu():
+    out = run_script("gpu.py", "--dry-run")
+    for pattern in (r"csa\.rerank fp32: \d", r"csa\.rerank bf16: \d", r"official per-query loop .*identical top-10",
+                    r"csa engine: \d+\.\d+ samples/s, projected rSfM120k epoch", r"official pipeline .*speed-up"):
+        assert re.search(pattern, out), (pattern, out)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA device is present")
+def test_gpu_without_cuda_exits_with_a_message():
+    out = run_script("gpu.py", expect_rc=2)
+    assert "no CUDA device found" in out and "--dry-run" in out

@@ -1,0 +1,111 @@
+"""Every notebook runs top to bottom under papermill with tiny parameters, on the embedded demo.
+
+The executed notebooks are shared (session fixture ``executed_notebooks`` in conftest.py) with the book
+test, which builds the book from them. Each test here checks what a reader would look for in the output.
+"""
+
+from __future__ import annotations
+
+import json
+
+import nbformat
+import papermill as pm
+import pytest
+
+from conftest import REPO_ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def _text(nb: nbformat.NotebookNode) -> str:
+    """All text and HTML outputs of a notebook, concatenated."""
+    parts = []
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            if "text" in out:
+                parts.append(out["text"])
+            for key in ("text/plain", "text/html"):
+                if key in out.get("data", {}):
+                    parts.append(out["data"][key])
+    return "\n".join(parts)
+
+
+def _images(nb: nbformat.NotebookNode) -> int:
+    return sum("image/png" in out.get("data", {}) for cell in nb.cells for out in cell.get("outputs", []))
+
+
+def test_data_preparation_reports_first_stage_far_above_random(executed_notebooks):
+    nb = executed_notebooks.notebooks["01_data_preparation"]
+    text = _text(nb)
+    assert "roxford5k-mini" in text and "rparis6k-mini" in text
+    import pandas as pd
+
+    table = pd.read_csv(executed_notebooks.csv["01_data_preparation"])
+    medium = table[table["protocol"] == "medium"].set_index("dataset")
+    assert (medium["mAP"] > 3 * medium["random mAP"]).all(), medium
+    assert _images(nb) >= 1  # the query / positives figure
+
+
+def test_training_ran_under_torchrun_and_wrote_checkpoints(executed_notebooks):
+    nb = executed_notebooks.notebooks["02_training"]
+    text = _text(nb)
+    assert "torch.distributed.run" in text and "--nproc_per_node=2" in text
+    for trainset in ("rparis6k-mini-train", "roxford5k-mini-train"):
+        run = executed_notebooks.runs / trainset
+        assert (run / "checkpoint.pth").is_file() and (run / "history.csv").is_file()
+        history = json.loads((run / "history.json").read_text())
+        assert len(history) == executed_notebooks.epochs
+    assert _images(nb) == 2  # one curve figure per run
+
+
+def test_inference_notebook_prints_both_evaluations(executed_notebooks):
+    text = _text(executed_notebooks.notebooks["00_inference_in_a_few_lines"])
+    assert "first stage" in text and "CSA top-" in text and "mAP" in text
+
+
+def test_reranking_table_has_every_method_and_dataset(executed_notebooks):
+    import pandas as pd
+
+    nb = executed_notebooks.notebooks["03_reranking"]
+    table = pd.read_csv(executed_notebooks.csv["03_reranking"])
+    assert set(table["dataset"]) == {"roxford5k-mini", "rparis6k-mini"}
+    assert table.groupby("dataset").size().tolist() == [4, 4]  # first stage, 2 affinity baselines, CSA
+    assert table[["easy_map", "medium_map", "hard_map"]].notna().all().all()
+    assert ((table[["easy_map", "medium_map", "hard_map"]] >= 0) & (table[["easy_map", "medium_map", "hard_map"]] <= 100)).all().all()
+    assert (table["ms_per_query"].dropna() > 0).all()
+    assert "Published numbers" in "\n".join(c.source for c in nb.cells)
+    assert _images(nb) == 1
+
+
+def test_qualitative_figures_follow_the_selection_rule(executed_notebooks):
+    nb = executed_notebooks.notebooks["04_qualitative_top10"]
+    text = _text(nb)
+    assert "successes" in text and "failures" in text
+    assert _images(nb) >= 1
+    assert _images(nb) == int(text.split(" figures")[0].split()[-1])
+
+
+def test_comparison_covers_the_baselines(executed_notebooks):
+    import pandas as pd
+
+    table = pd.read_csv(executed_notebooks.csv["05_comparison"])
+    methods = set(table["method"])
+    assert {"first stage", "AQE", "αQE", "diffusion", "k-reciprocal", "CSA"} <= methods
+    assert _images(executed_notebooks.notebooks["05_comparison"]) == 1
+
+
+def test_ablation_collects_one_row_per_run_and_method(executed_notebooks):
+    import pandas as pd
+
+    table = pd.read_csv(executed_notebooks.ablation / "results.csv")
+    assert sorted(set(table["topk"])) == [16, 32]
+    # 2 runs x 2 datasets x 4 rows (first stage, two affinity baselines, CSA)
+    assert len(table) == 16
+    assert _images(executed_notebooks.notebooks["06_ablation"]) >= 2
+
+
+def test_unknown_parameter_fails_fast_with_a_clear_message(tmp_path):
+    with pytest.raises(pm.PapermillExecutionError, match=r"unknown parameter 'topK' \(did you mean 'topk'\?\)"):
+        pm.execute_notebook(str(REPO_ROOT / "notebooks" / "00_inference_in_a_few_lines.ipynb"),
+                            str(tmp_path / "out.ipynb"), parameters={"topK": 5}, kernel_name="python3",
+                            cwd=str(REPO_ROOT / "notebooks"), progress_bar=False)
