@@ -27,6 +27,7 @@ ours (the official one yields K rows including the query); on the CPU the model 
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import numpy as np
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 __all__ = ["OfficialStyleModel", "official_rerank", "OfficialTrainingSet", "official_collate",
-           "official_train_steps"]
+           "official_train_steps", "TimedBatches"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,15 +220,26 @@ def official_collate(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
 
 def official_train_steps(model: OfficialStyleModel, dataset: OfficialTrainingSet, batch_size: int, steps: int,
                          optimizer: torch.optim.Optimizer, alpha: float = 0.2, num_workers: int = 0,
-                         device: str = "cpu") -> int:
-    """Run ``steps`` official training iterations (shuffled loader, drop_last); return the samples seen."""
+                         device: str = "cpu", skip: int = 0) -> tuple[int, float]:
+    """Run ``skip + steps`` official training iterations (shuffled loader, drop_last).
+
+    Returns ``(samples, seconds)`` of the last ``steps`` iterations: the clock starts when batch
+    ``skip`` is requested (after a device synchronization), so loader start-up and warm-up
+    iterations are excluded when ``skip > 0``.
+    """
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers, drop_last=True,
                         collate_fn=official_collate, pin_memory=torch.cuda.is_available())
     model.train()
-    seen = 0
+    seen, t0 = 0, time.perf_counter()
     optimizer.zero_grad()
-    for it, (sims, targets) in enumerate(loader):
-        if it >= steps:
+    batches = iter(loader)
+    for it in range(skip + steps):
+        if it == skip:
+            _sync(device)
+            seen, t0 = 0, time.perf_counter()
+        try:
+            sims, targets = next(batches)
+        except StopIteration:
             break
         targets = targets.to(device, non_blocking=True)
         exp_sim, mse = model(sims.to(device, non_blocking=True))
@@ -243,4 +255,36 @@ def official_train_steps(model: OfficialStyleModel, dataset: OfficialTrainingSet
         optimizer.step()
         optimizer.zero_grad()
         seen += sims.shape[0]
-    return seen
+    _sync(device)
+    return seen, time.perf_counter() - t0
+
+
+def _sync(device: str | torch.device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class TimedBatches:
+    """Wrap an iterable of batches; time the batches from index ``skip`` on (clock started after a sync).
+
+    After iteration, ``samples`` (``len(batch[key])`` summed over the timed batches) and
+    ``seconds`` hold the measurement.
+    """
+
+    def __init__(self, batches, skip: int, steps: int, device: str | torch.device, key: str = "tokens") -> None:
+        self.batches, self.skip, self.steps, self.device, self.key = batches, skip, steps, device, key
+        self.samples, self.seconds = 0, 0.0
+
+    def __iter__(self):
+        t0 = time.perf_counter()
+        for i, batch in enumerate(self.batches):
+            if i == self.skip:
+                _sync(self.device)
+                t0 = time.perf_counter()
+            yield batch
+            if i >= self.skip:
+                self.samples += len(batch[self.key])
+            if i + 1 >= self.skip + self.steps:
+                break
+        _sync(self.device)
+        self.seconds = time.perf_counter() - t0

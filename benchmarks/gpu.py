@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _official import OfficialStyleModel, OfficialTrainingSet, official_rerank, official_train_steps  # noqa: E402
+from _official import (OfficialStyleModel, OfficialTrainingSet, TimedBatches, official_rerank,  # noqa: E402
+                       official_train_steps)
 
 from csa.datasets import GlobalBatchSampler, NeighbourTable, TrainingSet  # noqa: E402
 from csa.engine import build_optimizer, train_one_epoch  # noqa: E402
@@ -129,24 +130,21 @@ def bench_train(args, device: torch.device) -> None:
     dataset = TrainingSet(table, labels, seed=args.seed)
     epochs = itertools.count()
 
-    def ours(steps: int) -> int:
+    def ours(skip: int, steps: int) -> TimedBatches:
         e = next(epochs)
         sampler = GlobalBatchSampler(len(dataset), args.train_batch, seed=args.seed)
         sampler.set_epoch(e)
         dataset.set_epoch(e)
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers,
-                                             pin_memory=device.type == "cuda", persistent_workers=False)
-        stats = train_one_epoch(model, criterion, itertools.islice(loader, steps), optimizer, None, device,
-                                scaler=scaler, clip_grad=0.0, amp=amp, progress=False, features=features)
-        return stats["iterations"] * args.train_batch
+                                             pin_memory=device.type == "cuda")
+        timed_batches = TimedBatches(loader, skip, steps, device)
+        train_one_epoch(model, criterion, timed_batches, optimizer, None, device, scaler=scaler, clip_grad=0.0,
+                        amp=amp, progress=False, features=features)
+        return timed_batches
 
-    ours(2)  # warm-up (cuDNN/cuBLAS heuristics, allocator)
     reset_peak(device)
-    sync(device)
-    t0 = time.perf_counter()
-    seen = ours(args.train_steps)
-    sync(device)
-    rate = seen / (time.perf_counter() - t0)
+    run = ours(args.train_warmup, args.train_steps)  # warm-up iterations (cuBLAS heuristics, allocator) untimed
+    rate = run.samples / run.seconds
     epoch_min = RSFM120K_TRAIN / rate / 60
     print(f"[train] csa engine: {rate:.1f} samples/s, projected rSfM120k epoch ({RSFM120K_TRAIN} samples) "
           f"{epoch_min:.2f} min on this device (paper: ~{PAPER_MIN_PER_EPOCH} min/epoch on 4 x RTX 2080 Ti), "
@@ -159,18 +157,12 @@ def bench_train(args, device: torch.device) -> None:
                                            args.train_anchor_len)
         opt_official = build_optimizer(twin, lr=0.01)
 
-        def official(steps: int) -> int:
-            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
-                return official_train_steps(twin, official_set, args.train_batch, steps, opt_official,
-                                            num_workers=args.official_workers, device=str(device))
-
-        official(1)
         reset_peak(device)
-        sync(device)
-        t0 = time.perf_counter()
-        seen = official(args.official_steps)
-        sync(device)
-        rate_off = seen / (time.perf_counter() - t0)
+        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
+            seen, seconds = official_train_steps(twin, official_set, args.train_batch, args.official_steps,
+                                                 opt_official, num_workers=args.official_workers,
+                                                 device=str(device), skip=args.train_warmup)
+        rate_off = seen / seconds
         print(f"[train] official pipeline ({args.official_workers} workers, per-sample mm, no loss scaling): "
               f"{rate_off:.1f} samples/s, projected epoch {RSFM120K_TRAIN / rate_off / 60:.2f} min, peak GPU memory "
               f"{peak_gib(device)}; csa engine speed-up {rate / rate_off:.2f}x")
@@ -193,7 +185,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-topk", type=int, default=512)
     p.add_argument("--train-anchor-len", type=int, default=512)
     p.add_argument("--train-batch", type=int, default=256)
-    p.add_argument("--train-steps", type=int, default=20)
+    p.add_argument("--train-steps", type=int, default=20, help="timed training iterations")
+    p.add_argument("--train-warmup", type=int, default=2, help="untimed iterations first (both pipelines)")
     p.add_argument("--workers", type=int, default=2, help="loader workers of the csa engine (indices only)")
     p.add_argument("--official-steps", type=int, default=4, help="0 skips the official training pipeline")
     p.add_argument("--official-workers", type=int, default=8)
@@ -206,6 +199,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.embed_dim, args.heads, args.rerank_batch, args.repeats = 32, 2, 2, 1
         args.samples, args.clusters, args.train_topk, args.train_anchor_len = 120, 6, 16, 16
         args.train_batch, args.train_steps, args.workers, args.official_steps, args.official_workers = 8, 2, 0, 1, 0
+        args.train_warmup = 1
     return args
 
 

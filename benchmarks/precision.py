@@ -78,18 +78,19 @@ def compare_quality(name: str, model, q, db, gnd, topk: int) -> dict[str, float]
     res = {p: evaluate_revisited(r, gnd) for p, r in runs.items()}
     base = evaluate_revisited(ranks, gnd)
     same10 = float(np.mean(np.all(runs["fp32"][:10] == runs["bf16"][:10], axis=0)))
+    set10 = float(np.mean(np.all(np.sort(runs["fp32"][:10], 0) == np.sort(runs["bf16"][:10], 0), axis=0)))
     sameK = float(np.mean(np.all(runs["fp32"][:topk] == runs["bf16"][:topk], axis=0)))
     for proto in ("medium", "hard"):
         out[f"{proto} first stage"] = base[proto]["map"]
         out[f"{proto} fp32"] = res["fp32"][proto]["map"]
         out[f"{proto} bf16"] = res["bf16"][proto]["map"]
         out[f"{proto} delta"] = res["bf16"][proto]["map"] - res["fp32"][proto]["map"]
-    out["identical top-10"], out["identical top-K"] = same10, sameK
+    out["identical top-10"], out["same top-10 set"], out["identical top-K"] = same10, set10, sameK
     print(f"quality [{name}] K={topk} L={anchor_len}, {q.shape[0]} queries: "
           f"Medium first stage {out['medium first stage']:.2f}, fp32 {out['medium fp32']:.2f}, bf16 "
           f"{out['medium bf16']:.2f} (delta {out['medium delta']:+.2f}); Hard fp32 {out['hard fp32']:.2f}, bf16 "
-          f"{out['hard bf16']:.2f} (delta {out['hard delta']:+.2f}); identical top-10 {100 * same10:.1f}% of "
-          f"queries, identical top-K order {100 * sameK:.1f}%")
+          f"{out['hard bf16']:.2f} (delta {out['hard delta']:+.2f}); identical top-10 (same order) {100 * same10:.1f}% "
+          f"of queries, same top-10 set {100 * set10:.1f}%, identical top-K order {100 * sameK:.1f}%")
     return out
 
 

@@ -103,7 +103,7 @@ def main(argv=None) -> int:
 
     def run_official(steps: int) -> int:
         return official_train_steps(twin, official_set, args.batch_size, steps, opt_official, alpha=0.2,
-                                    num_workers=args.workers)
+                                    num_workers=args.workers)[0]
 
     run_ours(1), run_official(1)  # warm-up
     best = {"official": 0.0, "ours": 0.0}

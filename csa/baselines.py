@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from csa.affinity import iter_affinity
 from csa.search import first_stage

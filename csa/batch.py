@@ -161,7 +161,7 @@ def run_grid(
     listed in ``BatchResult.failures`` as ``(run name, error)``.
     """
     import papermill
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     notebook = Path(notebook)
     if not notebook.is_file():

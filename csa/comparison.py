@@ -14,7 +14,7 @@ from functools import partial
 from typing import Any, Callable, Mapping, Sequence
 
 import pandas as pd
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from csa import baselines
 from csa.evaluate import evaluate_revisited
@@ -22,7 +22,7 @@ from csa.search import first_stage
 from csa.stats import paired_bootstrap_gain
 from csa.validation import CSAInputError, check_descriptors, check_gnd, check_ranks
 
-__all__ = ["run_comparison", "default_methods", "PUBLISHED", "FIRST_STAGE", "COLUMNS"]
+__all__ = ["run_comparison", "default_methods", "summary_table", "published_table", "PUBLISHED", "FIRST_STAGE", "COLUMNS"]
 
 FIRST_STAGE = "first stage"
 
@@ -175,3 +175,43 @@ def _published() -> pd.DataFrame:
 
 #: Published Medium / Hard mAP (%) for the compared methods, one row per (method, dataset, source).
 PUBLISHED: pd.DataFrame = _published()
+
+
+def _gain_text(row: Mapping[str, Any], protocol: str) -> str:
+    if row["method"] == FIRST_STAGE:
+        return ""
+    gain, low, high = (row[f"{protocol}_gain{s}"] for s in ("", "_low", "_high"))
+    return f"{gain:+.1f} [{low:+.1f}, {high:+.1f}]" + (" *" if low > 0 or high < 0 else "")
+
+
+def summary_table(results: pd.DataFrame) -> pd.DataFrame:
+    """A compact, readable view of :func:`run_comparison` rows (with an optional ``dataset`` column).
+
+    mAPs rounded to 0.1; gains as ``+g [low, high]`` with ``*`` when the 95% interval excludes 0 (the
+    gain is beyond bootstrap noise); time per query in ms.
+    """
+    view = pd.DataFrame({
+        **({"dataset": results["dataset"]} if "dataset" in results.columns else {}),
+        "method": results["method"],
+        "E": results["easy_map"].round(1),
+        "M": results["medium_map"].round(1),
+        "H": results["hard_map"].round(1),
+        "mP@10 (M)": results["medium_mp@10"].round(1),
+        "M gain [95% CI]": results.apply(_gain_text, axis=1, protocol="medium"),
+        "H gain [95% CI]": results.apply(_gain_text, axis=1, protocol="hard"),
+        "ms / query": results["ms_per_query"].round(1),
+    })
+    return view.set_index(["dataset", "method"] if "dataset" in view.columns else ["method"])
+
+
+def published_table(methods: Sequence[str] | None = None) -> pd.DataFrame:
+    """:data:`PUBLISHED` as one row per method and one ``Medium / Hard`` column per benchmark."""
+    table = PUBLISHED if methods is None else PUBLISHED[PUBLISHED["method"].isin(list(methods))]
+    table = table.drop_duplicates(["method", "dataset"])  # the CSA table first, the README log after it
+    cells = table.assign(value=table["medium_map"].map("{:.1f}".format) + " / " + table["hard_map"].map("{:.1f}".format))
+    wide = cells.pivot(index="method", columns="dataset", values="value").fillna("")
+    order = [c for c in ("roxford5k", "roxford5k+r1m", "rparis6k", "rparis6k+r1m") if c in wide.columns]
+    names = list(dict.fromkeys(table["method"]))
+    wide = wide.loc[names, order]
+    wide.columns = [f"{c} (M / H)" for c in order]
+    return wide

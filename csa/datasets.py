@@ -27,7 +27,7 @@ from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from csa.io import load_pickle, save_pickle
 from csa.validation import CSAInputError

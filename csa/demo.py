@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from csa.io import atomic_write, load_pickle
 from csa.validation import CSAInputError

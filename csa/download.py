@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Sequence
 
 import pooch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .validation import CSAInputError
 

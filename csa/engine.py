@@ -8,7 +8,7 @@ from typing import Any, Iterable, Mapping
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from csa.validation import CSAInputError
 

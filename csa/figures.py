@@ -291,7 +291,7 @@ def plot_ablation(df: Any, x: str, y: str, hue: str | None = None, title: str | 
 
 
 def plot_method_bars(df: Any, protocols: Sequence[str] = ("medium", "hard"), title: str | None = None) -> Figure:
-    """Grouped bars of mAP per method, one panel per dataset (rows of a :func:`csa.comparison.run_comparison`
+    """Grouped bars of mAP per method, one panel (row) per dataset (rows of a :func:`csa.comparison.run_comparison`
     table with a ``dataset`` column); the error bar of each non-baseline bar is its 95% paired-bootstrap
     interval of the gain over the first stage, drawn around the method's mAP."""
     needed = ["dataset", "method"] + [f"{p}_{c}" for p in protocols for c in ("map", "gain_low", "gain_high", "gain")]
@@ -300,26 +300,29 @@ def plot_method_bars(df: Any, protocols: Sequence[str] = ("medium", "hard"), tit
         raise CSAInputError(f"the table lacks the column(s) {missing}; pass the output of run_comparison with a "
                             "'dataset' column")
     datasets = list(dict.fromkeys(df["dataset"]))
-    fig = Figure(figsize=(6.5 * len(datasets), 4.2), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(1, len(datasets), squeeze=False)[0])
+    fig = Figure(figsize=(9.0, 3.4 * len(datasets) + 0.4), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(len(datasets), 1, squeeze=False)[:, 0])
     width = 0.8 / len(protocols)
     for ax, dataset in zip(axes, datasets):
         part = df[df["dataset"] == dataset].reset_index(drop=True)
         x = np.arange(len(part))
+        top = 0.0
         for j, proto in enumerate(protocols):
             values = part[f"{proto}_map"].to_numpy(float)
             gain = part[f"{proto}_gain"].to_numpy(float)
             low = values - (gain - part[f"{proto}_gain_low"].to_numpy(float))
             high = values + (part[f"{proto}_gain_high"].to_numpy(float) - gain)
             err = np.vstack([values - low, high - values])
+            top = max(top, float(np.nanmax(high)))
             ax.bar(x + (j - (len(protocols) - 1) / 2) * width, values, width, yerr=err, capsize=3,
                    color=f"C{j}", label=f"{proto.capitalize()} mAP")
         ax.set_xticks(x)
-        ax.set_xticklabels([textwrap.fill(str(m), 18) for m in part["method"]], fontsize=8)
+        ax.set_xticklabels([textwrap.fill(str(m), 22) for m in part["method"]], fontsize=9)
         ax.set_ylabel("mAP (%)")
         ax.set_title(str(dataset), fontsize=12, fontweight="bold")
         ax.grid(alpha=0.3, axis="y")
-        ax.legend(fontsize=9, frameon=False)
+        ax.set_ylim(0, min(100.0, top * 1.1 + 1))
+        ax.legend(fontsize=9, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     if title:
         fig.suptitle(title, fontsize=13, fontweight="bold")
     return fig

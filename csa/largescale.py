@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .evaluate import PROTOCOLS, compute_ap, protocol_gnd
 from .validation import CSAInputError, check_gnd

@@ -88,6 +88,10 @@ class Mlp(nn.Module):
         return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
 
 
+#: Token rows per MLP chunk in CPU inference (see :meth:`Block._forward_cpu_inference`).
+CPU_INFERENCE_CHUNK_ROWS = 2048
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: x + DropPath(Attn(LN(x))), then x + DropPath(MLP(LN(x)))."""
 
@@ -101,8 +105,25 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and not (self.training or torch.is_grad_enabled()):
+            return self._forward_cpu_inference(x)
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def _forward_cpu_inference(self, x: torch.Tensor) -> torch.Tensor:
+        """The same computation without autograd on the CPU, with less memory traffic.
+
+        The MLP is row-wise, so it runs over chunks of :data:`CPU_INFERENCE_CHUNK_ROWS` token rows
+        and adds into the residual in place: its (rows, 4C) intermediates stay a few MB and are
+        reused, instead of ~100 MB fresh (page-faulted) buffers per re-ranking batch, which cost
+        10-40% of the CPU re-ranking time. Results equal :meth:`forward` in eval mode.
+        """
+        x = (x + self.attn(self.norm1(x))).contiguous()
+        flat = x.view(-1, x.shape[-1])
+        for start in range(0, flat.shape[0], CPU_INFERENCE_CHUNK_ROWS):
+            rows = flat[start:start + CPU_INFERENCE_CHUNK_ROWS]
+            rows += self.mlp(self.norm2(rows))
+        return x
 
 
 class FeatureAlign(nn.Module):

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .affinity import affinity_batch
 from .validation import CSAInputError, check_descriptors, check_ranks, check_topk

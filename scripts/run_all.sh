@@ -9,16 +9,18 @@ bash scripts/setup.sh
 PY=.venv/bin/python
 OUT=book/notebooks
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+PARTIAL=$(mktemp -d)            # a notebook lands in book/ only once it has run to the end
+trap 'rm -rf "$PARTIAL"' EXIT
+export PYTHONUNBUFFERED=1
 for nb in 01_data_preparation 02_training 00_inference_in_a_few_lines 03_reranking 04_qualitative_top10 05_comparison 06_ablation; do
     echo ">> executing notebooks/$nb.ipynb"
     start=$(date +%s)
     # papermill runs with notebooks/ as the working directory, so relative paths inside the notebooks
     # resolve the same way as in Jupyter.
-    "$PY" -m papermill "notebooks/$nb.ipynb" "$OUT/$nb.ipynb.tmp" --cwd notebooks --kernel python3 --progress-bar
-    mv "$OUT/$nb.ipynb.tmp" "$OUT/$nb.ipynb"
+    "$PY" -m papermill "notebooks/$nb.ipynb" "$PARTIAL/$nb.ipynb" --cwd notebooks --kernel python3 --progress-bar
+    mv "$PARTIAL/$nb.ipynb" "$OUT/$nb.ipynb"
     echo ">> $nb done in $(( $(date +%s) - start )) s"
 done
 echo ">> building the book"
-"$PY" -m jupyter_book build book -W --keep-going
+.venv/bin/jupyter-book build book -W --keep-going
 echo ">> book: $(pwd)/book/_build/html/index.html"

@@ -13,7 +13,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 DEMO_ROOT = REPO_ROOT / "data" / "demo"
 
-os.environ.setdefault("MPLBACKEND", "Agg")
+
 
 
 @pytest.fixture(scope="session")

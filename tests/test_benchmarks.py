@@ -72,3 +72,32 @@ def test_gpu_dry_run_runs_every_path_on_cpu():
 def test_gpu_without_cuda_exits_with_a_message():
     out = run_script("gpu.py", expect_rc=2)
     assert "no CUDA device found" in out and "--dry-run" in out
+
+
+def test_cpu_inference_fast_path_equals_the_autograd_forward(monkeypatch):
+    """csa.model's CPU no-grad path (row-chunked MLP, in-place residual; added for the rerank benchmark's
+    speed target) gives the numbers of the plain eval forward, across chunk borders and under bf16."""
+    import torch
+
+    import csa.model as model_module
+
+    monkeypatch.setattr(model_module, "CPU_INFERENCE_CHUNK_ROWS", 7)  # 3 x 11 = 33 rows: 5 chunks, last partial
+    torch.manual_seed(0)
+    m = model_module.RerankTransformer(anchor_len=16, embed_dim=24, depth=2, num_heads=3).eval()
+    with torch.no_grad():
+        for p in m.parameters():  # non-trivial norms and biases
+            p.add_(0.1 * torch.randn_like(p))
+    aff = torch.randn(3, 11, 16)
+    original = aff.clone()
+    reference = m.encode(aff)                       # grad enabled: the plain path
+    assert reference.requires_grad
+    with torch.inference_mode():
+        fast = m.encode(aff)
+    torch.testing.assert_close(fast, reference.detach(), rtol=1e-5, atol=1e-6)
+    assert torch.equal(aff, original)  # the input is not modified in place
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref16 = m.encode(aff)
+        with torch.no_grad():
+            fast16 = m.encode(aff)
+    assert fast16.dtype == ref16.dtype
+    torch.testing.assert_close(fast16.float(), ref16.detach().float(), rtol=2e-2, atol=2e-2)

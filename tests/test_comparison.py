@@ -134,3 +134,31 @@ def test_published_numbers_and_sources():
     assert (ssr.medium_map, ssr.hard_map) == (84.4, 67.8)
     assert {"αQE", "AQE", "k-reciprocal", "diffusion (regional)", "LAttQE", "affinity cosine"} <= set(PUBLISHED.method)
     assert pub.index.is_unique
+
+
+def test_summary_table_marks_only_gains_whose_interval_excludes_zero():
+    import pandas as pd
+
+    from csa.comparison import COLUMNS, summary_table
+
+    rows = [
+        ["first stage", 30.0, 20.0, 10.0, 40.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+        ["A", 32.04, 25.0, 9.0, 50.0, 3.0, 5.0, 1.0, 9.0, -1.0, -3.0, 0.5],
+        ["B", 28.0, 15.0, 8.0, 30.0, 2.0, -5.0, -9.0, -2.0, -2.0, -4.0, -0.5],
+    ]
+    view = summary_table(pd.DataFrame(rows, columns=COLUMNS))
+    assert list(view.index) == ["first stage", "A", "B"]
+    assert view.loc["first stage", "M gain [95% CI]"] == ""
+    assert view.loc["A", "M gain [95% CI]"] == "+5.0 [+1.0, +9.0] *"
+    assert view.loc["A", "H gain [95% CI]"] == "-1.0 [-3.0, +0.5]"      # contains 0: no star
+    assert view.loc["B", "M gain [95% CI]"] == "-5.0 [-9.0, -2.0] *"    # significantly worse
+    assert view.loc["A", "E"] == 32.0
+
+
+def test_published_table_has_one_row_per_method_and_the_csa_table_values():
+    from csa.comparison import published_table
+
+    table = published_table(["first stage", "CSA"])
+    assert list(table.index) == ["first stage", "CSA"]
+    assert table.loc["CSA", "roxford5k (M / H)"] == "78.2 / 59.1"   # the table, not the README log
+    assert table.loc["first stage", "rparis6k+r1m (M / H)"] == "57.3 / 29.8"
