@@ -94,7 +94,10 @@ def test_bf16_close_to_fp32(setup):
     assert s16.dtype == np.float32
     assert np.abs(s16 - s32).max() < 0.05
     assert np.corrcoef(s16.ravel(), s32.ravel())[0, 1] > 0.99
-    assert resolve_precision("auto", torch.device("cpu")) is None
+    from csa.rerank import cpu_has_native_bf16
+
+    expected = torch.bfloat16 if cpu_has_native_bf16() else None
+    assert resolve_precision("auto", torch.device("cpu")) is expected
     assert resolve_precision("bf16", torch.device("cpu")) is torch.bfloat16
 
 
