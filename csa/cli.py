@@ -49,9 +49,11 @@ def _cmd_rerank(args: argparse.Namespace) -> int:
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     ranks = first_stage(qvecs, dbvecs)
     print(format_revisited(args.dataset, evaluate_revisited(ranks, gnd), method="first stage"))
-    model = load_model(args.checkpoint, device=device, anchor_len=args.anchor_len)
+    overrides = {} if args.anchor_len is None else {"anchor_len": args.anchor_len}
+    model = load_model(args.checkpoint, device=device, **overrides)
+    anchor_len = model.config["anchor_len"]
     start = time.perf_counter()
-    reranked = rerank(model, qvecs, dbvecs, ranks, topk=args.topk, anchor_len=args.anchor_len,
+    reranked = rerank(model, qvecs, dbvecs, ranks, topk=args.topk, anchor_len=anchor_len,
                       batch_size=args.batch_size, device=device, precision=args.precision)
     elapsed = time.perf_counter() - start
     print(format_revisited(args.dataset, evaluate_revisited(reranked, gnd), method=f"CSA top-{args.topk}"))
@@ -93,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     p.add_argument("--checkpoint", required=True, type=Path, help=DEFAULT_CHECKPOINT_HELP)
     p.add_argument("--topk", type=int, default=1024, help="candidates re-ranked (K; paper's test recipe)")
-    p.add_argument("--anchor-len", type=int, default=512, help="anchors: query + top L-1 (L)")
+    p.add_argument("--anchor-len", type=int, default=None,
+                   help="anchors: query + top L-1 (L); default: the checkpoint's L (the paper: 512)")
     p.add_argument("--batch-size", type=int, default=8, help="queries per forward pass")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"])
