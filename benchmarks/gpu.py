@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import add_rerank_size_args  # noqa: E402
 from _official import (OfficialStyleModel, OfficialTrainingSet, TimedBatches, official_rerank,  # noqa: E402
                        official_train_steps)
 
@@ -170,14 +171,7 @@ def bench_train(args, device: torch.device) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--queries", type=int, default=70)
-    p.add_argument("--db", type=int, default=5000)
-    p.add_argument("--dim", type=int, default=2048)
-    p.add_argument("--topk", type=int, default=1024)
-    p.add_argument("--anchor-len", type=int, default=512)
-    p.add_argument("--embed-dim", type=int, default=768)
-    p.add_argument("--depth", type=int, default=2)
-    p.add_argument("--heads", type=int, default=12)
+    add_rerank_size_args(p, queries=70)
     p.add_argument("--rerank-batch", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--samples", type=int, default=20000, help="synthetic training samples")

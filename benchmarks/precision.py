@@ -19,6 +19,7 @@ is faster and every mAP moves by at most 0.2 points.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,6 +34,9 @@ from csa.model import RerankTransformer
 from csa.rerank import rerank
 from csa.search import first_stage
 from csa.train import TrainConfig, run_training
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import add_rerank_size_args  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 #: (training set, test set): the demo trains on one landmark collection and tests on the other.
@@ -146,14 +150,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--feature", default="lite0-gem")
     p.add_argument("--quality-topk", type=int, default=256, help="K for the quality comparison (clamped to N)")
     p.add_argument("--synthetic", action="store_true", help="use the synthetic model even if checkpoints exist")
-    p.add_argument("--queries", type=int, default=8)
-    p.add_argument("--db", type=int, default=5000)
-    p.add_argument("--dim", type=int, default=2048)
-    p.add_argument("--topk", type=int, default=1024)
-    p.add_argument("--anchor-len", type=int, default=512)
-    p.add_argument("--embed-dim", type=int, default=768)
-    p.add_argument("--depth", type=int, default=2)
-    p.add_argument("--heads", type=int, default=12)
+    add_rerank_size_args(p, queries=8)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import add_rerank_size_args  # noqa: E402
 from _official import OfficialStyleModel, official_rerank  # noqa: E402
 
 from csa.model import RerankTransformer  # noqa: E402
@@ -120,14 +121,7 @@ def order_agreement(model, twin, q, db, ranks, out_off, out_ours, args, tol: flo
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--queries", type=int, default=8)
-    p.add_argument("--db", type=int, default=5000)
-    p.add_argument("--dim", type=int, default=2048)
-    p.add_argument("--topk", type=int, default=1024)
-    p.add_argument("--anchor-len", type=int, default=512)
-    p.add_argument("--embed-dim", type=int, default=768)
-    p.add_argument("--depth", type=int, default=2)
-    p.add_argument("--heads", type=int, default=12)
+    add_rerank_size_args(p, queries=8)
     p.add_argument("--batch-size", type=int, default=8, help="csa.rerank queries per batch")
     p.add_argument("--repeats", type=int, default=5, help="interleaved repeats; the best of each side is kept")
     p.add_argument("--official-workers", type=int, default=0,
