@@ -5,9 +5,10 @@ temporary memory-mapped ``.npy`` (float32, then float16 storage of the same valu
 from synthetic positives among the first 4,993 rows, and a synthetic easy / hard / junk ground truth.
 For each storage type it times
 
-(a) the full-argsort path: chunked ``torch.mm`` into an (N, Q) score matrix, stable ``argsort`` of
-    all N rows per query, and ``csa.evaluate.evaluate_revisited`` (revisitop ``compute_map``) on the
-    full (N, Q) ranks;
+(a) the full-argsort path: the (N, Q) score matrix from ``csa.largescale.iter_chunk_scores`` (the
+    very reads, float32 conversion and chunked ``torch.mm`` that (b) uses, written in place), stable
+    ``argsort`` of all N rows per query, and ``csa.evaluate.evaluate_revisited`` (revisitop
+    ``compute_map``) on the full (N, Q) ranks;
 (b) ``csa.largescale.evaluate_large``: running top-K and counted positions, no (N, Q) matrices,
 
 and prints both times, the ratio, whether every AP / mAP / mP@k is identical, and each path's peak
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 
 from csa.evaluate import evaluate_revisited
-from csa.largescale import evaluate_large
+from csa.largescale import evaluate_large, iter_chunk_scores
 from csa.r1m import save_distractors, simulate_distractors
 
 
@@ -89,12 +90,9 @@ def make_problem(path: Path, n: int, d: int, nq: int, n_test: int, seed: int, ch
 
 def full_argsort_path(q: np.ndarray, db: np.ndarray, gnd, chunk: int):
     t0 = time.perf_counter()
-    qt = torch.from_numpy(q)
-    n = db.shape[0]
-    scores = torch.empty((n, q.shape[0]), dtype=torch.float32)
-    for s in range(0, n, chunk):
-        rows = torch.from_numpy(np.asarray(db[s:s + chunk], dtype=np.float32))
-        torch.mm(rows, qt.t(), out=scores[s:s + chunk])
+    scores = torch.empty((db.shape[0], q.shape[0]), dtype=torch.float32)
+    for _ in iter_chunk_scores(q, db, chunk, out=scores):  # the same reads and products as (b)
+        pass
     t1 = time.perf_counter()
     ranks = torch.argsort(scores, dim=0, descending=True, stable=True)
     del scores

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from csa.largescale import evaluate_large, rank_positions, topk_and_positions
+from csa.largescale import evaluate_large, iter_chunk_scores, rank_positions, topk_and_positions
 from csa.r1m import StackedDescriptors
 from csa.validation import CSAInputError
 
@@ -121,6 +121,27 @@ def test_float16_memmap_and_stacked_database(problem, tmp_path):
         np.testing.assert_array_equal(top, ref_top)
         for proto in ref_res:
             np.testing.assert_array_equal(res[proto]["aps"], ref_res[proto]["aps"])
+
+
+def test_iter_chunk_scores_float16_reused_buffer_and_out(problem):
+    q, db, _ = problem
+    expected = db.astype(np.float64) @ q.astype(np.float64).T  # exact: entries are quarter integers
+    db16 = torch.from_numpy(db.astype(np.float16))
+    out = torch.full((len(db), len(q)), np.nan)
+    spans = []
+    for start, stop, s in iter_chunk_scores(q, db16, chunk_size=128, out=out):
+        assert s.data_ptr() == out[start:stop].data_ptr()  # written in place
+        spans.append((start, stop))
+    assert spans == [(a, min(a + 128, len(db))) for a in range(0, len(db), 128)]
+    np.testing.assert_array_equal(out.numpy(), expected)
+    # Without out every yielded chunk is its own tensor: the reused float16 -> float32 input buffer
+    # must not leak into the results (collected without copying).
+    chunks = [s for _, _, s in iter_chunk_scores(q, db16, chunk_size=128)]
+    np.testing.assert_array_equal(torch.cat(chunks).numpy(), expected)
+    with pytest.raises(CSAInputError, match="out must be"):
+        next(iter_chunk_scores(q, db16, chunk_size=128, out=torch.empty(len(db), len(q) + 1)))
+    with pytest.raises(CSAInputError, match="chunk_size"):
+        next(iter_chunk_scores(q, db16, chunk_size=0))
 
 
 def test_topk_matches_first_stage():
