@@ -38,15 +38,14 @@ def _load_eval_inputs(args: argparse.Namespace):
 
 
 def _cmd_rerank(args: argparse.Namespace) -> int:
-    import torch
-
     from csa.checkpoint import load_model
     from csa.evaluate import evaluate_revisited, format_revisited
+    from csa.prepare import resolve_device
     from csa.rerank import rerank
     from csa.search import first_stage
 
     qvecs, dbvecs, gnd = _load_eval_inputs(args)
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     ranks = first_stage(qvecs, dbvecs)
     print(format_revisited(args.dataset, evaluate_revisited(ranks, gnd), method="first stage"))
     overrides = {} if args.anchor_len is None else {"anchor_len": args.anchor_len}

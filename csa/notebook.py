@@ -22,7 +22,7 @@ from csa.validation import CSAInputError
 
 Rule = type | tuple | Callable[[Any], bool] | None
 
-__all__ = ["ParameterGuard"]
+__all__ = ["ParameterGuard", "parse_pairs"]
 
 
 class ParameterGuard:
@@ -87,3 +87,20 @@ def _describe(rule: Rule) -> str:
             return " or ".join(r.__name__ for r in rule)
         return "one of " + ", ".join(repr(r) for r in rule)
     return getattr(rule, "__doc__", None) or getattr(rule, "__name__", "a valid value")
+
+
+def parse_pairs(text: str) -> dict[str, str]:
+    """``"a:x,b:y"`` -> ``{'a': 'x', 'b': 'y'}`` (the notebooks' ``dataset:checkpoint`` parameter).
+
+    Only the first ``:`` of an item separates, so values may contain ``:``; empty items are skipped.
+    """
+    pairs: dict[str, str] = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        key, sep, value = item.partition(":")
+        if not sep or not key or not value:
+            raise CSAInputError(f"bad item {item!r} in {text!r}: write dataset:path pairs separated by commas, "
+                                "e.g. 'roxford5k-mini:../runs/demo/rparis6k-mini-train/checkpoint.pth'")
+        pairs[key] = value
+    return pairs

@@ -1,15 +1,12 @@
 """Build the Jupyter Book from a temporary copy (warning-free) and check the rendered results page in Chromium.
 
-The book renders executed notebooks from ``book/notebooks/``; those missing there (before the main
-job has run) are replaced in the temporary copy by small placeholder notebooks with the same names,
-a table output and a figure output.  The repository itself is never modified, except that the
-screenshot goes to ``artifacts/`` (git-ignored).
+The notebook pages are the session's papermill runs with tiny parameters (fixture
+``executed_notebooks`` in conftest.py), copied into the temporary book's ``notebooks/`` folder.  The
+repository itself is never modified, except that the screenshot goes to ``artifacts/`` (git-ignored).
 """
 from __future__ import annotations
 
-import base64
 import importlib
-import io
 import re
 import shutil
 import subprocess
@@ -17,7 +14,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import nbformat
 import pytest
 import yaml
 
@@ -46,58 +42,17 @@ def toc_files(toc_path: Path = BOOK / "_toc.yml") -> list[str]:
     return files
 
 
-def _png_bytes() -> bytes:
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(4, 2.5))
-    ax = fig.subplots()
-    ax.bar(["first stage", "CSA"], [20.0, 25.0], color=["#9e9e9e", "#2ca02c"])
-    ax.set_ylabel("mAP (%)")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
-    return buf.getvalue()
-
-
-def placeholder_notebook(name: str) -> nbformat.NotebookNode:
-    """An 'executed' notebook with a title, a markdown cell, an HTML table output and a PNG output."""
-    nb = nbformat.v4.new_notebook()
-    table = ("<table border=\"1\" class=\"dataframe\"><thead><tr><th>method</th><th>medium</th><th>hard</th></tr>"
-             "</thead><tbody><tr><td>first stage</td><td>20.0</td><td>10.0</td></tr>"
-             "<tr><td>CSA</td><td>25.0</td><td>12.0</td></tr></tbody></table>")
-    code = nbformat.v4.new_code_cell("results  # placeholder", execution_count=1)
-    code.outputs = [
-        nbformat.v4.new_output("execute_result", data={"text/html": table, "text/plain": "placeholder table"},
-                               execution_count=1),
-        nbformat.v4.new_output("display_data", data={"image/png": base64.b64encode(_png_bytes()).decode(),
-                                                     "text/plain": "<Figure>"}),
-    ]
-    nb.cells = [
-        nbformat.v4.new_markdown_cell(f"# {name.replace('_', ' ')} (placeholder)\n\n"
-                                      "Placeholder written by tests/test_book.py; the main job replaces it."),
-        code,
-    ]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.metadata["language_info"] = {"name": "python"}
-    return nb
-
-
-def prepare_book_copy(dest: Path, executed: Path | None = None) -> tuple[Path, list[str]]:
-    """Copy book/ to ``dest`` (no _build), put the executed notebooks from ``executed`` into its notebooks/
-    folder, and add placeholders for the toc's notebooks that are still missing."""
+def prepare_book_copy(dest: Path, executed: Path) -> tuple[Path, list[str]]:
+    """Copy book/ to ``dest`` (no _build) with the executed notebooks from ``executed`` in its notebooks/
+    folder; return the copy and the toc entries that are still missing."""
     book = dest / "book"
     shutil.copytree(BOOK, book, ignore=shutil.ignore_patterns("_build", ".ipynb_checkpoints"))
-    if executed is not None:
-        (book / "notebooks").mkdir(exist_ok=True)
-        for nb in executed.glob("*.ipynb"):
-            shutil.copy2(nb, book / "notebooks" / nb.name)
-    created = []
-    for entry in toc_files():
-        stem = book / entry
-        if not any(stem.with_suffix(ext).exists() for ext in (".md", ".ipynb")):
-            stem.parent.mkdir(parents=True, exist_ok=True)
-            nbformat.write(placeholder_notebook(stem.name), str(stem.with_suffix(".ipynb")))
-            created.append(entry)
-    return book, created
+    (book / "notebooks").mkdir(exist_ok=True)
+    for nb in executed.glob("*.ipynb"):
+        shutil.copy2(nb, book / "notebooks" / nb.name)
+    missing = [entry for entry in toc_files()
+               if not any((book / entry).with_suffix(ext).exists() for ext in (".md", ".ipynb"))]
+    return book, missing
 
 
 def find_chromium() -> str | None:
@@ -141,8 +96,8 @@ def test_book_builds_without_warnings_and_renders_results_page(executed_notebook
     if not jb.exists():
         pytest.skip("jupyter-book is not installed in this environment (pip install -e '.[notebooks]')")
     with tempfile.TemporaryDirectory(prefix="csa-book-") as tmp:
-        book, placeholders = prepare_book_copy(Path(tmp), executed_notebooks.out)
-        assert not placeholders, f"notebooks missing from the papermill run: {placeholders}"
+        book, missing = prepare_book_copy(Path(tmp), executed_notebooks.out)
+        assert not missing, f"pages missing from the papermill run: {missing}"
         proc = subprocess.run([str(jb), "build", str(book), "-W", "--keep-going"], capture_output=True,
                               text=True, timeout=900, cwd=tmp)
         log = proc.stdout + proc.stderr
@@ -175,5 +130,3 @@ def test_book_builds_without_warnings_and_renders_results_page(executed_notebook
         assert grab.returncode == 0, grab.stderr[-2000:]
         assert shot.is_file() and shot.stat().st_size > 10_000, "the screenshot is missing or empty"
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        if placeholders:
-            print(f"placeholder notebooks used for: {placeholders}")

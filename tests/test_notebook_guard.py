@@ -45,3 +45,12 @@ def test_all_problems_are_reported_together():
         _run({"epoch": 1, "device": "tpu"}, **RULES)
     text = str(err.value)
     assert "unknown parameter 'epoch'" in text and "device='tpu'" in text and "Known parameters" in text
+
+
+def test_parse_pairs_splits_on_the_first_colon_and_rejects_malformed_items():
+    from csa.notebook import parse_pairs
+
+    assert parse_pairs("a:x.pth, b:/p/c:d.pth,") == {"a": "x.pth", "b": "/p/c:d.pth"}
+    for bad in ("a", "a:", ":x"):
+        with pytest.raises(CSAInputError, match="dataset:path pairs"):
+            parse_pairs(bad)
