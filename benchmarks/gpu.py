@@ -5,7 +5,7 @@
    re-created official per-query loop (``benchmarks/_official.py``; fp16 autocast like the official
    ``forward_feature``) for reference; peak GPU memory of each.
 2. Training at the paper's configuration (K = L = 512, C = 768, 12 heads, depth 2, batch 256,
-   fp16 AMP, SGD) with ``csa.engine.train_one_epoch`` on synthetic clustered 2048-d descriptors
+   fp16 AMP, SGD) with ``csa.training.engine.train_one_epoch`` on synthetic clustered 2048-d descriptors
    resident on the GPU: samples/s, the projected time of one rSfM120k epoch (91,642 samples; the
    paper reports about 9.4 min/epoch on 4 x RTX 2080 Ti), peak GPU memory; and the official
    pipeline (per-sample ``mm`` in 8 loader workers, collate, same model) for a few steps.
@@ -32,8 +32,8 @@ from _common import add_rerank_size_args  # noqa: E402
 from _official import (OfficialStyleModel, OfficialTrainingSet, TimedBatches, official_rerank,  # noqa: E402
                        official_train_steps)
 
-from csa.datasets import GlobalBatchSampler, NeighbourTable, TrainingSet  # noqa: E402
-from csa.engine import build_optimizer, train_one_epoch  # noqa: E402
+from csa.training.sampler import GlobalBatchSampler, NeighbourTable, TrainingSet  # noqa: E402
+from csa.training.engine import build_optimizer, train_one_epoch  # noqa: E402
 from csa.losses import CSACriterion  # noqa: E402
 from csa.model import RerankTransformer  # noqa: E402
 from csa.rerank import rerank  # noqa: E402

@@ -7,7 +7,7 @@ Quality: with trained demo checkpoints (``<checkpoint-dir>/<trainset>/checkpoint
 ``<data-root>/test/<dataset>/lite0-gem.pkl``; the Oxford-trained model is tested on Paris and vice
 versa) the revisited Medium / Hard mAP of fp32 and bf16 re-ranking and the fraction of queries whose
 top-10 is identical. Without them, a small model is trained for about a minute with
-:func:`csa.train.run_training` on synthetic clustered descriptors and tested on a synthetic set drawn
+:func:`csa.training.train.run_training` on synthetic clustered descriptors and tested on a synthetic set drawn
 around *other* cluster centres (each query's positives = the database items of its cluster).
 
 The verdict line says whether ``precision='auto'`` should choose bf16 on this CPU: only when bf16
@@ -28,12 +28,13 @@ import numpy as np
 import torch
 
 from csa.checkpoint import load_model
-from csa.datasets import load_gnd, load_test_features, save_clusters, save_train_features
+from csa.data.layout import load_gnd, load_test_features, save_clusters, save_train_features
 from csa.evaluate import evaluate_revisited
 from csa.model import RerankTransformer
 from csa.rerank import rerank
 from csa.search import first_stage
-from csa.train import TrainConfig, run_training
+from csa.training.config import TrainConfig
+from csa.training.train import run_training
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_rerank_size_args  # noqa: E402

@@ -34,7 +34,7 @@ import torch
 
 from csa.evaluate import evaluate_revisited
 from csa.largescale import evaluate_large, iter_chunk_scores
-from csa.r1m import save_distractors, simulate_distractors
+from csa.data.r1m import save_distractors, simulate_distractors
 
 
 class PeakAnonRSS:

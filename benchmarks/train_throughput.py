@@ -1,8 +1,8 @@
 """Benchmark: training samples/s of the csa engine vs the re-created official pipeline, on the CPU.
 
-Ours: :class:`csa.datasets.TrainingSet` yields indices only, :class:`csa.datasets.GlobalBatchSampler`
-batches them, :func:`csa.engine.train_one_epoch` builds the batch's affinities with one gather and
-one ``bmm`` (:func:`csa.engine.batch_affinity`) and runs the model (fused SDPA attention).
+Ours: :class:`csa.training.sampler.TrainingSet` yields indices only, :class:`csa.training.sampler.GlobalBatchSampler`
+batches them, :func:`csa.training.engine.train_one_epoch` builds the batch's affinities with one gather and
+one ``bmm`` (:func:`csa.affinity.indexed_affinity`) and runs the model (fused SDPA attention).
 Official (``benchmarks/_official.py``): the dataset multiplies each sample's descriptors itself
 (one ``mm`` per sample), the collate function stacks them, the model computes attention explicitly,
 and the step also logs two gradient maxima, as the official loop does.
@@ -30,8 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _official import OfficialStyleModel, OfficialTrainingSet, official_train_steps  # noqa: E402
 
-from csa.datasets import GlobalBatchSampler, NeighbourTable, TrainingSet  # noqa: E402
-from csa.engine import build_optimizer, train_one_epoch  # noqa: E402
+from csa.training.sampler import GlobalBatchSampler, NeighbourTable, TrainingSet  # noqa: E402
+from csa.training.engine import build_optimizer, train_one_epoch  # noqa: E402
 from csa.losses import CSACriterion  # noqa: E402
 from csa.model import RerankTransformer  # noqa: E402
 

@@ -1,15 +1,19 @@
-"""Saving and loading RerankTransformer checkpoints.
+"""Saving and loading checkpoints: the one place where model and training-run files are written and read.
 
-Format: ``{'epoch': int, 'state_dict': {...}, 'config': model.config, **extra}`` written with
+Model checkpoint format: ``{'epoch': int, 'state_dict': {...}, 'config': model.config, **extra}`` written with
 ``torch.save`` atomically.  Official CSA checkpoints (``{'epoch', 'state_dict'}``, no config) load
 too: the architecture is inferred from the parameter shapes (``anchor_len`` and ``embed_dim`` from
 ``topk_proj.weight``, ``depth`` from the number of blocks, ``mlp_ratio`` from ``mlp.fc1``,
 ``qkv_bias`` from the presence of ``attn.qkv.bias``); ``num_heads`` cannot be read from the
 weights, so it is 12 (the paper's value) unless given.  Loading uses ``weights_only=True``, so a
 checkpoint can never run code.
+
+Training runs save the same file with the optimizer, schedule, scaler, RNG and history states added
+(:func:`save_run_checkpoint`); :func:`load_run_checkpoint` reads it back for ``--resume``.
 """
 from __future__ import annotations
 
+import inspect
 import os
 import re
 from typing import Any, Mapping
@@ -17,17 +21,19 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
-from .io import atomic_write
-from .model import RerankTransformer
-from .validation import CSAInputError
+from csa.fileio import atomic_write
+from csa.model import RerankTransformer, unwrap
+from csa.validation import CSAInputError
 
-__all__ = ["save_checkpoint", "load_checkpoint", "load_model", "load_state_dict_checked", "infer_config"]
+__all__ = ["save_checkpoint", "load_checkpoint", "load_model", "load_state_dict_checked", "state_dict_mismatch",
+           "infer_config",
+           "save_run_checkpoint", "load_run_checkpoint", "RUN_STATE_KEYS"]
 
 _SHAPE_ARGS = ("anchor_len", "embed_dim", "depth", "mlp_ratio", "qkv_bias")
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+#: Every argument of the RerankTransformer constructor (what ``load_model`` overrides may name).
+_MODEL_ARGS = tuple(inspect.signature(RerankTransformer).parameters)
+#: What a resumable training checkpoint holds besides the model's weights.
+RUN_STATE_KEYS = ("optimizer", "schedule")
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, epoch: int, **extra: Any) -> None:
@@ -36,7 +42,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, epoch: int, **ext
     ``model`` may be wrapped in DistributedDataParallel; tensors are saved on the CPU.  ``extra``
     values should be plain Python data, tensors or state dicts (what ``weights_only`` loading accepts).
     """
-    model = _unwrap(model)
+    model = unwrap(model)
     ckpt = {"epoch": int(epoch),
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             "config": dict(model.config) if hasattr(model, "config") else None}
@@ -92,23 +98,29 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], num_heads: int = 12) ->
     return cfg
 
 
+def state_dict_mismatch(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor],
+                        limit: int | None = None) -> str:
+    """'' when ``given`` has exactly the keys and shapes of ``expected``; otherwise a description of the
+    missing keys, unexpected keys and shape mismatches (at most ``limit`` of each)."""
+    def cut(items: list[str]) -> str:
+        return str(items if limit is None or len(items) <= limit else items[:limit] + ["..."])
+
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    shapes = [f"{k}: file {tuple(given[k].shape)} vs model {tuple(expected[k].shape)}"
+              for k in expected if k in given and tuple(given[k].shape) != tuple(expected[k].shape)]
+    parts = ([f"missing keys {cut(missing)}"] if missing else []) + \
+            ([f"unexpected keys {cut(unexpected)}"] if unexpected else []) + \
+            ([f"shape mismatches {cut(shapes)}"] if shapes else [])
+    return ", ".join(parts)
+
+
 def load_state_dict_checked(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
     """``model.load_state_dict(state_dict, strict=True)`` with one clear error listing every
     missing key, unexpected key and shape mismatch."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected}")
-        if shapes:
-            parts.append("shape mismatches [" + "; ".join(shapes) + "]")
-        raise CSAInputError("checkpoint does not match the model architecture: " + ", ".join(parts)
+    problems = state_dict_mismatch(model.state_dict(), state_dict)
+    if problems:
+        raise CSAInputError("checkpoint does not match the model architecture: " + problems
                             + "; build the model with the checkpoint's config (see csa.checkpoint.infer_config)")
     model.load_state_dict(state_dict, strict=True)
     return model
@@ -132,9 +144,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", **ov
             raise CSAInputError(f"{key}={overrides[key]!r} was requested but checkpoint {os.fspath(path)!r} was "
                                 f"trained with {key}={inferred[key]!r} ({what} is fixed by the weights); use "
                                 f"{key}={inferred[key]!r}")
-    unknown = set(overrides) - set(_all_args())
+    unknown = set(overrides) - set(_MODEL_ARGS)
     if unknown:
-        raise CSAInputError(f"unknown model argument(s) {sorted(unknown)}; valid: {sorted(_all_args())}")
+        raise CSAInputError(f"unknown model argument(s) {sorted(unknown)}; valid: {sorted(_MODEL_ARGS)}")
     cfg.update(overrides)
     if cfg["embed_dim"] % cfg["num_heads"]:
         raise CSAInputError(f"num_heads={cfg['num_heads']} does not divide embed_dim={cfg['embed_dim']}; pass "
@@ -144,6 +156,20 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", **ov
     return model.to(device).eval()
 
 
-def _all_args() -> tuple[str, ...]:
-    return ("anchor_len", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "drop_rate",
-            "attn_drop_rate", "drop_path_rate")
+def save_run_checkpoint(path: str | os.PathLike, model: nn.Module, epoch: int, **state: Any) -> None:
+    """A resumable training checkpoint: :func:`save_checkpoint` plus the run's ``state``
+    (``optimizer``, ``schedule``, ``scaler``, ``rng``, ``train_config``, ``history`` ...)."""
+    missing = [k for k in RUN_STATE_KEYS if k not in state]
+    if missing:
+        raise CSAInputError(f"a run checkpoint needs {missing}; pass them to save_run_checkpoint")
+    save_checkpoint(path, model, epoch, **state)
+
+
+def load_run_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_run_checkpoint` (for ``--resume``)."""
+    ckpt = load_checkpoint(path)
+    missing = [k for k in ("epoch", *RUN_STATE_KEYS) if k not in ckpt]
+    if missing:
+        raise CSAInputError(f"checkpoint {os.fspath(path)} lacks {missing}: it is not a resumable training "
+                            f"checkpoint (weights-only checkpoints can be evaluated but not resumed)")
+    return ckpt

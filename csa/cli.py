@@ -1,4 +1,4 @@
-"""Command-line interface: ``csa train | rerank | evaluate | demo | download``.
+"""Command-line interface: ``csa train | rerank | evaluate | extract | demo | download | batch``.
 
 Each sub-command is a thin wrapper around the library; ``csa <command> --help`` lists every flag with its
 default (the paper's recipe where one exists).
@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-DEFAULT_CHECKPOINT_HELP = "checkpoint written by `csa train` or by the official CSA code ({'epoch', 'state_dict'})"
+CHECKPOINT_HELP = "checkpoint written by `csa train` or by the official CSA code ({'epoch', 'state_dict'})"
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -25,22 +25,22 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load_eval_inputs(args: argparse.Namespace):
-    from csa.datasets import load_gnd, load_test_features
+    from csa.data.layout import load_gnd, load_test_features
 
-    gnd = load_gnd(args.data_root, args.dataset)
+    gt = load_gnd(args.data_root, args.dataset)
     feats = load_test_features(args.data_root, args.dataset, args.features)
     qvecs, dbvecs = feats.query, feats.db
     if args.r1m is not None:
-        from csa.r1m import append_distractors
+        from csa.data.r1m import append_distractors
 
         dbvecs = np.asarray(append_distractors(dbvecs, args.r1m, dtype="float32"))
-    return qvecs, dbvecs, gnd["gnd"]
+    return qvecs, dbvecs, gt["gnd"]
 
 
 def _cmd_rerank(args: argparse.Namespace) -> int:
     from csa.checkpoint import load_model
+    from csa.device import resolve_device
     from csa.evaluate import evaluate_revisited, format_revisited
-    from csa.prepare import resolve_device
     from csa.rerank import rerank
     from csa.search import first_stage
 
@@ -58,7 +58,7 @@ def _cmd_rerank(args: argparse.Namespace) -> int:
     print(format_revisited(args.dataset, evaluate_revisited(reranked, gnd), method=f"CSA top-{args.topk}"))
     print(f">> re-ranking took {elapsed:.2f} s ({1000 * elapsed / len(qvecs):.1f} ms per query, {device}, {args.precision})")
     if args.output is not None:
-        from csa.io import atomic_write
+        from csa.fileio import atomic_write
 
         with atomic_write(args.output) as f:
             np.save(f, np.asarray(reranked))
@@ -81,18 +81,68 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scales(text: str) -> list[float]:
+    from csa.validation import CSAInputError
+
+    try:
+        values = [float(s) for s in text.split(",")]
+    except ValueError as exc:
+        raise CSAInputError(f"--scales must be comma-separated numbers such as 1,0.7071,1.4142, got {text!r}") from exc
+    if any(not v > 0 for v in values):
+        raise CSAInputError(f"--scales must be positive, got {text!r}")
+    return values
+
+
+def _cmd_extract(args: argparse.Namespace) -> int:
+    from csa.descriptors.prepare import prepare
+
+    written = prepare(args.dataset, args.data_root, args.backbone, image_size=args.image_size,
+                      scales=_scales(args.scales) if args.scales else None, device=args.device,
+                      num_workers=args.workers, download=args.download, force=args.force)
+    for key, path in written.items():
+        print(f"{key}: {path}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.demo_command == "build":
+        import json
+
+        from csa.data.demo import build_demo
+
+        print(json.dumps(build_demo(args.source, args.out, args.quality), indent=1))
+        return 0
+    import torch
+
+    from csa.compare.runner import first_stage_report
+    from csa.data.demo import CITIES
+    from csa.descriptors.prepare import prepare_demo_features
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    paths = prepare_demo_features(args.root, args.image_size, _scales(args.scales), args.batch_size, args.workers,
+                                  args.force, args.name)
+    for key, p in paths.items():
+        print(f"{key}: {p}")
+    if not args.no_report:
+        for dataset in CITIES:
+            print(first_stage_report(args.root, dataset, args.name)[1])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="csa", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser("train", help="train a CSA model (also under torchrun); `csa train --help`", add_help=False)
-    sub.add_parser("demo", help="build / extract the embedded Oxford-Paris demo; `csa demo --help`", add_help=False)
     sub.add_parser("download", help="download the full data (ROxf, RPar, R1M, rSfM120k, networks)", add_help=False)
+    sub.add_parser("batch", help="run a notebook over a parameter grid with papermill; `csa batch --help`",
+                   add_help=False)
 
     p = sub.add_parser("rerank", help="first stage + CSA re-ranking + revisited evaluation",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_data_args(p)
-    p.add_argument("--checkpoint", required=True, type=Path, help=DEFAULT_CHECKPOINT_HELP)
+    p.add_argument("--checkpoint", required=True, type=Path, help=CHECKPOINT_HELP)
     p.add_argument("--topk", type=int, default=1024, help="candidates re-ranked (K; paper's test recipe)")
     p.add_argument("--anchor-len", type=int, default=None,
                    help="anchors: query + top L-1 (L); default: the checkpoint's L (the paper: 512)")
@@ -107,10 +157,45 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     p.add_argument("--ranks", type=Path, default=None, help="(N, Q) ranks as .npy; default: first-stage ranking")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("extract", help="descriptors of a dataset: demo | roxford5k | rparis6k | rsfm120k | r1m",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("dataset", choices=["demo", "roxford5k", "rparis6k", "rsfm120k", "r1m"])
+    p.add_argument("--data-root", required=True, type=Path, help="data root (the demo: data/demo)")
+    p.add_argument("--backbone", default="lite0", help="lite0 (offline) or a cirtorch network, e.g. "
+                                                       "gl18-tl-resnet101-gem-w (in <data-root>/networks/)")
+    p.add_argument("--image-size", type=int, default=None, help="long side in pixels (default: 512 demo, 1024 full)")
+    p.add_argument("--scales", default=None, help="comma-separated scales (default: 1 demo and rSfM120k, "
+                                                  "1,0.7071,1.4142 test sets and R1M)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--workers", type=int, default=None, help="image loader processes")
+    p.add_argument("--download", action="store_true", help="download images, annotations and networks first")
+    p.add_argument("--force", action="store_true", help="re-extract even when the output is up to date")
+    p.set_defaults(func=_cmd_extract)
+
+    p = sub.add_parser("demo", help="build or describe the embedded Oxford/Paris demo")
+    demo = p.add_subparsers(dest="demo_command", required=True)
+    b = demo.add_parser("build", help="build data/demo from the offline photo subsets",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    b.add_argument("--source", default="../shared/data", help="offline data folder")
+    b.add_argument("--out", default="data/demo", help="demo data root to write")
+    b.add_argument("--quality", type=int, default=75, help="JPEG quality")
+    e = demo.add_parser("extract", help="extract lite0-gem descriptors and print first-stage results",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e.add_argument("--root", default="data/demo")
+    e.add_argument("--image-size", type=int, default=512)
+    e.add_argument("--scales", default="1", help="comma-separated scales, e.g. 1,0.7071,1.4142")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--workers", type=int, default=0)
+    e.add_argument("--name", default="lite0-gem", help="feature name")
+    e.add_argument("--force", action="store_true", help="re-extract even when outputs are up to date")
+    e.add_argument("--no-report", action="store_true", help="skip the first-stage evaluation")
+    e.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.set_defaults(func=_cmd_demo)
     return parser
 
 
-_DELEGATED = {"train": "csa.train", "demo": "csa.demo", "download": "csa.download"}
+_DELEGATED = {"train": "csa.training.train", "download": "csa.data.download", "batch": "csa.notebook.batch"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,12 +16,20 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .validation import CSAInputError, check_gnd
+from csa.validation import CSAInputError, check_gnd
 
 __all__ = ["compute_ap", "compute_map", "protocol_gnd", "evaluate_revisited", "format_revisited",
-           "print_revisited", "PROTOCOLS"]
+           "print_revisited", "query_scores", "protocol_summary", "random_ranking_map", "PROTOCOLS",
+           "PROTOCOL_SETS"]
 
 PROTOCOLS = ("easy", "medium", "hard")
+
+#: Which ground-truth lists are positives ('ok') and which are ignored ('junk') under each protocol.
+PROTOCOL_SETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "easy": (("easy",), ("junk", "hard")),
+    "medium": (("easy", "hard"), ("junk",)),
+    "hard": (("hard",), ("junk", "easy")),
+}
 
 
 def compute_ap(ranks: Any, nres: int) -> float:
@@ -39,6 +47,22 @@ def compute_ap(ranks: Any, nres: int) -> float:
     return float(np.sum((precision_before + precision_at) / 2.0) / nres)
 
 
+def query_scores(pos: np.ndarray, nres: int, kappas: Sequence[int]) -> tuple[float, np.ndarray]:
+    """AP and P@k of one query from the sorted 0-based positions of its positives after junk removal.
+
+    P@k follows revisitop: ``kq = min(max(pos) + 1, k)``; a query whose positives were all missed
+    (truncated ranking) gets AP 0 and P@k 0.
+    """
+    ap = compute_ap(pos, nres)
+    prs = np.zeros(len(kappas))
+    if pos.size:
+        pos1 = pos + 1
+        for j, k in enumerate(kappas):
+            kq = min(int(pos1.max()), k)
+            prs[j] = np.count_nonzero(pos1 <= kq) / kq
+    return ap, prs
+
+
 def _positions(column: np.ndarray, ok: np.ndarray, junk: np.ndarray) -> np.ndarray:
     """0-based positions of positives in ``column`` after removing the junk entries before them."""
     pos = np.flatnonzero(np.isin(column, ok))
@@ -46,6 +70,14 @@ def _positions(column: np.ndarray, ok: np.ndarray, junk: np.ndarray) -> np.ndarr
         jpos = np.flatnonzero(np.isin(column, junk))
         pos = pos - np.searchsorted(jpos, pos, side="left")   # junk strictly before each positive
     return pos
+
+
+def _means(aps: np.ndarray, prs: np.ndarray) -> tuple[float, np.ndarray]:
+    """Means over the queries that have positives (``aps`` not nan), as revisitop reduces them."""
+    n = int(np.count_nonzero(~np.isnan(aps)))
+    if n == 0:
+        return float("nan"), np.full(prs.shape[1], np.nan)
+    return float(np.nansum(aps) / n), np.nansum(prs, axis=0) / n
 
 
 def compute_map(ranks: Any, gnd: Sequence[dict], kappas: Sequence[int] = ()) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
@@ -58,28 +90,16 @@ def compute_map(ranks: Any, gnd: Sequence[dict], kappas: Sequence[int] = ()) -> 
     nq = len(gnd)
     aps = np.zeros(nq)
     prs = np.zeros((nq, len(kappas)))
-    nempty = 0
     for i in range(nq):
         ok = np.asarray(gnd[i]["ok"]).ravel()
         if ok.size == 0:
             aps[i] = np.nan
             prs[i, :] = np.nan
-            nempty += 1
             continue
-        junk = np.asarray(gnd[i].get("junk", []) if isinstance(gnd[i], dict) else [], dtype=np.int64).ravel()
-        pos = _positions(ranks[:, i], ok, junk)
-        aps[i] = compute_ap(pos, ok.size)
-        pos1 = pos + 1
-        for j, k in enumerate(kappas):
-            if pos1.size == 0:
-                prs[i, j] = 0.0
-                continue
-            kq = min(int(pos1.max()), k)
-            prs[i, j] = np.count_nonzero(pos1 <= kq) / kq
-    n = nq - nempty
-    if n == 0:
-        return float("nan"), aps, np.full(len(kappas), np.nan), prs
-    return float(np.nansum(aps) / n), aps, np.nansum(prs, axis=0) / n, prs
+        junk = np.asarray(gnd[i].get("junk", []), dtype=np.int64).ravel()
+        aps[i], prs[i] = query_scores(_positions(ranks[:, i], ok, junk), ok.size, kappas)
+    mean_ap, mean_pr = _means(aps, prs)
+    return mean_ap, aps, mean_pr, prs
 
 
 def _as_numpy_ranks(ranks: Any, n_q: int) -> np.ndarray:
@@ -96,43 +116,55 @@ def _as_numpy_ranks(ranks: Any, n_q: int) -> np.ndarray:
 
 
 def protocol_gnd(gnd: Sequence[dict], protocol: str) -> list[dict]:
-    """Per-query {'ok', 'junk'} for a revisited protocol built from the raw easy/hard/junk lists.
-
-    easy: ok = easy, junk = junk + hard; medium: ok = easy + hard, junk = junk;
-    hard: ok = hard, junk = junk + easy.
-    """
-    if protocol not in PROTOCOLS:
+    """Per-query {'ok', 'junk'} for a revisited protocol built from the raw easy/hard/junk lists
+    (:data:`PROTOCOL_SETS`: easy: ok = easy, junk = junk + hard; medium: ok = easy + hard,
+    junk = junk; hard: ok = hard, junk = junk + easy)."""
+    if protocol not in PROTOCOL_SETS:
         raise CSAInputError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    out = []
-    for g in gnd:
-        easy, hard, junk = (np.asarray(g[k], dtype=np.int64).ravel() for k in ("easy", "hard", "junk"))
-        if protocol == "easy":
-            out.append({"ok": easy, "junk": np.concatenate([junk, hard])})
-        elif protocol == "medium":
-            out.append({"ok": np.concatenate([easy, hard]), "junk": junk})
-        else:
-            out.append({"ok": hard, "junk": np.concatenate([junk, easy])})
-    return out
+    ok_keys, junk_keys = PROTOCOL_SETS[protocol]
+
+    def gather(g: dict, keys: tuple[str, ...]) -> np.ndarray:
+        return np.concatenate([np.asarray(g[k], dtype=np.int64).ravel() for k in keys])
+
+    return [{"ok": gather(g, ok_keys), "junk": gather(g, junk_keys)} for g in gnd]
 
 
-def evaluate_revisited(ranks: Any, gnd: Sequence[dict], kappas: Sequence[int] = (1, 5, 10)) -> dict[str, dict]:
+def protocol_summary(aps: np.ndarray, prs: np.ndarray, kappas: Sequence[int]) -> dict:
+    """``{'map', 'mp@k', 'aps'}`` in percent from per-query fractions (queries with nan AP excluded)."""
+    mean_ap, mean_pr = _means(aps, prs)
+    return {"map": 100.0 * mean_ap, "mp@k": {int(k): 100.0 * float(p) for k, p in zip(kappas, mean_pr)},
+            "aps": 100.0 * aps}
+
+
+def evaluate_revisited(ranks: Any, gnd: Any, kappas: Sequence[int] = (1, 5, 10)) -> dict[str, dict]:
     """Easy / Medium / Hard results in percent from the raw revisitop ground truth.
 
-    Returns ``{'easy'|'medium'|'hard': {'map': float, 'mp@k': {k: float}, 'aps': (Q,) array}}``;
+    ``gnd``: the revisitop dict or its ``'gnd'`` list.  Returns
+    ``{'easy'|'medium'|'hard': {'map': float, 'mp@k': {k: float}, 'aps': (Q,) array}}``;
     ``aps`` has ``nan`` for queries without positives under that protocol.
     """
-    if isinstance(gnd, dict) and "gnd" in gnd:
-        gnd = gnd["gnd"]
-    check_gnd(gnd)
+    gnd = check_gnd(gnd)
     if any("ok" in g for g in gnd):
         raise CSAInputError("evaluate_revisited needs the raw revisitop gnd (easy/hard/junk per query); for a "
                             "single ok/junk protocol call compute_map")
     results = {}
     for proto in PROTOCOLS:
-        m, aps, pr, _ = compute_map(ranks, protocol_gnd(gnd, proto), kappas)
-        results[proto] = {"map": 100.0 * m, "mp@k": {int(k): 100.0 * float(p) for k, p in zip(kappas, pr)},
-                          "aps": 100.0 * aps}
+        _, aps, _, prs = compute_map(ranks, protocol_gnd(gnd, proto), kappas)
+        results[proto] = protocol_summary(aps, prs, kappas)
     return results
+
+
+def random_ranking_map(gnd: Any, n_db: int, n_trials: int = 100, seed: int = 0) -> dict[str, float]:
+    """Mean E/M/H mAP (percent) of ``n_trials`` seeded uniformly random rankings: the chance level."""
+    gnd = check_gnd(gnd)
+    rng = np.random.default_rng(seed)
+    acc = {p: 0.0 for p in PROTOCOLS}
+    for _ in range(n_trials):
+        ranks = np.stack([rng.permutation(n_db) for _ in range(len(gnd))], axis=1)
+        res = evaluate_revisited(ranks, gnd)
+        for p in acc:
+            acc[p] += res[p]["map"] / n_trials
+    return acc
 
 
 def format_revisited(dataset: str, results: dict[str, dict], method: str = "") -> str:
@@ -142,7 +174,8 @@ def format_revisited(dataset: str, results: dict[str, dict], method: str = "") -
     lines = [f">> {tag}: mAP E: {e['map']:.1f}, M: {m['map']:.1f}, H: {h['map']:.1f}"]
     ks = list(e["mp@k"])
     if ks:
-        fmt = lambda r: "[" + ", ".join(f"{r['mp@k'][k]:.1f}" for k in ks) + "]"
+        def fmt(r: dict) -> str:
+            return "[" + ", ".join(f"{r['mp@k'][k]:.1f}" for k in ks) + "]"
         lines.append(f">> {tag}: mP@k{ks} E: {fmt(e)}, M: {fmt(m)}, H: {fmt(h)}")
     return "\n".join(lines)
 

@@ -28,17 +28,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .evaluate import PROTOCOLS, compute_ap, protocol_gnd
-from .validation import CSAInputError, check_gnd
+from csa.evaluate import PROTOCOLS, protocol_gnd, protocol_summary, query_scores
+from csa.search import merge_topk, stable_topk
+from csa.validation import CSAInputError, as_tensor, check_gnd
 
 __all__ = ["evaluate_large", "iter_chunk_scores", "rank_positions", "topk_and_positions"]
 
 
 def _as_query_tensor(qvecs: Any) -> torch.Tensor:
-    if isinstance(qvecs, np.ndarray):
-        q = torch.from_numpy(np.ascontiguousarray(qvecs))
-    elif isinstance(qvecs, torch.Tensor):
-        q = qvecs.detach().cpu()
+    if isinstance(qvecs, (np.ndarray, torch.Tensor)):
+        q = as_tensor(qvecs).detach().cpu()
     else:
         raise CSAInputError(f"qvecs must be a numpy array or torch tensor (Q, D), got {type(qvecs).__name__}")
     if q.ndim != 2 or q.shape[0] == 0 or not q.is_floating_point():
@@ -124,31 +123,6 @@ def iter_chunk_scores(qvecs: Any, db: Any, chunk_size: int = 8192,
         yield start, stop, _chunk_scores(read, q, start, stop, None if out is None else out[start:stop])
 
 
-def _chunk_topk(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k rows of each column of ``s`` ordered by (score desc, row asc); exact on ties."""
-    vals, idx = torch.topk(s, k, dim=0, largest=True, sorted=True)
-    # torch.topk may pick any of several rows tied at the k-th value: redo those columns by a stable sort.
-    kth = vals[-1]
-    short = (s == kth).sum(0) != (vals == kth).sum(0)
-    for col in torch.nonzero(short).flatten().tolist():
-        order = torch.sort(s[:, col], descending=True, stable=True).indices[:k]
-        idx[:, col], vals[:, col] = order, s[order, col]
-    # Order the selected rows by (score desc, index asc).
-    by_index = torch.sort(idx, dim=0).indices
-    idx, vals = idx.gather(0, by_index), vals.gather(0, by_index)
-    by_score = torch.sort(vals, dim=0, descending=True, stable=True).indices
-    return vals.gather(0, by_score), idx.gather(0, by_score)
-
-
-def _merge_topk(vals: torch.Tensor, idx: torch.Tensor, new_vals: torch.Tensor, new_idx: torch.Tensor,
-                k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    # Every kept index is below every new one and both lists are (score desc, index asc), so a
-    # stable sort of the concatenation keeps lower indices first among equal scores.
-    all_vals, all_idx = torch.cat([vals, new_vals]), torch.cat([idx, new_idx])
-    order = torch.sort(all_vals, dim=0, descending=True, stable=True).indices[:k]
-    return all_vals.gather(0, order), all_idx.gather(0, order)
-
-
 def _count_below(tpad: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """``searchsorted(tpad, values)`` (strictly-below counts) for rows ``tpad`` sorted ascending whose
     width is a power of two ending in +inf; branch-free binary search, several times faster than
@@ -220,8 +194,8 @@ def topk_and_positions(qvecs: Any, db: Any, targets: Sequence[Sequence[int]], to
         if top_vals.shape[0] == k:
             take = min(take, int((s > top_vals[-1]).sum(0).max()))
         if take:
-            cv, ci = _chunk_topk(s, take)
-            top_vals, top_idx = _merge_topk(top_vals, top_idx, cv, ci + start, k)
+            cv, ci = stable_topk(s, take, dim=0)
+            top_vals, top_idx = merge_topk(top_vals, top_idx, cv, ci + start, k)
 
         st = s.t().contiguous()                                      # (Q, c)
         left = _count_below(tpad, st)                                # targets strictly below each score
@@ -270,13 +244,7 @@ def _protocol_scores(pos_of: dict[int, int], ok: np.ndarray, junk: np.ndarray,
     pos = np.sort(np.array([pos_of[i] for i in np.unique(ok)], dtype=np.int64))
     jpos = np.sort(np.array([pos_of[i] for i in np.unique(junk)], dtype=np.int64))
     pos = pos - np.searchsorted(jpos, pos, side="left")  # junk ranked above a positive is removed
-    ap = compute_ap(pos, ok.size)
-    pos1 = pos + 1
-    prs = np.zeros(len(kappas))
-    for j, k in enumerate(kappas):
-        kq = min(int(pos1.max()), k)
-        prs[j] = np.count_nonzero(pos1 <= kq) / kq
-    return ap, prs
+    return query_scores(pos, ok.size, kappas)
 
 
 def evaluate_large(qvecs: Any, db: Any, gnd: Sequence[dict], kappas: Sequence[int] = (1, 5, 10),
@@ -284,15 +252,13 @@ def evaluate_large(qvecs: Any, db: Any, gnd: Sequence[dict], kappas: Sequence[in
     """Revisited Easy / Medium / Hard evaluation of the first-stage ranking over a huge database.
 
     ``qvecs`` (Q, D); ``db`` (N, D) numpy array / memory map (float32 or float16), torch tensor or
-    :class:`csa.r1m.StackedDescriptors`; ``gnd`` the revisitop list (raw 'easy' / 'hard' / 'junk').
+    :class:`csa.data.r1m.StackedDescriptors`; ``gnd`` the revisitop list (raw 'easy' / 'hard' / 'junk').
     Returns ``(results, ranks)``: ``results`` has the layout of :func:`csa.evaluate.evaluate_revisited`
     (``{'easy'|'medium'|'hard': {'map', 'mp@k', 'aps'}}``, percent) and equals it on the full argsort;
     ``ranks`` is the top-``topk`` first-stage ranking ``(topk, Q)`` (ties by lower index).
     Memory beyond the descriptors: one chunk (``chunk_size * D`` floats) plus ``O(Q * topk)``.
     """
-    if isinstance(gnd, dict) and "gnd" in gnd:
-        gnd = gnd["gnd"]
-    check_gnd(gnd)
+    gnd = check_gnd(gnd)
     raw = [g for g in gnd if not all(key in g for key in ("easy", "hard", "junk"))]
     if raw:
         raise CSAInputError("evaluate_large needs the raw revisitop ground truth (every query with 'easy', "
@@ -316,14 +282,5 @@ def evaluate_large(qvecs: Any, db: Any, gnd: Sequence[dict], kappas: Sequence[in
             ok = np.asarray(g["ok"], dtype=np.int64).ravel()
             junk = np.asarray(g["junk"], dtype=np.int64).ravel()
             aps[qi], prs[qi] = _protocol_scores(pos_of[qi], ok, junk, kappas)
-        results[proto] = _summarize(aps, prs, kappas)
+        results[proto] = protocol_summary(aps, prs, kappas)  # the reductions of evaluate_revisited
     return results, ranks
-
-
-def _summarize(aps: np.ndarray, prs: np.ndarray, kappas: Sequence[int]) -> dict:
-    # Same reductions as csa.evaluate.compute_map, so the floats are bit-identical.
-    n = int(np.count_nonzero(~np.isnan(aps)))
-    mean_ap = float(np.nansum(aps) / n) if n else float("nan")
-    mean_pr = np.nansum(prs, axis=0) / n if n else np.full(len(kappas), np.nan)
-    return {"map": 100.0 * mean_ap, "mp@k": {int(kq): 100.0 * float(p) for kq, p in zip(kappas, mean_pr)},
-            "aps": 100.0 * aps}

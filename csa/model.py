@@ -18,16 +18,15 @@ dropout / attention-dropout / drop-path 0.1 (active in training only).  The offi
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .validation import CSAInputError
+from csa.validation import CSAInputError
 
-__all__ = ["RerankTransformer", "DropPath", "Attention", "Mlp", "Block", "FeatureAlign"]
+__all__ = ["RerankTransformer", "DropPath", "Attention", "Mlp", "Block", "FeatureAlign", "token_cosine", "unwrap"]
 
 
 class DropPath(nn.Module):
@@ -206,6 +205,11 @@ class RerankTransformer(nn.Module):
         """Re-ranking scores (B, K): cosine of each candidate token with the query token, in float32."""
         tokens = self.encode(affinity)
         return token_cosine(tokens)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model inside a DistributedDataParallel / DataParallel wrapper (the model itself otherwise)."""
+    return model.module if isinstance(getattr(model, "module", None), nn.Module) else model
 
 
 def token_cosine(tokens: torch.Tensor) -> torch.Tensor:

@@ -12,13 +12,61 @@ from typing import Any
 import numpy as np
 import torch
 
-from .validation import CSAInputError, check_descriptors
+from csa.validation import CSAInputError, as_tensor, check_descriptors, same_kind
 
-__all__ = ["first_stage"]
+__all__ = ["first_stage", "stable_topk", "merge_topk", "resort_topk"]
 
 
-def _to_tensor(x: Any) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
+def stable_topk(scores: torch.Tensor, k: int, dim: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest entries of a 2-D tensor along ``dim``, ordered by (score descending, index ascending).
+
+    Exact on ties: when several entries tie with the k-th value, the lowest indices are kept (the
+    order a stable descending sort gives), which ``torch.topk`` alone does not promise.
+    Returns ``(values, indices)`` with size ``k`` along ``dim``.
+    """
+    if scores.ndim != 2 or dim not in (0, 1, -1, -2):
+        raise CSAInputError(f"stable_topk works on 2-D scores along dim 0 or 1, got shape {tuple(scores.shape)}")
+    dim = dim % 2
+    vals, idx = torch.topk(scores, k, dim=dim, largest=True, sorted=True)
+    kth = vals.select(dim, k - 1).unsqueeze(dim)
+    short = (scores == kth).sum(dim) != (vals == kth).sum(dim)
+    for line in torch.nonzero(short).flatten().tolist():  # more ties at the k-th value than kept: stable sort
+        s_line = scores.select(1 - dim, line)
+        order = torch.sort(s_line, descending=True, stable=True).indices[:k]
+        idx.select(1 - dim, line).copy_(order)
+        vals.select(1 - dim, line).copy_(s_line[order])
+    by_index = torch.sort(idx, dim=dim).indices
+    idx, vals = idx.gather(dim, by_index), vals.gather(dim, by_index)
+    by_score = torch.sort(vals, dim=dim, descending=True, stable=True).indices
+    return vals.gather(dim, by_score), idx.gather(dim, by_score)
+
+
+def merge_topk(vals: torch.Tensor, idx: torch.Tensor, new_vals: torch.Tensor, new_idx: torch.Tensor,
+               k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge two (score desc, index asc) lists along dim 0 into the top ``k``.
+
+    Every index of the first list must be lower than every index of the second (database chunks
+    visited in order), so a stable sort of the concatenation keeps lower indices first among ties.
+    """
+    all_vals, all_idx = torch.cat([vals, new_vals]), torch.cat([idx, new_idx])
+    order = torch.sort(all_vals, dim=0, descending=True, stable=True).indices[:k]
+    return all_vals.gather(0, order), all_idx.gather(0, order)
+
+
+def resort_topk(ranks: Any, scores: Any, topk: int) -> Any:
+    """``ranks`` (N or K', Q) with each column's first ``topk`` entries re-sorted by decreasing
+    ``scores`` (Q, topk), ties keeping the first-stage order; rows ``topk`` and beyond unchanged.
+
+    Same kind, dtype and device as ``ranks``.
+    """
+    r = as_tensor(ranks)
+    s = as_tensor(scores)
+    top = r[:topk].to(s.device)                                             # (K, Q)
+    order = torch.sort(s, dim=1, descending=True, stable=True).indices      # (Q, K)
+    new_top = torch.gather(top, 0, order.T.to(top.device))
+    out = r.clone()
+    out[:topk] = new_top.to(r.device, r.dtype)
+    return same_kind(out, ranks)
 
 
 def first_stage(qvecs: Any, dbvecs: Any, topk: int | None = None, chunk_size: int = 65536,
@@ -33,7 +81,7 @@ def first_stage(qvecs: Any, dbvecs: Any, topk: int | None = None, chunk_size: in
     """
     as_numpy = isinstance(qvecs, np.ndarray)
     qvecs, dbvecs = check_descriptors(qvecs, dbvecs, normalize=normalize)
-    q, db = _to_tensor(qvecs), _to_tensor(dbvecs)
+    q, db = as_tensor(qvecs), as_tensor(dbvecs)
     out_device = q.device
     n_db = db.shape[0]
     if chunk_size < 1:
@@ -64,23 +112,12 @@ def _full_ranking(q: torch.Tensor, db: torch.Tensor, dev: torch.device, chunk_si
 
 
 def _topk_ranking(q: torch.Tensor, db: torch.Tensor, dev: torch.device, k: int, chunk_size: int) -> torch.Tensor:
-    """Running top-k over database chunks.
-
-    Chunks are visited in increasing index order and the running list is placed before the new
-    candidates, so a stable sort keeps lower indices first among equal scores.
-    """
+    """Running top-k over database chunks visited in index order (see :func:`merge_topk`)."""
     n_q = q.shape[0]
     best_val = torch.empty((0, n_q), dtype=torch.float32, device=dev)
     best_idx = torch.empty((0, n_q), dtype=torch.int64, device=dev)
     for start in range(0, db.shape[0], chunk_size):
-        chunk = db[start:start + chunk_size].to(dev, torch.float32)
-        scores = chunk @ q.T                                             # (c, Q)
-        take = min(k, scores.shape[0])
-        val, idx = torch.sort(scores, dim=0, descending=True, stable=True)
-        val, idx = val[:take], idx[:take] + start
-        val = torch.cat([best_val, val])
-        idx = torch.cat([best_idx, idx])
-        order = torch.sort(val, dim=0, descending=True, stable=True).indices[:k]
-        best_val = torch.gather(val, 0, order)
-        best_idx = torch.gather(idx, 0, order)
+        scores = db[start:start + chunk_size].to(dev, torch.float32) @ q.T  # (c, Q)
+        val, idx = stable_topk(scores, min(k, scores.shape[0]), dim=0)
+        best_val, best_idx = merge_topk(best_val, best_idx, val, idx + start, k)
     return best_idx

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from .validation import CSAInputError
+from csa.validation import CSAInputError
 
 __all__ = ["bootstrap_map_ci", "paired_bootstrap_gain"]
 
@@ -22,10 +22,13 @@ def _check(n_boot: int, level: float) -> None:
         raise CSAInputError(f"n_boot must be >= 1, got {n_boot}")
 
 
-def _percentile_ci(means: np.ndarray, level: float) -> tuple[float, float]:
+def _bootstrap_mean(values: np.ndarray, n_boot: int, seed: int, level: float) -> tuple[float, float, float]:
+    """(mean, lower, upper): percentile interval of the mean over ``n_boot`` resamples with replacement."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, values.size, size=(n_boot, values.size))
     a = (1 - level) / 2
-    lo, hi = np.quantile(means, [a, 1 - a])
-    return float(lo), float(hi)
+    lo, hi = np.quantile(values[idx].mean(axis=1), [a, 1 - a])
+    return float(values.mean()), float(lo), float(hi)
 
 
 def bootstrap_map_ci(aps: Any, n_boot: int = 10000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
@@ -35,10 +38,7 @@ def bootstrap_map_ci(aps: Any, n_boot: int = 10000, seed: int = 0, level: float 
     a = a[~np.isnan(a)]
     if a.size == 0:
         raise CSAInputError("no query has a finite AP (all nan); nothing to average")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, a.size, size=(n_boot, a.size))
-    lo, hi = _percentile_ci(a[idx].mean(axis=1), level)
-    return float(a.mean()), lo, hi
+    return _bootstrap_mean(a, n_boot, seed, level)
 
 
 def paired_bootstrap_gain(aps_new: Any, aps_base: Any, n_boot: int = 10000, seed: int = 0,
@@ -57,7 +57,4 @@ def paired_bootstrap_gain(aps_new: Any, aps_base: Any, n_boot: int = 10000, seed
     d = a[keep] - b[keep]
     if d.size == 0:
         raise CSAInputError("no query has a finite AP in both arrays; nothing to compare")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, d.size, size=(n_boot, d.size))
-    lo, hi = _percentile_ci(d[idx].mean(axis=1), level)
-    return float(d.mean()), lo, hi
+    return _bootstrap_mean(d, n_boot, seed, level)

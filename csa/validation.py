@@ -1,18 +1,29 @@
-"""Input checks shared by the whole package.
+"""Input checks and conversions shared by the whole package.
 
 Every check raises :class:`CSAInputError` (a ``ValueError``) with one message that names the problem
-and says how to fix it.
+and says how to fix it.  Checks run once, at the public boundary: a function that has already checked
+its descriptors calls the rest of the package inside :func:`descriptors_checked`, which skips the
+repeated full pass over the database (the shape and dtype checks still run).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import math
 import warnings
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
 __all__ = [
     "CSAInputError",
+    "as_tensor",
+    "same_kind",
+    "check_int",
+    "check_float",
+    "descriptors_checked",
+    "gnd_list",
     "check_descriptors",
     "check_ranks",
     "check_topk",
@@ -31,6 +42,62 @@ class CSAInputError(ValueError):
 
 def _shape(x: Any) -> tuple[int, ...]:
     return tuple(x.shape)
+
+
+def as_tensor(x: Any) -> torch.Tensor:
+    """A torch view of ``x`` (numpy arrays are shared without copy when contiguous); tensors pass through."""
+    if isinstance(x, torch.Tensor):
+        return x
+    return torch.from_numpy(np.ascontiguousarray(x))
+
+
+def same_kind(values: Any, like: Any) -> Any:
+    """``values`` (numpy or torch) as the kind, dtype and device of ``like`` (numpy in -> numpy out)."""
+    if isinstance(like, torch.Tensor):
+        return as_tensor(values).to(device=like.device, dtype=like.dtype)
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    return np.ascontiguousarray(values).astype(like.dtype, copy=False)
+
+
+def check_int(name: str, value: Any, low: int, high: int | None = None, hint: str = "") -> int:
+    """``value`` as an int in [low, high]; booleans and non-integers are refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise CSAInputError(f"{name} must be an integer, got {value!r}")
+    value = int(value)
+    if value < low:
+        raise CSAInputError(f"{name} must be >= {low}, got {value}{hint}")
+    if high is not None and value > high:
+        raise CSAInputError(f"{name}={value} is too large: it must be <= {high}{hint}")
+    return value
+
+
+def check_float(name: str, value: Any, low: float, high: float | None = None,
+                low_open: bool = False, high_open: bool = False) -> float:
+    """``value`` as a finite float in the interval [low, high] (ends excluded when ``*_open``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise CSAInputError(f"{name} must be a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise CSAInputError(f"{name} must be finite, got {value}")
+    if value < low or (low_open and value == low):
+        raise CSAInputError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
+    if high is not None and (value > high or (high_open and value == high)):
+        raise CSAInputError(f"{name} must be {'<' if high_open else '<='} {high}, got {value}")
+    return value
+
+
+_DESCRIPTORS_CHECKED: contextvars.ContextVar[bool] = contextvars.ContextVar("csa_descriptors_checked", default=False)
+
+
+@contextlib.contextmanager
+def descriptors_checked() -> Iterator[None]:
+    """Inside this block :func:`check_descriptors` trusts values and norms (checked once by the caller)."""
+    token = _DESCRIPTORS_CHECKED.set(True)
+    try:
+        yield
+    finally:
+        _DESCRIPTORS_CHECKED.reset(token)
 
 
 def _as_float_tensor(x: Any, name: str) -> torch.Tensor:
@@ -86,6 +153,8 @@ def check_descriptors(qvecs: Any, dbvecs: Any, normalize: str = "warn") -> tuple
         raise CSAInputError(f"descriptor dimensions differ: qvecs has D={tensors[0].shape[1]}, dbvecs has "
                             f"D={tensors[1].shape[1]}; both must come from the same network (rows are images: "
                             f"transpose D x N arrays with .T)")
+    if _DESCRIPTORS_CHECKED.get():
+        return qvecs, dbvecs
     out = []
     for name, x, t in zip(("qvecs", "dbvecs"), (qvecs, dbvecs), tensors):
         bad, norms = _row_stats(t)
@@ -159,13 +228,23 @@ def check_topk(topk: int, anchor_len: int, n_db: int) -> None:
                             f"has {n_db} images; use anchor_len <= {n_db + 1} (and a model trained for it)")
 
 
-def check_gnd(gnd: Sequence[dict], n_db: int | None = None) -> Sequence[dict]:
-    """Check revisitop ground truth: a list of dicts with 'easy'/'hard'/'junk' (raw) or 'ok'/'junk'.
+def gnd_list(gnd: Any) -> Sequence[dict]:
+    """The per-query list of a ground truth given either as the whole revisitop dict or as its ``'gnd'`` list."""
+    if isinstance(gnd, dict):
+        if "gnd" not in gnd:
+            raise CSAInputError(f"a ground-truth dict needs a 'gnd' list (got keys {sorted(gnd)[:6]}); pass the "
+                                f"revisitop dict {{'imlist', 'qimlist', 'gnd'}} or its 'gnd' list")
+        return gnd["gnd"]
+    return gnd
 
-    With ``n_db`` given, every index must lie in [0, n_db).  Returns ``gnd`` unchanged.
+
+def check_gnd(gnd: Any, n_db: int | None = None) -> Sequence[dict]:
+    """Check revisitop ground truth: dicts with 'easy'/'hard'/'junk' (raw) or 'ok'/'junk', one per query.
+
+    ``gnd`` is the whole revisitop dict or its ``'gnd'`` list; the list is returned.  With ``n_db``
+    given, every index must lie in [0, n_db).
     """
-    if isinstance(gnd, dict) and "gnd" in gnd:
-        raise CSAInputError("pass the list gnd['gnd'], not the whole ground-truth dict")
+    gnd = gnd_list(gnd)
     if not isinstance(gnd, (list, tuple)) or len(gnd) == 0:
         raise CSAInputError(f"gnd must be a non-empty list with one dict per query, got {type(gnd).__name__}")
     for i, g in enumerate(gnd):

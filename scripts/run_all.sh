@@ -2,7 +2,7 @@
 # The main job: set up the environment, execute every notebook on the embedded Oxford/Paris demo with
 # papermill (outputs land in book/notebooks/), then build the Jupyter Book into book/_build/html.
 # About 5 minutes on 2 CPU cores (descriptor extraction ~1.5 min, training ~2.5 min).
-# For parameter grids over one notebook use `python -m csa.batch` (see README).
+# For parameter grids over one notebook use `csa batch` (see README).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -22,5 +22,6 @@ for nb in 01_data_preparation 02_training 00_inference_in_a_few_lines 03_reranki
     echo ">> $nb done in $(( $(date +%s) - start )) s"
 done
 echo ">> building the book"
+"$PY" book/make_tables.py >/dev/null
 .venv/bin/jupyter-book build book -W --keep-going
 echo ">> book: $(pwd)/book/_build/html/index.html"

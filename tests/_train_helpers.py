@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from csa.datasets import save_clusters, save_train_features
+from csa.data.layout import save_clusters, save_train_features
 
 TOY_TRAINSET = "toy-train"
 

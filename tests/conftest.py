@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +30,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def demo_features() -> Path:
     """The demo data root with descriptors extracted (the main job's first step; a no-op when up to date)."""
-    subprocess.run([sys.executable, "-m", "csa.demo", "extract", "--root", str(DEMO_ROOT)], check=True, cwd=REPO_ROOT)
+    subprocess.run([sys.executable, "-m", "csa", "demo", "extract", "--root", str(DEMO_ROOT)], check=True, cwd=REPO_ROOT)
     return DEMO_ROOT
 
 

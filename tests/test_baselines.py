@@ -1,4 +1,4 @@
-"""Tests for csa.baselines: hand-built cases with known answers and naive float64 references."""
+"""Tests for the baselines of csa.compare: hand-built cases with known answers and naive float64 references."""
 from __future__ import annotations
 
 import math
@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from csa.baselines import (AugmentDatabase, affinity_cosine, alpha_dba, alpha_qe, aqe, augment_database,
-                           compose, dba, diffusion, k_reciprocal, _conjugate_gradient,
-                           _k_reciprocal_distance)
+from csa.compare.affinity_baseline import affinity_cosine
+from csa.compare.chain import compose
+from csa.compare.diffusion import _conjugate_gradient, diffusion
+from csa.compare.expansion import AugmentDatabase, alpha_dba, alpha_qe, aqe, augment_database, dba
+from csa.compare.k_reciprocal import _k_reciprocal_distance, k_reciprocal
 from csa.validation import CSAInputError
 
 

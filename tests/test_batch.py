@@ -1,4 +1,4 @@
-"""Tests of csa.batch: value parsing, fail-fast parameter checks, and real papermill grid runs."""
+"""Tests of csa.notebook.batch: value parsing, fail-fast parameter checks, and real papermill grid runs."""
 from __future__ import annotations
 
 import subprocess
@@ -9,7 +9,7 @@ import nbformat
 import pandas as pd
 import pytest
 
-from csa.batch import main, parse_grid, parse_params, parse_value, run_grid, run_name
+from csa.notebook.batch import main, parse_grid, parse_params, parse_value, run_grid, run_name
 from csa.validation import CSAInputError
 
 
@@ -84,7 +84,7 @@ def test_notebook_without_parameters_cell_or_results_csv_is_refused(tmp_path):
 def test_grid_2x2_collects_four_runs_into_one_csv(tmp_path):
     nb = write_grid_notebook(tmp_path / "grid.ipynb")
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "csa.batch", str(nb), "--grid", "topk=2,3", "anchor_len=10,20",
+    cmd = [sys.executable, "-m", "csa", "batch", str(nb), "--grid", "topk=2,3", "anchor_len=10,20",
            "--param", "label=run", "--out", str(out), "--no-progress"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr

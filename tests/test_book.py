@@ -80,7 +80,9 @@ def test_toc_chapters_exist_and_notebook_pages_are_planned():
 
 def test_api_page_documents_importable_modules():
     modules = re.findall(r"\.\. automodule:: (\S+)", (BOOK / "api.md").read_text())
-    assert "csa.model" in modules and "csa.batch" in modules
+    package = sorted(".".join(p.relative_to(REPO).with_suffix("").parts) for p in (REPO / "csa").rglob("*.py")
+                     if p.name not in ("__init__.py", "__main__.py"))
+    assert sorted(modules) == package, "api.md must document every module of csa/, and only those"
     broken = []
     for name in modules:
         try:
@@ -130,3 +132,11 @@ def test_book_builds_without_warnings_and_renders_results_page(executed_notebook
         assert grab.returncode == 0, grab.stderr[-2000:]
         assert shot.is_file() and shot.stat().st_size > 10_000, "the screenshot is missing or empty"
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_generated_tables_match_the_package():
+    """The published numbers are typed once (csa.compare.published); the book includes the generated files."""
+    out = subprocess.run([sys.executable, str(BOOK / "make_tables.py"), "--check"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    for page in ("comparison.md", "reproduce.md"):
+        assert "{include} generated/published_" in (BOOK / page).read_text()

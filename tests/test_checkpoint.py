@@ -1,4 +1,4 @@
-"""Checkpoints (save/load, official format, clear errors) and the atomic file helpers in csa.io."""
+"""Checkpoints (save/load, official format, clear errors) and the atomic file helpers in csa.fileio."""
 import os
 import pickle
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from csa.checkpoint import infer_config, load_model, load_state_dict_checked, save_checkpoint
-from csa.io import atomic_write, load_pickle, save_pickle
+from csa.fileio import atomic_write, load_pickle, save_pickle
 from csa.model import RerankTransformer
 from csa.validation import CSAInputError
 
@@ -63,7 +63,7 @@ def test_mismatch_lists_keys_and_shapes():
     msg = str(e.value)
     assert "missing keys ['blocks.1.norm1.weight'" in msg
     assert "unexpected keys ['extra.weight']" in msg
-    assert "blocks.0.mlp.fc1.weight: checkpoint (64, 32) vs model (128, 32)" in msg
+    assert "blocks.0.mlp.fc1.weight: file (64, 32) vs model (128, 32)" in msg
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")

@@ -8,7 +8,7 @@ import torch
 
 from csa.checkpoint import save_checkpoint
 from csa.cli import main
-from csa.datasets import save_gnd, save_test_features
+from csa.data.layout import save_gnd, save_test_features
 from csa.model import RerankTransformer
 
 

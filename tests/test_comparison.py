@@ -1,4 +1,4 @@
-"""Tests for csa.comparison on hand-built rankings with hand-computed revisited APs."""
+"""Tests for csa.compare on hand-built rankings with hand-computed revisited APs."""
 from __future__ import annotations
 
 import time
@@ -6,7 +6,9 @@ import time
 import numpy as np
 import pytest
 
-from csa.comparison import COLUMNS, FIRST_STAGE, PUBLISHED, default_methods, run_comparison
+from csa.compare.methods import default_methods
+from csa.compare.published import FIRST_STAGE, PUBLISHED
+from csa.compare.runner import COLUMNS, run_comparison
 from csa.validation import CSAInputError
 
 
@@ -139,7 +141,7 @@ def test_published_numbers_and_sources():
 def test_summary_table_marks_only_gains_whose_interval_excludes_zero():
     import pandas as pd
 
-    from csa.comparison import COLUMNS, summary_table
+    from csa.compare.runner import COLUMNS, summary_table
 
     rows = [
         ["first stage", 30.0, 20.0, 10.0, 40.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
@@ -156,9 +158,19 @@ def test_summary_table_marks_only_gains_whose_interval_excludes_zero():
 
 
 def test_published_table_has_one_row_per_method_and_the_csa_table_values():
-    from csa.comparison import published_table
+    from csa.compare.published import published_table
 
     table = published_table(["first stage", "CSA"])
     assert list(table.index) == ["first stage", "CSA"]
     assert table.loc["CSA", "roxford5k (M / H)"] == "78.2 / 59.1"   # the table, not the README log
     assert table.loc["first stage", "rparis6k+r1m (M / H)"] == "57.3 / 29.8"
+
+
+def test_run_comparison_settings_become_columns(hand_case):
+    q, db, gnd, ranks = hand_case
+    methods = {"A": lambda qv, dv, r: r, "B": lambda qv, dv, r: r}
+    table = run_comparison(q, db, gnd, methods, first_stage_ranks=ranks, n_boot=50, progress=False,
+                           settings={"A": {"K": 4, "L": 3}, "B": {"K": 5}})
+    assert list(table.columns[:3]) == ["method", "K", "L"]
+    assert table["K"].tolist()[1:] == [4, 5] and table["K"].isna().tolist()[0]
+    assert table["L"].isna().tolist() == [True, False, True]

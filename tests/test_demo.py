@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from csa.demo import CITIES, group_queries, image_landmarks, restrict_gnd, split_trainset
+from csa.data.demo import CITIES, group_queries, image_landmarks, restrict_gnd, split_trainset
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "data" / "demo"

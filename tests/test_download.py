@@ -1,4 +1,4 @@
-"""csa.download against a local HTTP server (127.0.0.1, ephemeral port) serving small fixture files."""
+"""csa.data.download against a local HTTP server (127.0.0.1, ephemeral port) serving small fixture files."""
 from __future__ import annotations
 
 import hashlib
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from csa import download as dl
+from csa.data import download as dl
 from csa.validation import CSAInputError
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
@@ -240,10 +240,12 @@ def test_registry_matches_official_hosts_and_layout():
         dl.download_dataset("imagenet", "/nonexistent")
 
 
-def test_backbone_network_urls_are_downloadable():
-    backbones = pytest.importorskip("csa.backbones")
-    urls = {r.url for r in dl.RESOURCES.values()}
-    assert set(backbones.NETWORK_URLS.values()) <= urls
+def test_network_resources_point_at_the_official_cirtorch_files():
+    for name in ("gl18-tl-resnet50-gem-w", "gl18-tl-resnet101-gem-w", "gl18-tl-resnet152-gem-w",
+                 "rSfM120k-tl-resnet101-gem-w"):
+        url = dl.RESOURCES[name].url
+        assert url.startswith("http://cmp.felk.cvut.cz/cnnimageretrieval/data/networks/") and url.endswith(".pth")
+        assert name in url and name in dl.DATASETS["networks"]
 
 
 def test_unreachable_host_error_names_url_and_leaves_nothing(tmp_path, monkeypatch):

@@ -1,13 +1,13 @@
-"""Tests of csa.engine: lr schedule, optimizer groups, batch affinity, one epoch (clipping, skipped losses)."""
+"""Tests of csa.training.engine: lr schedule, optimizer groups, indexed affinity, one epoch (clipping, skipped losses)."""
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
-from csa.engine import WarmupCosineSchedule, batch_affinity, build_optimizer, train_one_epoch
+from csa.affinity import indexed_affinity
+from csa.training.engine import WarmupCosineSchedule, build_optimizer, train_one_epoch
 from csa.losses import CSACriterion
 from csa.model import RerankTransformer
 from csa.validation import CSAInputError
@@ -68,12 +68,12 @@ def test_optimizer_groups_decay_only_matrices_outside_feature_align():
 
 
 # ---------------------------------------------------------------- affinity
-def test_batch_affinity_matches_per_sample_loop():
+def test_indexed_affinity_matches_per_sample_loop():
     g = torch.Generator().manual_seed(0)
     feats = torch.nn.functional.normalize(torch.randn(40, 16, generator=g, dtype=torch.float64), dim=1)
     tok = torch.randint(0, 40, (3, 7), generator=g)
     anc = torch.randint(0, 40, (3, 5), generator=g)
-    got = batch_affinity(feats, tok, anc)
+    got = indexed_affinity(feats, tok, anc)
     assert got.shape == (3, 7, 5)
     for b in range(3):
         for i in range(7):
@@ -81,7 +81,7 @@ def test_batch_affinity_matches_per_sample_loop():
                 want = float(sum(feats[tok[b, i], d] * feats[anc[b, j], d] for d in range(16)))
                 assert float(got[b, i, j]) == pytest.approx(want, abs=1e-12)
     with pytest.raises(CSAInputError):
-        batch_affinity(feats, tok[0], anc)
+        indexed_affinity(feats, tok[0], anc)
 
 
 # ---------------------------------------------------------------- one epoch

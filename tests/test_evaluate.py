@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from csa.evaluate import compute_ap, compute_map, evaluate_revisited, format_revisited, print_revisited, protocol_gnd
-from csa.io import load_pickle
+from csa.fileio import load_pickle
 from csa.validation import CSAInputError
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"

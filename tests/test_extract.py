@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from csa.extract import extract_descriptors, load_image_tensor
+from csa.descriptors.extract import extract_descriptors, load_image_tensor
 from csa.validation import CSAInputError
 
 DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"
@@ -116,11 +116,11 @@ def test_bad_inputs(images):
 
 @pytest.mark.slow
 def test_reextraction_reproduces_stored_demo_descriptors():
-    from csa.backbones import efficientnet_lite0_gem
-    from csa.datasets import load_gnd, load_test_features
+    from csa.data.layout import load_gnd, load_test_features
+    from csa.descriptors.lite0 import efficientnet_lite0_gem
 
     if not (DEMO / "test" / "roxford5k-mini" / "lite0-gem.pkl").exists():
-        pytest.skip("run `python -m csa.demo extract --root data/demo` first")
+        pytest.skip("run `csa demo extract --root data/demo` first")
     gnd = load_gnd(DEMO, "roxford5k-mini")
     feats = load_test_features(DEMO, "roxford5k-mini", "lite0-gem")
     net = efficientnet_lite0_gem()

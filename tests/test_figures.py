@@ -1,4 +1,4 @@
-"""Tests of csa.figures: label rule, example selection rule, and the structure of the figures."""
+"""Tests of csa.notebook.figures and csa.training.curves: label rule, example selection rule, and the structure of the figures."""
 from __future__ import annotations
 
 import math
@@ -9,7 +9,7 @@ import pytest
 from matplotlib.colors import to_hex
 from matplotlib.patches import Rectangle
 
-from csa.figures import (
+from csa.notebook.figures import (
     JUNK_COLOR,
     NEGATIVE_COLOR,
     POSITIVE_COLOR,
@@ -18,9 +18,9 @@ from csa.figures import (
     plot_ablation,
     plot_map_vs_time,
     plot_topk_grid,
-    plot_training_curves,
     select_examples,
 )
+from csa.training.curves import plot_training_curves
 from csa.validation import CSAInputError
 
 # A hand-made ground truth entry: database images 0..9.
@@ -153,7 +153,7 @@ def test_plot_ablation_one_line_per_hue_sorted_by_x():
 def test_plot_method_bars_draws_one_panel_per_dataset_with_interval_bars():
     import pandas as pd
 
-    from csa.figures import plot_method_bars
+    from csa.notebook.figures import plot_method_bars
 
     rows = []
     for ds in ("a", "b"):
@@ -174,3 +174,21 @@ def test_plot_method_bars_draws_one_panel_per_dataset_with_interval_bars():
     assert (21.0, 29.0) in spans and (9.0, 14.0) in spans
     with pytest.raises(CSAInputError, match="lacks the column"):
         plot_method_bars(pd.DataFrame(rows).drop(columns=["hard_gain_low"]))
+
+
+def test_plot_query_examples_picks_by_rule_and_draws_images_from_disk(tmp_path):
+    from PIL import Image
+
+    from csa.notebook.figures import plot_query_examples
+
+    names = [f"db{i}" for i in range(12)]
+    for name in names + ["q0", "q1", "q2"]:
+        Image.new("RGB", (24, 16), (10 * len(name), 80, 120)).save(tmp_path / f"{name}.jpg")
+    gt = {"imlist": names, "qimlist": ["q0", "q1", "q2"],
+          "gnd": [{"bbx": [1, 1, 10, 10], "easy": [0], "hard": [], "junk": []}] * 3}
+    before = np.tile(np.arange(12)[:, None], (1, 3))
+    after = before.copy()
+    examples = plot_query_examples(gt, tmp_path, before, after, [50.0, 20.0, 40.0], [60.0, 20.0, 10.0], n=2, k=10)
+    assert [(kind, q) for kind, q, _ in examples] == [("success", 0), ("failure", 2)]
+    fig = examples[0][2]
+    assert "success: query 0 (q0)" in fig._suptitle.get_text() and len(fig.axes) == 21   # query + 2 x 10

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from csa.largescale import evaluate_large, iter_chunk_scores, rank_positions, topk_and_positions
-from csa.r1m import StackedDescriptors
+from csa.data.r1m import StackedDescriptors
 from csa.validation import CSAInputError
 
 

@@ -5,7 +5,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from csa.model import Attention, RerankTransformer
 from csa.validation import CSAInputError

@@ -2,7 +2,7 @@
 
 import pytest
 
-from csa.notebook import ParameterGuard
+from csa.notebook.guard import ParameterGuard
 from csa.validation import CSAInputError
 
 
@@ -48,7 +48,7 @@ def test_all_problems_are_reported_together():
 
 
 def test_parse_pairs_splits_on_the_first_colon_and_rejects_malformed_items():
-    from csa.notebook import parse_pairs
+    from csa.notebook.guard import parse_pairs
 
     assert parse_pairs("a:x.pth, b:/p/c:d.pth,") == {"a": "x.pth", "b": "/p/c:d.pth"}
     for bad in ("a", "a:", ":x"):

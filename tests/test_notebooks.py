@@ -78,11 +78,18 @@ def test_reranking_table_has_every_method_and_dataset(executed_notebooks):
 
 
 def test_qualitative_figures_follow_the_selection_rule(executed_notebooks):
+    import pandas as pd
+
     nb = executed_notebooks.notebooks["04_qualitative_top10"]
     text = _text(nb)
-    assert "successes" in text and "failures" in text
-    assert _images(nb) >= 1
-    assert _images(nb) == int(text.split(" figures")[0].split()[-1])
+    shown = pd.read_csv(executed_notebooks.csv["04_qualitative_top10"])
+    assert _images(nb) >= 1 and _images(nb) == len(shown) == int(text.split(" figures")[0].split()[-1])
+    for row in shown.itertuples():   # a success gained AP, a failure lost AP (the selection rule)
+        assert (row.ap_after > row.ap_before) if row.kind == "success" else (row.ap_after < row.ap_before)
+    for dataset in ("roxford5k-mini", "rparis6k-mini"):
+        kinds = set(shown[shown["dataset"] == dataset]["kind"])
+        for kind in {"success", "failure"} - kinds:   # a missing kind is said, not silently skipped
+            assert f"{dataset}: no query" in text and f"no {kind} to show" in text
 
 
 def test_comparison_covers_the_baselines(executed_notebooks):

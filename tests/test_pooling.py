@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from csa.pooling import GeM, L2N, Whitening, gem, l2n, whiten_apply
+from csa.descriptors.pooling import GeM, L2N, Whitening, gem, l2n, whiten_apply
 from csa.validation import CSAInputError
 
 

@@ -1,11 +1,11 @@
-"""csa.r1m: simulated distractors, atomic .npy storage, appended (stacked) databases."""
+"""csa.data.r1m: simulated distractors, atomic .npy storage, appended (stacked) databases."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from csa.r1m import StackedDescriptors, append_distractors, load_distractors, save_distractors, simulate_distractors
+from csa.data.r1m import StackedDescriptors, append_distractors, load_distractors, save_distractors, simulate_distractors
 from csa.validation import CSAInputError
 
 

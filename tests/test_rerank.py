@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from csa.model import RerankTransformer
-from csa.rerank import rerank, rerank_scores, resolve_precision
+from csa.device import resolve_precision
+from csa.rerank import rerank, rerank_scores
 from csa.search import first_stage
 from csa.validation import CSAInputError
 
@@ -94,7 +95,7 @@ def test_bf16_close_to_fp32(setup):
     assert s16.dtype == np.float32
     assert np.abs(s16 - s32).max() < 0.05
     assert np.corrcoef(s16.ravel(), s32.ravel())[0, 1] > 0.99
-    from csa.rerank import cpu_has_native_bf16
+    from csa.device import cpu_has_native_bf16
 
     expected = torch.bfloat16 if cpu_has_native_bf16() else None
     assert resolve_precision("auto", torch.device("cpu")) is expected

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from csa.search import first_stage
+from csa.search import first_stage, merge_topk, resort_topk, stable_topk
 from csa.validation import CSAInputError
 
 
@@ -54,3 +54,29 @@ def test_torch_in_torch_out_and_validation():
     with pytest.warns(UserWarning, match="not L2-normalized"):
         r2 = first_stage(q * 2, db)
     np.testing.assert_array_equal(r2, brute(q, db))
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_stable_topk_equals_a_stable_sort_under_heavy_ties(dim):
+    scores = torch.from_numpy(np.random.default_rng(7).integers(0, 4, size=(60, 45)).astype(np.float32))
+    for k in (1, 5, 17):
+        vals, idx = stable_topk(scores, k, dim=dim)
+        ref = torch.sort(scores, dim=dim, descending=True, stable=True)
+        assert torch.equal(idx, ref.indices.narrow(dim, 0, k)) and torch.equal(vals, ref.values.narrow(dim, 0, k))
+
+
+def test_merge_topk_keeps_lower_indices_first_among_ties():
+    vals, idx = torch.tensor([[3.0], [1.0]]), torch.tensor([[0], [1]])
+    new_vals, new_idx = torch.tensor([[3.0], [2.0]]), torch.tensor([[5], [6]])
+    v, i = merge_topk(vals, idx, new_vals, new_idx, 3)
+    assert i[:, 0].tolist() == [0, 5, 6] and v[:, 0].tolist() == [3.0, 3.0, 2.0]
+
+
+def test_resort_topk_sorts_the_prefix_stably_and_keeps_the_tail():
+    ranks = np.array([[4, 2, 7, 1, 0], [3, 1, 0, 2, 9]]).T.astype(np.int32)       # (5, 2)
+    scores = np.array([[0.1, 0.9, 0.1], [0.5, 0.5, 0.7]])                        # (Q, K=3)
+    out = resort_topk(ranks, scores, 3)
+    assert out.dtype == np.int32 and out[:, 0].tolist() == [2, 4, 7, 1, 0]       # tie 4 / 7 keeps 4 first
+    assert out[:, 1].tolist() == [0, 3, 1, 2, 9]
+    t = resort_topk(torch.from_numpy(ranks), torch.from_numpy(scores), 3)
+    assert isinstance(t, torch.Tensor) and t.numpy().tolist() == out.tolist()

@@ -1,4 +1,4 @@
-"""Tests of csa.train: a tiny CPU run, repeatability, resume, CLI, and torchrun (2 processes, gloo)."""
+"""Tests of csa.training.train: a tiny CPU run, repeatability, resume, CLI, and torchrun (2 processes, gloo)."""
 from __future__ import annotations
 
 import csv
@@ -14,7 +14,8 @@ import torch
 
 from _train_helpers import TOY_TRAINSET, write_toy_trainset
 from csa.model import RerankTransformer
-from csa.train import TrainConfig, build_parser, main, run_training
+from csa.training.config import TrainConfig, build_parser
+from csa.training.train import main, run_training
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -115,7 +116,7 @@ def test_parser_has_every_field_with_defaults_and_errors_are_reported(tmp_path, 
     assert args.feature_names == ["a", "b"] and args.qkv_bias is False and args.stop_at_epoch == 3
     assert main(["--data-root", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "retrieval-SfM-120k.pkl" in err and "csa.demo" in err
+    assert "retrieval-SfM-120k.pkl" in err and "csa demo build" in err
 
 
 def _free_port() -> int:
@@ -135,7 +136,7 @@ def test_torchrun_two_processes_equal_single_process(tmp_path):
     run_training(TrainConfig(**vars(build_parser().parse_args(common + ["--output-dir", str(tmp_path / "one")]))))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
     cmd = [str(TORCHRUN), "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
-           "-m", "csa.train", *common, "--output-dir", str(tmp_path / "two")]
+           "-m", "csa.training", *common, "--output-dir", str(tmp_path / "two")]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es) x 8" in proc.stdout

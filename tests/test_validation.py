@@ -105,7 +105,8 @@ def test_gnd_checks():
     check_gnd([{"ok": np.array([1, 2])}])
     with pytest.raises(CSAInputError, match=r"missing key\(s\) \['hard', 'junk'\]"):
         check_gnd([{"easy": [1]}])
-    with pytest.raises(CSAInputError, match="gnd\\['gnd'\\]"):
-        check_gnd({"gnd": raw, "imlist": []})
+    assert check_gnd({"gnd": raw, "imlist": []}) is raw          # the whole revisitop dict is accepted
+    with pytest.raises(CSAInputError, match="'gnd' list"):
+        check_gnd({"imlist": [], "qimlist": []})
     with pytest.raises(CSAInputError, match="outside"):
         check_gnd(raw, n_db=2)

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m csa.batch notebooks/03_reranking.ipynb --grid topk=128,256 anchor_len=64,128 \\
+    csa batch notebooks/03_reranking.ipynb --grid topk=128,256 anchor_len=64,128 \\
         --param dataset=roxford5k-mini --out runs/grid [--kernel python3] [--max-workers 1]
 
 Convention: the notebook has a cell tagged ``parameters`` that defines ``results_csv`` (and every
@@ -32,7 +32,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from csa.io import atomic_write
+from csa.fileio import atomic_write
 from csa.validation import CSAInputError
 
 __all__ = ["parse_value", "parse_grid", "parse_params", "run_name", "check_parameters", "BatchResult", "run_grid", "main"]
@@ -229,7 +229,7 @@ def run_grid(
                 write_table()
             else:
                 failures[i] = error
-                print(f"[csa.batch] run {names[i]} FAILED: {error}", file=sys.stderr, flush=True)
+                print(f"[csa batch] run {names[i]} FAILED: {error}", file=sys.stderr, flush=True)
             bar.update(1)
     bar.close()
     final = write_table()
@@ -243,7 +243,7 @@ def run_grid(
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m csa.batch",
+        prog="csa batch",
         description="Run a notebook over a Cartesian grid of parameters with papermill; one CSV of results.",
     )
     parser.add_argument("notebook", help="the .ipynb to run (needs a 'parameters' cell defining results_csv)")
@@ -267,12 +267,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                           kernel=args.kernel, max_workers=args.max_workers, cwd=args.cwd,
                           progress=not args.no_progress)
     except CSAInputError as exc:
-        print(f"csa.batch: error: {exc}", file=sys.stderr)
+        print(f"csa batch: error: {exc}", file=sys.stderr)
         return 2
     n_runs = len(result.notebooks)
-    print(f"[csa.batch] {n_runs - len(result.failures)}/{n_runs} runs ok, {len(result.table)} rows -> {result.results_csv}")
+    print(f"[csa batch] {n_runs - len(result.failures)}/{n_runs} runs ok, {len(result.table)} rows -> {result.results_csv}")
     if result.failures:
-        print(f"[csa.batch] {len(result.failures)} run(s) failed:", file=sys.stderr)
+        print(f"[csa batch] {len(result.failures)} run(s) failed:", file=sys.stderr)
         for name, error in result.failures:
             print(f"  {name}: {error}", file=sys.stderr)
         return 1

@@ -1,4 +1,4 @@
-"""Training engine: optimizer, learning-rate schedule, per-batch affinity and one training epoch."""
+"""Training engine: optimizer, learning-rate schedule and one training epoch."""
 from __future__ import annotations
 
 import math
@@ -10,14 +10,11 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
+from csa.affinity import indexed_affinity
+from csa.model import unwrap
 from csa.validation import CSAInputError
 
-__all__ = ["build_optimizer", "WarmupCosineSchedule", "batch_affinity", "train_one_epoch", "unwrap"]
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The bare model inside a DistributedDataParallel / DataParallel wrapper."""
-    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+__all__ = ["build_optimizer", "WarmupCosineSchedule", "train_one_epoch"]
 
 
 def _skips_decay(name: str, param: torch.Tensor, prefixes: Iterable[str]) -> bool:
@@ -98,22 +95,6 @@ class WarmupCosineSchedule:
         self.iteration = int(state["iteration"])
 
 
-def batch_affinity(features: torch.Tensor, token_idx: torch.Tensor, anchor_idx: torch.Tensor) -> torch.Tensor:
-    """Affinity matrices of a batch: ``out[b, i, j] = <features[token_idx[b, i]], features[anchor_idx[b, j]]>``.
-
-    ``features`` (N, D) on the compute device; ``token_idx`` (B, K+1) and ``anchor_idx`` (B, L)
-    integer indices. Returns (B, K+1, L) in the features' dtype (one gather each + one bmm).
-    """
-    if features.ndim != 2 or token_idx.ndim != 2 or anchor_idx.ndim != 2 or token_idx.shape[0] != anchor_idx.shape[0]:
-        raise CSAInputError(f"batch_affinity needs features (N, D), token_idx (B, K+1), anchor_idx (B, L); got "
-                            f"{tuple(features.shape)}, {tuple(token_idx.shape)}, {tuple(anchor_idx.shape)}")
-    token_idx = token_idx.to(features.device, torch.long)
-    anchor_idx = anchor_idx.to(features.device, torch.long)
-    tokens = features.index_select(0, token_idx.reshape(-1)).view(*token_idx.shape, -1)
-    anchors = features.index_select(0, anchor_idx.reshape(-1)).view(*anchor_idx.shape, -1)
-    return torch.bmm(tokens, anchors.transpose(1, 2))
-
-
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -127,8 +108,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader: Iterable[Map
     finite iterations (averaged over processes under torch.distributed), plus ``lr`` (last),
     ``iterations`` and ``skipped``.
 
-    Batches are dicts from :class:`csa.datasets.TrainingSet` (``tokens``, ``anchors``, ``targets``),
-    turned into affinities on ``device`` by :func:`batch_affinity` with ``features`` (N, D) already
+    Batches are dicts from :class:`csa.training.sampler.TrainingSet` (``tokens``, ``anchors``, ``targets``),
+    turned into affinities on ``device`` by :func:`csa.affinity.indexed_affinity` with ``features`` (N, D) already
     on the device; a batch may also carry a ready ``affinity`` (B, K+1, L).  ``amp`` (CUDA only)
     runs the model under fp16 autocast with the ``scaler``; ``clip_grad`` > 0 clips the global
     gradient norm. A non-finite loss skips the update (on every process), warns and is counted; the
@@ -152,7 +133,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader: Iterable[Map
         else:
             if features is None:
                 raise CSAInputError("train_one_epoch needs features=(N, D) tensor to build affinities from indices")
-            affinity = batch_affinity(features, batch["tokens"], batch["anchors"])
+            affinity = indexed_affinity(features, batch["tokens"], batch["anchors"])
         affinity = affinity.float()
         with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
             tokens, reconstruction = model(affinity)

@@ -1,4 +1,5 @@
-"""Train a CSA re-ranker: ``python -m csa.train ...`` or ``torchrun --nproc_per_node=N -m csa.train ...``.
+"""Train a CSA re-ranker: ``csa train ...``, ``python -m csa.training ...`` or
+``torchrun --nproc_per_node=N -m csa.training ...``.
 
 Every training image is a query; its self + top-K neighbours (rows, 1..K shuffled per sample) and
 self + top L-1 neighbours (anchors) give a (K+1, L) affinity matrix built per batch on the device.
@@ -21,9 +22,7 @@ Differences from the official train.py, on purpose:
 """
 from __future__ import annotations
 
-import argparse
 import csv
-import dataclasses
 import io
 import json
 import os
@@ -31,7 +30,7 @@ import random
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -39,108 +38,20 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from csa.datasets import (GlobalBatchSampler, NeighbourTable, TrainingSet, load_clusters, load_train_features,
-                          neighbour_cache_path)
-from csa.engine import WarmupCosineSchedule, build_optimizer, train_one_epoch, unwrap
-from csa.io import atomic_write
+from csa.checkpoint import load_run_checkpoint, save_run_checkpoint
+from csa.data.layout import load_clusters, load_train_features
+from csa.fileio import atomic_write
 from csa.losses import CSACriterion
-from csa.model import RerankTransformer
+from csa.model import RerankTransformer, unwrap
+from csa.training.config import TrainConfig, build_parser
+from csa.training.engine import WarmupCosineSchedule, build_optimizer, train_one_epoch
+from csa.training.sampler import GlobalBatchSampler, NeighbourTable, TrainingSet, neighbour_cache_path
 from csa.validation import CSAInputError
 
-__all__ = ["TrainConfig", "build_parser", "main", "run_training", "CHECKPOINT_NAME"]
+__all__ = ["main", "run_training", "CHECKPOINT_NAME", "HISTORY_COLUMNS"]
 
 CHECKPOINT_NAME = "checkpoint.pth"
 HISTORY_COLUMNS = ["epoch", "lr", "loss", "contrastive", "reconstruction", "skipped", "time"]
-
-
-def _f(default: Any, help: str, **kw: Any) -> Any:
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
-
-
-@dataclass
-class TrainConfig:
-    """Every hyper-parameter of a training run; defaults are the paper's recipe."""
-
-    # data
-    data_root: str = _f("data", "data root (annotations/, train/, cache/ inside)")
-    trainset: str = _f("retrieval-SfM-120k", "training set name (annotations/<trainset>.pkl)")
-    feature_names: list[str] = _f(["gl18-tl-resnet101-gem-w"], "feature sets; several = the paper's augmentation "
-                                  "(e.g. gl18-tl-resnet50-gem-w gl18-tl-resnet101-gem-w gl18-tl-resnet152-gem-w)")
-    split: str = _f("train", "annotation split used for training")
-    cache_dir: str | None = _f(None, "neighbour-table cache folder (default: <data_root>/cache)")
-    neighbour_chunk: int = _f(1024, "queries per chunk when computing the neighbour table")
-    # model
-    topk: int = _f(512, "K: neighbours per sample (tokens = query + K)")
-    anchor_len: int = _f(512, "L: anchors (query + L-1 neighbours)")
-    embed_dim: int = _f(768, "C: token dimension")
-    depth: int = _f(2, "transformer blocks")
-    num_heads: int = _f(12, "attention heads")
-    mlp_ratio: float = _f(4.0, "MLP hidden size / C")
-    qkv_bias: bool = _f(True, "bias in the qkv projection")
-    drop_rate: float = _f(0.1, "dropout")
-    attn_drop_rate: float = _f(0.1, "attention dropout")
-    drop_path_rate: float = _f(0.1, "stochastic depth (drop-path) rate of the last block")
-    # loss
-    alpha: float = _f(0.2, "weight of the reconstruction loss")
-    temperature: float = _f(2.0, "temperature t of the contrastive loss")
-    # optimisation
-    batch_size: int = _f(256, "GLOBAL batch size (split evenly over processes)")
-    num_epochs: int = _f(100, "epochs of the schedule")
-    stop_at_epoch: int | None = _f(None, "stop after this epoch (the schedule still spans --num-epochs)")
-    warmup_epochs: int = _f(20, "linear warm-up epochs")
-    warmup_lr: float = _f(0.001, "lr at the start of warm-up (before batch scaling)")
-    base_lr: float = _f(0.1, "lr at the end of warm-up (before batch scaling)")
-    final_lr: float = _f(0.0, "lr at the end of the cosine decay (before batch scaling)")
-    lr_scaling: bool = _f(True, "multiply the lrs by global_batch / 256")
-    momentum: float = _f(0.9, "SGD momentum")
-    weight_decay: float = _f(1e-6, "weight decay (none on biases, norms, feature_align)")
-    clip_grad: float = _f(1.0, "max gradient norm; 0 disables clipping")
-    amp: str = _f("auto", "fp16 mixed precision: auto (on with CUDA) | on | off", choices=["auto", "on", "off"])
-    # run
-    seed: int = _f(0, "random seed (model init, sample order, permutations, dropout)")
-    num_workers: int = _f(2, "DataLoader workers per process")
-    device: str = _f("auto", "auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)")
-    output_dir: str = _f("runs/csa", "checkpoint.pth, history.csv/json, curves.png go here")
-    resume: str | None = _f(None, "checkpoint to continue from, or 'auto' (<output_dir>/checkpoint.pth if present)")
-    save_every: int = _f(0, "also keep checkpoint-epochNNN.pth every N epochs (0: never)")
-    progress: bool = _f(True, "tqdm progress bars (rank 0)")
-
-    def check(self) -> None:
-        """Raise CSAInputError on inconsistent values."""
-        if self.topk < 1 or self.anchor_len < 1:
-            raise CSAInputError(f"--topk ({self.topk}) and --anchor-len ({self.anchor_len}) must be >= 1")
-        if self.batch_size < 1 or self.num_epochs < 1 or not 0 <= self.warmup_epochs <= self.num_epochs:
-            raise CSAInputError("need --batch-size >= 1, --num-epochs >= 1 and 0 <= --warmup-epochs <= --num-epochs")
-        if self.stop_at_epoch is not None and not 1 <= self.stop_at_epoch <= self.num_epochs:
-            raise CSAInputError(f"--stop-at-epoch must lie in [1, --num-epochs={self.num_epochs}]")
-        if self.embed_dim % self.num_heads:
-            raise CSAInputError(f"--embed-dim {self.embed_dim} must be divisible by --num-heads {self.num_heads}")
-        if not self.feature_names:
-            raise CSAInputError("give at least one --feature-names")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """An argparse parser with one ``--flag-name`` per :class:`TrainConfig` field (defaults shown)."""
-    parser = argparse.ArgumentParser(prog="csa train", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        kw: dict[str, Any] = {"default": default, "help": f.metadata["help"], "dest": f.name}
-        if "choices" in f.metadata:
-            kw["choices"] = f.metadata["choices"]
-        if isinstance(default, bool):
-            kw["action"] = argparse.BooleanOptionalAction
-        elif isinstance(default, list):
-            kw["nargs"] = "+"
-        elif f.name == "stop_at_epoch":
-            kw["type"] = int
-        elif default is not None:
-            kw["type"] = type(default)
-        parser.add_argument(flag, **kw)
-    return parser
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,11 +115,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _save_torch(obj: Any, path: Path) -> None:
-    with atomic_write(path, "wb") as f:
-        torch.save(obj, f)
-
-
 def _write_history(history: list[dict[str, Any]], out: Path) -> None:
     with atomic_write(out / "history.json", "w") as f:
         json.dump(history, f, indent=1)
@@ -217,7 +123,7 @@ def _write_history(history: list[dict[str, Any]], out: Path) -> None:
         writer.writeheader()
         writer.writerows(history)
     try:
-        from csa.figures import plot_training_curves
+        from csa.training.curves import plot_training_curves
 
         fig = plot_training_curves(history)
         buf = io.BytesIO()
@@ -237,21 +143,8 @@ def _resolve_resume(config: TrainConfig) -> Path | None:
     path = Path(config.resume)
     if not path.is_file():
         raise CSAInputError(f"--resume {path}: no such checkpoint; give the path of a checkpoint.pth written by "
-                            f"csa.train, 'auto', or leave --resume out to start from scratch")
+                            f"csa train, 'auto', or leave --resume out to start from scratch")
     return path
-
-
-def _load_checkpoint(path: Path) -> dict[str, Any]:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CSAInputError(f"cannot read checkpoint {path} ({type(exc).__name__}: {exc}); it is truncated or not "
-                            f"a csa.train checkpoint") from exc
-    missing = [k for k in ("epoch", "state_dict", "optimizer", "schedule") if k not in ckpt]
-    if missing:
-        raise CSAInputError(f"checkpoint {path} lacks {missing}: it is not a resumable csa.train checkpoint "
-                            f"(weights-only checkpoints can be evaluated but not resumed)")
-    return ckpt
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,13 +156,13 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     config.check()
     rank, world, device, initialized_here = _setup_distributed(config)
     try:
-        return _run(config, rank, world, device)
+        return _train(config, rank, world, device)
     finally:
         if initialized_here and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _run(config: TrainConfig, rank: int, world: int, device: torch.device) -> dict[str, Any]:
+def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> dict[str, Any]:
     main_process = rank == 0
     log = print if main_process else (lambda *a, **k: None)
     amp = device.type == "cuda" and config.amp in ("auto", "on")
@@ -321,7 +214,7 @@ def _run(config: TrainConfig, rank: int, world: int, device: torch.device) -> di
     start_epoch, history = 0, []
     resume = _resolve_resume(config)
     if resume is not None:
-        ckpt = _load_checkpoint(resume)
+        ckpt = load_run_checkpoint(resume)
         model.load_state_dict(ckpt["state_dict"])
         optimizer.load_state_dict(ckpt["optimizer"])
         schedule.load_state_dict(ckpt["schedule"])
@@ -356,12 +249,12 @@ def _run(config: TrainConfig, rank: int, world: int, device: torch.device) -> di
                "reconstruction": stats["reconstruction"], "skipped": stats["skipped"], "time": time.time() - t0}
         history.append(row)
         if main_process:
-            ckpt = {"epoch": epoch + 1, "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "schedule": schedule.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(),
-                    "config": model.config, "train_config": asdict(config), "history": history}
-            _save_torch(ckpt, out / CHECKPOINT_NAME)
+            state = {"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                     "scaler": scaler.state_dict(), "rng": _rng_state(), "train_config": asdict(config),
+                     "history": history}
+            save_run_checkpoint(out / CHECKPOINT_NAME, model, epoch + 1, **state)
             if config.save_every and (epoch + 1) % config.save_every == 0:
-                _save_torch(ckpt, out / f"checkpoint-epoch{epoch + 1:03d}.pth")
+                save_run_checkpoint(out / f"checkpoint-epoch{epoch + 1:03d}.pth", model, epoch + 1, **state)
             _write_history(history, out)
             skipped = f"  skipped {row['skipped']}" if row["skipped"] else ""
             log(f">> epoch {epoch + 1}/{config.num_epochs}  lr {row['lr']:.4g}  loss {row['loss']:.4f} "
@@ -372,7 +265,7 @@ def _run(config: TrainConfig, rank: int, world: int, device: torch.device) -> di
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point (``python -m csa.train``, ``csa train``, ``torchrun -m csa.train``)."""
+    """Command-line entry point (``csa train``, ``python -m csa.training``, ``torchrun -m csa.training``)."""
     args = build_parser().parse_args(argv)
     config = TrainConfig(**vars(args))
     try:

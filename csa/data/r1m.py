@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .validation import CSAInputError
+from csa.validation import CSAInputError
 
 __all__ = [
     "StackedDescriptors",
@@ -129,7 +129,7 @@ def load_distractors(path: str | os.PathLike, mmap: bool = True) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise CSAInputError(f"distractor file {str(path)!r} does not exist; create it with "
-                            f"csa.r1m.save_distractors or simulate_distractors(path=...)")
+                            f"csa.data.r1m.save_distractors or simulate_distractors(path=...)")
     try:
         arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except ValueError as e:

@@ -10,10 +10,7 @@ Multi-scale: ``l2n(mean_s net(interp(x, s))^msp)^(1/msp)`` with bilinear interpo
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import shutil
 from pathlib import Path
 from typing import Sequence
 
@@ -24,8 +21,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from csa.io import atomic_write
-from csa.pooling import l2n
+from csa.descriptors.pooling import l2n
+from csa.fileio import atomic_write, fingerprint
 from csa.validation import CSAInputError
 
 __all__ = ["ImageListDataset", "load_image_tensor", "extract_descriptors", "extraction_fingerprint"]
@@ -77,10 +74,9 @@ def _collate_list(batch):
 def extraction_fingerprint(image_paths: Sequence[str | os.PathLike], image_size: int | None,
                            scales: Sequence[float], bbxs=None, msp: float = 1.0, net_name: str = "") -> str:
     """Hash of what determines the descriptors: image names, boxes, size, scales, msp and network name."""
-    payload = {"images": [os.path.basename(str(p)) for p in image_paths], "image_size": image_size,
-               "scales": [float(s) for s in scales], "msp": float(msp), "net": net_name,
-               "bbxs": None if bbxs is None else [None if b is None else [float(v) for v in b] for b in bbxs]}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    return fingerprint({"images": [os.path.basename(str(p)) for p in image_paths], "image_size": image_size,
+                        "scales": [float(s) for s in scales], "msp": float(msp), "net": net_name,
+                        "bbxs": None if bbxs is None else [None if b is None else [float(v) for v in b] for b in bbxs]})
 
 
 @torch.no_grad()
@@ -124,7 +120,7 @@ def extract_descriptors(net: torch.nn.Module, image_paths: Sequence[str | os.Pat
     """Extract L2-normalized global descriptors, one row per image: (N, D) float32.
 
     ``net`` maps a normalized batch to (B, D) rows and has ``meta['mean'/'std'/'outputdim']`` (see
-    :mod:`csa.backbones`).  ``bbxs`` crops each image first (queries).  With ``shard_dir``, results are
+    :mod:`csa.descriptors.networks`).  ``bbxs`` crops each image first (queries).  With ``shard_dir``, results are
     written in shards of ``shard_size`` images; finished shards are skipped on a rerun (resume after an
     interruption) and the merged array is written there atomically as ``descriptors.npy``.  A shard dir
     filled for other images/parameters is refused.
@@ -141,7 +137,7 @@ def extract_descriptors(net: torch.nn.Module, image_paths: Sequence[str | os.Pat
         raise CSAInputError(f"batch_size and shard_size must be >= 1, got {batch_size}, {shard_size}")
     for key in ("mean", "std", "outputdim"):
         if key not in getattr(net, "meta", {}):
-            raise CSAInputError(f"net.meta lacks {key!r}; build the network with csa.backbones")
+            raise CSAInputError(f"net.meta lacks {key!r}; build the network with csa.descriptors.networks.load_backbone")
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise CSAInputError(f"{len(missing)} image file(s) not found, e.g. {missing[0]}; check the data root")
@@ -187,10 +183,3 @@ def extract_descriptors(net: torch.nn.Module, image_paths: Sequence[str | os.Pat
         return out
     finally:
         bar.close()
-
-
-def remove_shards(shard_dir: str | os.PathLike) -> None:
-    """Delete a shard directory written by :func:`extract_descriptors` (after its result was saved)."""
-    shard_dir = Path(shard_dir)
-    if shard_dir.exists() and (shard_dir / "fingerprint.txt").exists():
-        shutil.rmtree(shard_dir)

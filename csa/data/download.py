@@ -17,7 +17,7 @@ bytes received so far in ``<file>.part`` and asks the server for the rest (HTTP 
 next run. A file reaches its final path only complete and, where its hash is known, verified;
 archives are unpacked into a temporary folder that is moved into place afterwards.
 
-Command line: ``python -m csa.download roxford5k rparis6k --data-root data``
+Command line: ``csa download roxford5k rparis6k --data-root data``
 (``--list`` shows every resource; ``--mirror URL`` overrides the hosts).
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ from typing import Sequence
 import pooch
 from tqdm import tqdm
 
-from .validation import CSAInputError
+from csa.validation import CSAInputError
 
 __all__ = [
     "DATASETS",
@@ -138,7 +138,7 @@ def resource_url(name: str, base_url: str | None = None) -> str:
 def _resource(name: str) -> Resource:
     if name not in RESOURCES:
         groups = ", ".join(DATASETS)
-        raise CSAInputError(f"unknown download {name!r}; use a resource name (python -m csa.download --list) "
+        raise CSAInputError(f"unknown download {name!r}; use a resource name (csa download --list) "
                             f"or download_dataset() with one of: {groups}")
     return RESOURCES[name]
 
@@ -310,8 +310,8 @@ def download_dataset(dataset: str, data_root: str | os.PathLike, progress: bool 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: ``python -m csa.download NAME [NAME ...] --data-root DIR``."""
-    parser = argparse.ArgumentParser(prog="python -m csa.download", description=__doc__.split("\n")[0])
+    """Command line: ``csa download NAME [NAME ...] --data-root DIR``."""
+    parser = argparse.ArgumentParser(prog="csa download", description=__doc__.split("\n")[0])
     parser.add_argument("names", nargs="*", help=f"datasets ({', '.join(DATASETS)}) or resource names")
     parser.add_argument("--data-root", default="data", help="data root (default: ./data)")
     parser.add_argument("--mirror", default=None, help=f"base URL of a flat mirror (default: ${MIRROR_ENV} "

@@ -1,6 +1,6 @@
-"""The embedded demo: two small real Revisited benchmarks built from photo subsets, and their descriptors.
+"""The embedded demo: two small real Revisited benchmarks built from photo subsets.
 
-``python -m csa.demo build --source ../shared/data --out data/demo`` writes
+``csa demo build --source ../shared/data --out data/demo`` writes
 
 * ``jpg/<dataset>/<name>.jpg``: the subset photos re-encoded (long side as stored, 512 px; JPEG quality 75,
   optimized, no metadata),
@@ -13,18 +13,14 @@
 In the revisited datasets the 70 query images are *not* database images (``qimlist`` and ``imlist`` are
 disjoint), so the demo keeps them apart too: a query photo is stored once, next to the database photos.
 
-``python -m csa.demo extract --root data/demo`` computes EfficientNet-Lite0 GeM descriptors (``lite0-gem``)
-for both datasets and both trainsets and prints the first-stage results.
+Their descriptors (``lite0-gem``) come from :func:`csa.descriptors.prepare.prepare_demo_features`
+(``csa demo extract``).
 """
 from __future__ import annotations
 
-import argparse
 import csv
-import hashlib
 import io
-import json
 import os
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -32,7 +28,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from csa.io import atomic_write, load_pickle
+from csa.data.layout import save_clusters, save_gnd
+from csa.fileio import atomic_write, load_pickle
 from csa.validation import CSAInputError
 
 __all__ = [
@@ -43,10 +40,7 @@ __all__ = [
     "image_landmarks",
     "split_trainset",
     "build_demo",
-    "extract_demo",
-    "first_stage_report",
-    "random_ranking_map",
-    "main",
+    "FEATURE_NAME",
 ]
 
 #: Demo dataset -> its source folder, official ground truth, and the trainset built from its database.
@@ -56,13 +50,12 @@ CITIES: dict[str, dict[str, str]] = {
     "rparis6k-mini": {"folder": "paris6k-subset", "gnd": "revisitop/gnd_rparis6k.pkl",
                       "trainset": "rparis6k-mini-train"},
 }
-#: Trainset -> the demo dataset its images (and descriptors) come from.
-TRAINSETS = {c["trainset"]: d for d, c in CITIES.items()}
 
 JPEG_QUALITY = 75
 LANDMARK_IOU = 0.3
 VAL_FRACTION = 0.1
 SPLIT_SEED = 0
+#: Feature name of the demo descriptors (EfficientNet-Lite0, GeM p=3, 512 px, pixels in [-1, 1]).
 FEATURE_NAME = "lite0-gem"
 
 
@@ -76,7 +69,7 @@ def read_manifest(path: str | os.PathLike) -> dict[str, dict[str, int]]:
                 for r in csv.DictReader(f)}
 
 
-def restrict_gnd(cfg: dict, present: set[str] | Sequence[str], scale: dict[str, float] | None = None) -> dict:
+def restrict_gnd(gt: dict, present: set[str] | Sequence[str], scale: dict[str, float] | None = None) -> dict:
     """Restrict a revisitop ground truth to the images in ``present``.
 
     Database images absent from ``present`` are dropped and the others re-indexed (official order kept);
@@ -86,15 +79,15 @@ def restrict_gnd(cfg: dict, present: set[str] | Sequence[str], scale: dict[str, 
     present = set(present)
     new_index = {}
     imlist = []
-    for old, name in enumerate(cfg["imlist"]):
+    for old, name in enumerate(gt["imlist"]):
         if name in present:
             new_index[old] = len(imlist)
             imlist.append(name)
     qimlist, gnd = [], []
-    for q, name in enumerate(cfg["qimlist"]):
+    for q, name in enumerate(gt["qimlist"]):
         if name not in present:
             continue
-        entry = cfg["gnd"][q]
+        entry = gt["gnd"][q]
         s = 1.0 if scale is None else float(scale[name])
         out = {"bbx": [float(v) * s for v in entry["bbx"]]}
         for key in ("easy", "hard", "junk"):
@@ -195,8 +188,6 @@ def _reencode(src: Path, dst: Path, quality: int) -> None:
 def build_demo(source: str | os.PathLike, out: str | os.PathLike, quality: int = JPEG_QUALITY,
                progress: bool = True) -> dict[str, Any]:
     """Build the demo data root ``out`` from the offline photo subsets in ``source``; return a summary."""
-    from csa.datasets import save_clusters, save_gnd
-
     source, out = Path(source), Path(out)
     summary: dict[str, Any] = {}
     for dataset, city in CITIES.items():
@@ -246,165 +237,3 @@ def build_demo(source: str | os.PathLike, out: str | os.PathLike, quality: int =
             "db_images_with_landmark": int((sub_lm >= 0).sum()),
         }
     return summary
-
-
-# --------------------------------------------------------------------------------------------
-# descriptors and first-stage report
-# --------------------------------------------------------------------------------------------
-def _fingerprint(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
-
-def _file_signature(paths: Sequence[Path]) -> list:
-    return [[p.name, p.stat().st_size] for p in paths]
-
-
-def _sidecar(path: Path) -> Path:
-    return path.with_name(path.name + ".fingerprint")
-
-
-def _up_to_date(path: Path, fp: str) -> bool:
-    side = _sidecar(path)
-    return path.is_file() and side.is_file() and side.read_text().strip() == fp
-
-
-def _write_sidecar(path: Path, fp: str) -> None:
-    with atomic_write(_sidecar(path), "w") as f:
-        f.write(fp + "\n")
-
-
-def extract_demo(root: str | os.PathLike, image_size: int = 512, scales: Sequence[float] = (1,),
-                 batch_size: int = 8, num_workers: int = 0, force: bool = False, name: str = FEATURE_NAME,
-                 progress: bool = True, net=None) -> dict[str, Path]:
-    """Extract ``name`` descriptors for the demo datasets and trainsets under ``root``; return written paths.
-
-    Database descriptors are reused for the trainset of the same city.  Outputs whose fingerprint (image
-    names + file sizes + parameters) is unchanged are skipped unless ``force``.
-    """
-    from csa.backbones import efficientnet_lite0_gem
-    from csa.datasets import (clusters_path, load_gnd, save_test_features, save_train_features,
-                              test_features_path, train_features_path, load_test_features)
-    from csa.extract import extract_descriptors
-
-    root = Path(root)
-    written: dict[str, Path] = {}
-    params = {"image_size": image_size, "scales": [float(s) for s in scales], "net": "efficientnet-lite0-gem-p3"}
-    for dataset, city in CITIES.items():
-        gnd = load_gnd(root, dataset)
-        img_dir = root / "jpg" / dataset
-        db_paths = [img_dir / f"{n}.jpg" for n in gnd["imlist"]]
-        q_paths = [img_dir / f"{n}.jpg" for n in gnd["qimlist"]]
-        bbxs = [list(map(float, g["bbx"])) for g in gnd["gnd"]]
-        out = test_features_path(root, dataset, name)
-        fp = _fingerprint({**params, "db": _file_signature(db_paths), "query": _file_signature(q_paths),
-                           "bbxs": bbxs})
-        if force or not _up_to_date(out, fp):
-            if net is None:
-                net = efficientnet_lite0_gem()
-            kw = dict(image_size=image_size, scales=scales, batch_size=batch_size, num_workers=num_workers,
-                      progress=progress)
-            db = extract_descriptors(net, db_paths, **kw)
-            q = extract_descriptors(net, q_paths, bbxs=bbxs, **kw)
-            save_test_features(root, dataset, name, query=q, db=db)
-            _write_sidecar(out, fp)
-        written[dataset] = out
-
-        # trainset of the same city: rows of the database descriptors, by image name
-        trainset = city["trainset"]
-        splits = load_pickle(clusters_path(root, trainset))
-        tout = train_features_path(root, trainset, name)
-        tfp = _fingerprint({"test": fp, "train": splits["train"]["images"], "val": splits["val"]["images"]})
-        if force or not _up_to_date(tout, tfp):
-            db = load_test_features(root, dataset, name).db
-            index = {n: i for i, n in enumerate(gnd["imlist"])}
-            try:
-                rows = {s: db[[index[n] for n in splits[s]["images"]]] for s in ("train", "val")}
-            except KeyError as exc:
-                raise CSAInputError(f"trainset {trainset} lists image {exc} that is not in {dataset}'s database; "
-                                    f"rebuild the demo with `python -m csa.demo build`") from exc
-            save_train_features(root, trainset, name, rows["train"], rows["val"])
-            _write_sidecar(tout, tfp)
-        written[trainset] = tout
-    return written
-
-
-def random_ranking_map(gnd: list[dict], n_db: int, n_trials: int = 100, seed: int = 0) -> dict[str, float]:
-    """Mean over ``n_trials`` seeded uniformly random rankings of the E/M/H mAP (percent): the chance level."""
-    from csa.evaluate import evaluate_revisited
-
-    rng = np.random.default_rng(seed)
-    acc = {"easy": 0.0, "medium": 0.0, "hard": 0.0}
-    for _ in range(n_trials):
-        ranks = np.stack([rng.permutation(n_db) for _ in range(len(gnd))], axis=1)
-        res = evaluate_revisited(ranks, gnd)
-        for k in acc:
-            acc[k] += res[k]["map"] / n_trials
-    return acc
-
-
-def first_stage_report(root: str | os.PathLike, dataset: str, name: str = FEATURE_NAME, n_boot: int = 10000,
-                       n_random: int = 100, seed: int = 0) -> tuple[dict, str]:
-    """First-stage results of ``dataset``: revisited E/M/H mAP and mP@k, 95% bootstrap intervals over queries,
-    and the random-ranking level; returns (numbers, printable text)."""
-    from csa.datasets import load_gnd, load_test_features
-    from csa.evaluate import evaluate_revisited, format_revisited
-    from csa.search import first_stage
-    from csa.stats import bootstrap_map_ci
-
-    cfg = load_gnd(root, dataset)
-    feats = load_test_features(root, dataset, name)
-    ranks = first_stage(feats.query, feats.db)
-    res = evaluate_revisited(ranks, cfg["gnd"])
-    chance = random_ranking_map(cfg["gnd"], feats.db.shape[0], n_random, seed)
-    lines = [format_revisited(dataset, res, method=f"first stage ({name})")]
-    numbers = {"results": res, "random": chance, "ci": {}}
-    for level in ("easy", "medium", "hard"):
-        _, lo, hi = bootstrap_map_ci(res[level]["aps"], n_boot=n_boot, seed=seed)
-        numbers["ci"][level] = (lo, hi)
-        lines.append(f"  {level:6s} mAP {res[level]['map']:6.2f}  95% CI [{lo:6.2f}, {hi:6.2f}]  "
-                     f"random ranking {chance[level]:5.2f}")
-    return numbers, "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------
-# command line
-# --------------------------------------------------------------------------------------------
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m csa.demo", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build", help="build data/demo from the offline photo subsets")
-    b.add_argument("--source", default="../shared/data", help="offline data folder (default ../shared/data)")
-    b.add_argument("--out", default="data/demo", help="demo data root to write (default data/demo)")
-    b.add_argument("--quality", type=int, default=JPEG_QUALITY, help="JPEG quality (default 75)")
-    e = sub.add_parser("extract", help="extract lite0-gem descriptors and print first-stage results")
-    e.add_argument("--root", default="data/demo")
-    e.add_argument("--image-size", type=int, default=512)
-    e.add_argument("--scales", default="1", help="comma-separated scales, e.g. 1,0.7071,1.4142 (default 1)")
-    e.add_argument("--batch-size", type=int, default=8)
-    e.add_argument("--workers", type=int, default=0)
-    e.add_argument("--name", default=FEATURE_NAME, help="feature name (default lite0-gem)")
-    e.add_argument("--force", action="store_true", help="re-extract even when outputs are up to date")
-    e.add_argument("--no-report", action="store_true", help="skip the first-stage evaluation")
-    e.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    args = parser.parse_args(argv)
-
-    if args.command == "build":
-        summary = build_demo(args.source, args.out, args.quality)
-        print(json.dumps(summary, indent=1))
-        return 0
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    scales = [float(s) for s in args.scales.split(",")]
-    paths = extract_demo(args.root, args.image_size, scales, args.batch_size, args.workers, args.force, args.name)
-    for key, p in paths.items():
-        print(f"{key}: {p}")
-    if not args.no_report:
-        for dataset in CITIES:
-            print(first_stage_report(args.root, dataset, args.name)[1])
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

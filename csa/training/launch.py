@@ -1,7 +1,7 @@
 """Start a training run under ``torchrun`` from Python (the training notebook uses this).
 
 ``launch_training(config, nproc_per_node=2)`` runs
-``python -m torch.distributed.run --standalone --nproc_per_node=2 -m csa.train <flags from config>``,
+``python -m torch.distributed.run --standalone --nproc_per_node=2 -m csa.training <flags from config>``,
 streams its output line by line (so a notebook shows progress while it runs), and returns the run's
 history and checkpoint path. With CUDA each process takes one GPU (NCCL); on CPU the processes talk
 over gloo, so the multi-process path is exercised for real even without GPUs.
@@ -9,7 +9,6 @@ over gloo, so the multi-process path is exercised for real even without GPUs.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -17,27 +16,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from csa.train import TrainConfig
+from csa.training.config import TrainConfig, config_to_argv
+from csa.training.train import CHECKPOINT_NAME
 from csa.validation import CSAInputError
 
-__all__ = ["config_to_argv", "torchrun_command", "launch_training"]
-
-
-def config_to_argv(config: TrainConfig) -> list[str]:
-    """The ``csa.train`` command-line flags that reproduce ``config`` (fields left at None are omitted)."""
-    argv: list[str] = []
-    for field in dataclasses.fields(config):
-        value = getattr(config, field.name)
-        flag = "--" + field.name.replace("_", "-")
-        if value is None:
-            continue
-        if isinstance(value, bool):
-            argv.append(flag if value else "--no-" + field.name.replace("_", "-"))
-        elif isinstance(value, (list, tuple)):
-            argv += [flag, *map(str, value)]
-        else:
-            argv += [flag, str(value)]
-    return argv
+__all__ = ["torchrun_command", "launch_training"]
 
 
 def torchrun_command(config: TrainConfig, nproc_per_node: int = 1) -> list[str]:
@@ -49,7 +32,7 @@ def torchrun_command(config: TrainConfig, nproc_per_node: int = 1) -> list[str]:
             f"the global batch size {config.batch_size} is not divisible by nproc_per_node={nproc_per_node}; "
             "choose a batch size that is a multiple of the number of processes")
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_node}",
-            "-m", "csa.train", *config_to_argv(config)]
+            "-m", "csa.training", *config_to_argv(config)]
 
 
 def launch_training(config: TrainConfig, nproc_per_node: int = 1, echo: Callable[[str], None] = print,
@@ -80,4 +63,4 @@ def launch_training(config: TrainConfig, nproc_per_node: int = 1, echo: Callable
     out = Path(config.output_dir)
     history_file = out / "history.json"
     history = json.loads(history_file.read_text()) if history_file.exists() else None
-    return {"history": history, "checkpoint": out / "checkpoint.pth", "output_dir": out}
+    return {"history": history, "checkpoint": out / CHECKPOINT_NAME, "output_dir": out}

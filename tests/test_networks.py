@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from csa.backbones import (NETWORK_URLS, cirtorch_gem_network, efficientnet_lite0_gem,
-                           efficientnet_lite0_imagenet, load_cirtorch_network)
+from csa.descriptors.cirtorch import cirtorch_gem_network, load_cirtorch_network
+from csa.descriptors.lite0 import efficientnet_lite0_gem, efficientnet_lite0_imagenet
 from csa.validation import CSAInputError
 
 
@@ -126,11 +126,3 @@ def test_cirtorch_loader_errors(tmp_path):
         load_cirtorch_network(tmp_path / "c.pth")
     with pytest.raises(CSAInputError, match="unsupported architecture"):
         cirtorch_gem_network("vgg16")
-
-
-def test_network_urls():
-    for name in ("gl18-tl-resnet50-gem-w", "gl18-tl-resnet101-gem-w", "gl18-tl-resnet152-gem-w",
-                 "rSfM120k-tl-resnet101-gem-w"):
-        url = NETWORK_URLS[name]
-        assert url.startswith("http://cmp.felk.cvut.cz/cnnimageretrieval/data/networks/") and url.endswith(".pth")
-        assert name in url

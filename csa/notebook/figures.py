@@ -10,14 +10,18 @@ grey border = junk (ignored by the evaluation protocol).
 """
 from __future__ import annotations
 
+import os
 import textwrap
 from collections.abc import Callable, Mapping, Sequence
+from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 
+from csa.evaluate import PROTOCOL_SETS
 from csa.validation import CSAInputError
 
 __all__ = [
@@ -29,7 +33,7 @@ __all__ = [
     "label_ranked",
     "select_examples",
     "plot_topk_grid",
-    "plot_training_curves",
+    "plot_query_examples",
     "plot_map_vs_time",
     "plot_ablation",
 ]
@@ -40,14 +44,6 @@ JUNK_COLOR = "#9e9e9e"
 QUERY_COLOR = "#ff7f0e"
 _LABEL_COLORS = {"pos": POSITIVE_COLOR, "neg": NEGATIVE_COLOR, "junk": JUNK_COLOR}
 
-# Which ground-truth lists count as positive / junk under each revisited protocol.
-_PROTOCOLS = {
-    "easy": (("easy",), ("junk", "hard")),
-    "medium": (("easy", "hard"), ("junk",)),
-    "hard": (("hard",), ("junk", "easy")),
-}
-
-
 def label_ranked(ranked_db_indices: Sequence[int], gnd_entry: Mapping[str, Any], protocol: str = "medium") -> list[str]:
     """Label each ranked database index ``'pos'``, ``'neg'`` or ``'junk'`` under a revisited protocol.
 
@@ -56,14 +52,14 @@ def label_ranked(ranked_db_indices: Sequence[int], gnd_entry: Mapping[str, Any],
     junk = junk + easy.  Everything else is a negative.
     """
     key = str(protocol).lower()
-    if key not in _PROTOCOLS:
+    if key not in PROTOCOL_SETS:
         raise CSAInputError(f"unknown protocol {protocol!r}: use 'easy', 'medium' or 'hard'")
     missing = [k for k in ("easy", "hard", "junk") if k not in gnd_entry]
     if missing:
         raise CSAInputError(
             f"gnd_entry lacks the key(s) {missing}: pass one query's revisited ground truth, e.g. gnd['gnd'][q]"
         )
-    ok_keys, junk_keys = _PROTOCOLS[key]
+    ok_keys, junk_keys = PROTOCOL_SETS[key]
     positives = {int(i) for k in ok_keys for i in np.asarray(gnd_entry[k]).ravel()}
     junk = {int(i) for k in junk_keys for i in np.asarray(gnd_entry[k]).ravel()}
     labels = []
@@ -178,57 +174,43 @@ def plot_topk_grid(
     return fig
 
 
-def _history_columns(history: Any) -> dict[str, np.ndarray]:
-    """Normalise a training history (DataFrame, dict of lists or list of per-epoch dicts) to columns."""
-    if hasattr(history, "to_dict") and hasattr(history, "columns"):
-        return {str(c): np.asarray(history[c]) for c in history.columns}
-    if isinstance(history, Mapping):
-        return {str(k): np.asarray(v) for k, v in history.items()}
-    rows = list(history)
-    if rows and all(isinstance(r, Mapping) for r in rows):
-        keys = list(dict.fromkeys(k for r in rows for k in r))
-        return {str(k): np.asarray([r.get(k, np.nan) for r in rows], dtype=float) for k in keys}
-    raise CSAInputError(
-        "history must be a pandas DataFrame, a dict of per-epoch lists or a list of per-epoch dicts "
-        "(e.g. pandas.read_csv('history.csv'))"
-    )
+@lru_cache(maxsize=512)
+def _load_rgb(path: str) -> Any:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.convert("RGB")
 
 
-def plot_training_curves(history: Any) -> Figure:
-    """Four panels against the epoch: total loss, contrastive loss, reconstruction loss, learning rate.
+def plot_query_examples(gt: Mapping[str, Any], image_dir: str | os.PathLike, before: Any, after: Any,
+                        aps_before: Sequence[float], aps_after: Sequence[float], n: int = 2, k: int = 10,
+                        protocol: str = "medium", dataset: str = "") -> list[tuple[str, int, Figure]]:
+    """Top-``k`` before/after figures of the queries :func:`select_examples` picks: ``[(kind, query, fig)]``.
 
-    ``history`` has columns ``epoch`` (optional: 1..E otherwise), ``loss``, ``contrastive``,
-    ``reconstruction`` and ``lr`` (``history.csv`` of ``csa.train``).  A column ``val_<name>``, when
-    present, is drawn dashed on the same panel as ``<name>``.
+    ``gt`` is the revisitop dict (``imlist``, ``qimlist``, ``gnd``), images are
+    ``<image_dir>/<name>.jpg``, ``before`` / ``after`` are (N, Q) rankings and ``aps_*`` their
+    per-query APs under ``protocol``.  Successes come first (``kind='success'``), then failures;
+    either list may be shorter than ``n`` (e.g. no query lost AP).
     """
-    cols = _history_columns(history)
-    needed = ["loss", "contrastive", "reconstruction", "lr"]
-    missing = [c for c in needed if c not in cols]
-    if missing:
-        raise CSAInputError(f"history lacks the column(s) {missing}: it needs {needed} (and optionally 'epoch')")
-    n = len(cols["loss"])
-    epoch = cols.get("epoch", np.arange(1, n + 1))
-    fig = Figure(figsize=(10.0, 6.4), layout="constrained")
-    axes = fig.subplots(2, 2, sharex=True)
-    panels = [
-        ("loss", "total loss", "#1f77b4"),
-        ("contrastive", "contrastive loss", "#9467bd"),
-        ("reconstruction", "reconstruction loss", "#8c564b"),
-        ("lr", "learning rate", "#ff7f0e"),
-    ]
-    for ax, (key, label, color) in zip(axes.ravel(), panels):
-        ax.plot(epoch, cols[key], color=color, marker="o" if n <= 30 else None, markersize=3, label="train")
-        if f"val_{key}" in cols:
-            ax.plot(epoch, cols[f"val_{key}"], color=color, linestyle="--", label="validation")
-            ax.legend(fontsize=9, frameon=False)
-        ax.set_title(label, fontsize=11)
-        ax.grid(alpha=0.3)
-        if key == "lr":
-            ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
-    for ax in axes[1]:
-        ax.set_xlabel("epoch")
-    fig.suptitle("training curves", fontsize=13, fontweight="bold")
-    return fig
+    successes, failures = select_examples(aps_before, aps_after, n=n)
+    before, after = np.asarray(before), np.asarray(after)
+    image_dir = Path(image_dir)
+
+    def load(name: str) -> Any:
+        return _load_rgb(str(image_dir / f"{name}.jpg"))
+
+    out = []
+    for kind, queries in (("success", successes), ("failure", failures)):
+        for q in queries:
+            entry = gt["gnd"][q]
+            fig = plot_topk_grid(
+                load(gt["qimlist"][q]), entry["bbx"], [gt["imlist"][i] for i in before[:k, q]],
+                [gt["imlist"][i] for i in after[:k, q]], label_ranked(before[:k, q], entry, protocol),
+                label_ranked(after[:k, q], entry, protocol), load, k=k,
+                title=(f"{dataset} - {kind}: query {q} ({gt['qimlist'][q]}), {protocol} AP "
+                       f"{aps_before[q]:.1f} -> {aps_after[q]:.1f}"))
+            out.append((kind, q, fig))
+    return out
 
 
 def plot_map_vs_time(
@@ -291,7 +273,7 @@ def plot_ablation(df: Any, x: str, y: str, hue: str | None = None, title: str | 
 
 
 def plot_method_bars(df: Any, protocols: Sequence[str] = ("medium", "hard"), title: str | None = None) -> Figure:
-    """Grouped bars of mAP per method, one panel (row) per dataset (rows of a :func:`csa.comparison.run_comparison`
+    """Grouped bars of mAP per method, one panel (row) per dataset (rows of a :func:`csa.compare.runner.run_comparison`
     table with a ``dataset`` column); the error bar of each non-baseline bar is its 95% paired-bootstrap
     interval of the gain over the first stage, drawn around the method's mAP."""
     needed = ["dataset", "method"] + [f"{p}_{c}" for p in protocols for c in ("map", "gain_low", "gain_high", "gain")]

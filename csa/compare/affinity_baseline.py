@@ -1,0 +1,45 @@
+"""The CSA paper's untrained baseline: re-rank the top-K by the cosine between affinity rows."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from csa.affinity import iter_affinity
+from csa.compare.common import as_float_cpu, baseline_inputs
+from csa.search import resort_topk
+from csa.validation import CSAInputError, check_int
+
+__all__ = ["affinity_cosine"]
+
+
+def affinity_cosine(qvecs: Any, dbvecs: Any, ranks: Any, topk: int = 1024, anchor_len: int = 512,
+                    centred: bool = False, chunk_size: int = 8) -> Any:
+    """The CSA paper's untrained baseline: cosine between affinity rows (Ouyang et al. NeurIPS 2021).
+
+    Tokens are [query, top-``topk`` images], anchors [query, top ``anchor_len - 1`` images] of
+    ``ranks[:, q]`` (as in :mod:`csa.affinity`); each token's affinity row holds its cosine
+    similarities to the anchors.  Each candidate is scored by the cosine between its row and the
+    query's row and the top-K is re-sorted by decreasing score (ties keep the first-stage order).
+    ``centred=True`` subtracts each row's mean first (a Pearson correlation of the rows).
+
+    Defaults ``topk = 1024, anchor_len = 512`` (the CSA test setting).
+    Time O(Q K L D), memory O(chunk_size · K · L).
+    """
+    q, db, r = baseline_inputs(qvecs, dbvecs, ranks)
+    topk = check_int("topk", topk, 1, r.shape[0], hint=" (the number of rows of ranks)")
+    anchor_len = check_int("anchor_len", anchor_len, 1, r.shape[0] + 1,
+                            hint=" (query + anchor_len - 1 rows of ranks)")
+    if not isinstance(centred, (bool, np.bool_)):
+        raise CSAInputError(f"centred must be True or False, got {centred!r}")
+    chunk_size = check_int("chunk_size", chunk_size, 1)
+    scores = np.zeros((r.shape[1], topk))
+    for query_slice, affinity in iter_affinity(q, db, r, topk, anchor_len, batch_size=chunk_size,
+                                               normalize="silent"):
+        a = as_float_cpu(affinity).double()                              # (B, K+1, L)
+        if centred:
+            a = a - a.mean(dim=2, keepdim=True)
+        a = a / a.norm(dim=2, keepdim=True).clamp_min(1e-12)
+        scores[query_slice] = torch.einsum("bl,bkl->bk", a[:, 0], a[:, 1:]).numpy()
+    return resort_topk(ranks, scores, topk)

@@ -1,0 +1,143 @@
+"""Compare re-rankers under one protocol: same first stage, revisited mAP, timing, paired bootstrap.
+
+:func:`run_comparison` evaluates every method on the same first-stage ranking and reports
+Easy / Medium / Hard mAP, Medium mP@10, CPU time per query and the paired-bootstrap interval of
+each method's Medium and Hard gain over the first stage (queries resampled jointly, so the
+interval is about the *difference*, not two independent noises).  :func:`summary_table` makes it
+readable; :func:`first_stage_report` gives one dataset's first stage with intervals and chance level.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import pandas as pd
+from tqdm import tqdm
+
+from csa.compare.published import FIRST_STAGE
+from csa.evaluate import evaluate_revisited, format_revisited, random_ranking_map, PROTOCOLS
+from csa.search import first_stage
+from csa.stats import bootstrap_map_ci, paired_bootstrap_gain
+from csa.validation import CSAInputError, check_descriptors, check_gnd, check_ranks, descriptors_checked
+
+__all__ = ["run_comparison", "summary_table", "first_stage_report", "COLUMNS"]
+
+#: Columns of the table returned by :func:`run_comparison` (mAP / mP@10 / gains in percent points).
+COLUMNS = ["method", "easy_map", "medium_map", "hard_map", "medium_mp@10", "ms_per_query",
+           "medium_gain", "medium_gain_low", "medium_gain_high",
+           "hard_gain", "hard_gain_low", "hard_gain_high"]
+
+Method = Callable[[Any, Any, Any], Any]
+
+
+def run_comparison(qvecs: Any, dbvecs: Any, gnd: Sequence[dict], methods: Mapping[str, Method],
+                   first_stage_ranks: Any = None, n_boot: int = 10000, seed: int = 0, level: float = 0.95,
+                   progress: bool = True, settings: Mapping[str, Mapping[str, Any]] | None = None) -> pd.DataFrame:
+    """Evaluate ``methods`` (name -> ``f(qvecs, dbvecs, ranks) -> ranks``) against the first stage.
+
+    ``gnd`` is the raw revisitop ground truth (list of {'easy', 'hard', 'junk'}, one per query, or the
+    whole dict with a 'gnd' key).  ``first_stage_ranks`` (N or K, Q) defaults to the exact cosine
+    ranking of the whole database (:func:`csa.search.first_stage`); every method receives it.
+    Returns one row per method, the first-stage row first, with the columns :data:`COLUMNS`:
+    mAPs and mP@10 in percent; ``ms_per_query`` = wall time of the method call
+    (``time.perf_counter``, on this CPU, excluding the first stage) divided by Q — for the first
+    stage, the time of the search when it is computed here, else NaN; gains = method minus first
+    stage in mAP points with the ``level`` percentile-bootstrap interval over ``n_boot`` joint
+    resamples of the queries (:func:`csa.stats.paired_bootstrap_gain`, same ``seed`` for every
+    method, queries without positives excluded).  The first-stage row has gain 0 [0, 0].
+    ``settings`` (method name -> {column: value}, e.g. ``{'CSA': {'topk': 128, 'anchor_len': 64}}``)
+    adds those values as columns after ``method`` (empty for the other rows).
+    """
+    qvecs, dbvecs = check_descriptors(qvecs, dbvecs, normalize="warn")
+    n_q, n_db = qvecs.shape[0], dbvecs.shape[0]
+    gnd = check_gnd(gnd, n_db=n_db)
+    if len(gnd) != n_q:
+        raise CSAInputError(f"gnd has {len(gnd)} queries but qvecs has {n_q} rows; they must describe the "
+                            f"same queries in the same order")
+    if not isinstance(methods, Mapping) or not methods:
+        raise CSAInputError("methods must be a non-empty dict {name: f(qvecs, dbvecs, ranks) -> ranks}")
+    for name, method in methods.items():
+        if name == FIRST_STAGE:
+            raise CSAInputError(f"the method name {FIRST_STAGE!r} is reserved for the baseline row; rename it")
+        if not callable(method):
+            raise CSAInputError(f"methods[{name!r}] is not callable: {method!r}")
+    first_ms = float("nan")
+    if first_stage_ranks is None:
+        start = time.perf_counter()
+        first_stage_ranks = first_stage(qvecs, dbvecs)
+        first_ms = 1000.0 * (time.perf_counter() - start) / n_q
+    check_ranks(first_stage_ranks, n_db, n_q)
+
+    base = evaluate_revisited(first_stage_ranks, gnd)
+    rows = [_row(FIRST_STAGE, base, base, first_ms, n_boot, seed, level)]
+    for name, method in tqdm(list(methods.items()), desc="methods", disable=not progress):
+        start = time.perf_counter()
+        with descriptors_checked():  # checked once above; the methods skip the full pass
+            ranks = method(qvecs, dbvecs, first_stage_ranks)
+        ms = 1000.0 * (time.perf_counter() - start) / n_q
+        rows.append(_row(name, evaluate_revisited(ranks, gnd), base, ms, n_boot, seed, level))
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    extra = list(dict.fromkeys(key for values in (settings or {}).values() for key in values))
+    for position, key in enumerate(extra, start=1):
+        table.insert(position, key, [(settings or {}).get(name, {}).get(key) for name in table["method"]])
+    return table
+
+
+def _row(name: str, result: dict, base: dict, ms: float, n_boot: int, seed: int, level: float) -> dict:
+    row = {"method": name, "easy_map": result["easy"]["map"], "medium_map": result["medium"]["map"],
+           "hard_map": result["hard"]["map"], "medium_mp@10": result["medium"]["mp@k"][10],
+           "ms_per_query": ms}
+    for proto in ("medium", "hard"):
+        gain, low, high = paired_bootstrap_gain(result[proto]["aps"], base[proto]["aps"], n_boot=n_boot,
+                                                seed=seed, level=level)
+        row.update({f"{proto}_gain": gain, f"{proto}_gain_low": low, f"{proto}_gain_high": high})
+    return row
+
+
+def _gain_text(row: Mapping[str, Any], protocol: str) -> str:
+    if row["method"] == FIRST_STAGE:
+        return ""
+    gain, low, high = (row[f"{protocol}_gain{s}"] for s in ("", "_low", "_high"))
+    return f"{gain:+.1f} [{low:+.1f}, {high:+.1f}]" + (" *" if low > 0 or high < 0 else "")
+
+
+def summary_table(results: pd.DataFrame) -> pd.DataFrame:
+    """A compact, readable view of :func:`run_comparison` rows (with an optional ``dataset`` column).
+
+    mAPs rounded to 0.1; gains as ``+g [low, high]`` with ``*`` when the 95% interval excludes 0 (the
+    gain is beyond bootstrap noise); time per query in ms.
+    """
+    view = pd.DataFrame({
+        **({"dataset": results["dataset"]} if "dataset" in results.columns else {}),
+        "method": results["method"],
+        "E": results["easy_map"].round(1),
+        "M": results["medium_map"].round(1),
+        "H": results["hard_map"].round(1),
+        "mP@10 (M)": results["medium_mp@10"].round(1),
+        "M gain [95% CI]": results.apply(_gain_text, axis=1, protocol="medium"),
+        "H gain [95% CI]": results.apply(_gain_text, axis=1, protocol="hard"),
+        "ms / query": results["ms_per_query"].round(1),
+    })
+    return view.set_index(["dataset", "method"] if "dataset" in view.columns else ["method"])
+
+
+def first_stage_report(data_root: str | os.PathLike, dataset: str, feature_name: str, n_boot: int = 10000,
+                       n_random: int = 100, seed: int = 0) -> tuple[dict, str]:
+    """First-stage results of ``dataset``: revisited E/M/H mAP and mP@k, 95% bootstrap intervals over queries,
+    and the random-ranking level; returns (numbers, printable text)."""
+    from csa.data.layout import load_gnd, load_test_features
+
+    gt = load_gnd(data_root, dataset)
+    feats = load_test_features(data_root, dataset, feature_name)
+    ranks = first_stage(feats.query, feats.db)
+    res = evaluate_revisited(ranks, gt)
+    chance = random_ranking_map(gt, feats.db.shape[0], n_random, seed)
+    lines = [format_revisited(dataset, res, method=f"first stage ({feature_name})")]
+    numbers = {"results": res, "random": chance, "ci": {}}
+    for level in PROTOCOLS:
+        _, lo, hi = bootstrap_map_ci(res[level]["aps"], n_boot=n_boot, seed=seed)
+        numbers["ci"][level] = (lo, hi)
+        lines.append(f"  {level:6s} mAP {res[level]['map']:6.2f}  95% CI [{lo:6.2f}, {hi:6.2f}]  "
+                     f"random ranking {chance[level]:5.2f}")
+    return numbers, "\n".join(lines)

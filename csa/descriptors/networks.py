@@ -1,0 +1,66 @@
+"""Global-descriptor networks: every network is a :class:`GeMNetwork`, and :func:`load_backbone` builds one by name.
+
+A :class:`GeMNetwork` is convolutional ``features`` -> GeM -> L2N, then optionally a fully-connected
+whitening (``whiten``, learned end-to-end in the ``-gem-w`` networks) -> L2N, then optionally a post-hoc
+learned whitening ``l2n(P (x - m))`` (``Lw`` in the cirtorch meta).  ``forward`` takes a normalized image
+batch (B, 3, H, W) and returns (B, D) L2-normalized rows; ``net.meta`` holds ``mean``/``std`` (the input
+normalization applied to pixels in [0, 1]) and ``outputdim``.  The two families live in
+:mod:`csa.descriptors.lite0` (offline EfficientNet-Lite0) and :mod:`csa.descriptors.cirtorch` (the gl18 /
+rSfM120k ResNet GeM networks of the paper).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from csa.descriptors.pooling import GeM, Whitening, l2n
+from csa.validation import CSAInputError
+
+__all__ = ["GeMNetwork", "load_backbone", "LITE0"]
+
+#: Name of the offline backbone (EfficientNet-Lite0 + GeM) used by the demo.
+LITE0 = "lite0"
+
+
+class GeMNetwork(nn.Module):
+    """features -> GeM -> L2N [-> whiten (Linear) -> L2N] [-> post-hoc whitening]; returns (B, D) rows."""
+
+    def __init__(self, features: nn.Module, pool: GeM, whiten: nn.Linear | None = None,
+                 meta: Mapping[str, Any] | None = None, post_whiten: Whitening | None = None):
+        super().__init__()
+        self.features = features
+        self.pool = pool
+        self.whiten = whiten
+        self.post_whiten = post_whiten
+        self.meta = dict(meta or {})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        o = l2n(self.pool(self.features(x)))
+        if self.whiten is not None:
+            o = l2n(self.whiten(o))
+        if self.post_whiten is not None:
+            o = self.post_whiten(o)
+        return o
+
+
+def load_backbone(backbone: str, data_root: str | os.PathLike, device: str | torch.device = "cpu") -> GeMNetwork:
+    """``'lite0'`` (offline EfficientNet-Lite0 GeM) or a cirtorch network name found in ``<root>/networks/``.
+
+    The cirtorch ``-gem-w`` networks carry their learned whitening inside the checkpoint; it is applied.
+    """
+    if backbone == LITE0:
+        from csa.descriptors.lite0 import efficientnet_lite0_gem
+
+        return efficientnet_lite0_gem().to(device).eval()
+    from csa.descriptors.cirtorch import load_cirtorch_network
+
+    candidates = sorted(Path(data_root, "networks").glob(f"{backbone}*.pth"))
+    if not candidates:
+        raise CSAInputError(f"no network file for {backbone!r} in {Path(data_root, 'networks')}; download it "
+                            f"with `csa download networks --data-root {data_root}`")
+    # Official files carry numpy arrays in meta['Lw']: they are trusted only because download checks them.
+    return load_cirtorch_network(candidates[0], trusted=True, device=device).eval()

@@ -1,0 +1,249 @@
+"""From images to the descriptor files that re-ranking and training read: the demo and the full data.
+
+One loop serves every test set (:func:`prepare_test_features`): it reads the images of a data root
+laid out as :mod:`csa.data.layout` describes, extracts descriptors in resumable shards under
+``<root>/cache/extract/`` and writes ``test/<dataset>/<name>.pkl`` atomically, next to a fingerprint
+of what went in (image names and sizes, boxes, network, size, scales); a rerun with the same inputs
+does nothing unless ``force``.  The demo (:func:`prepare_demo_features`) is that loop with the
+offline EfficientNet-Lite0 at 512 px, plus the cross-city training sets cut from the database rows.
+:func:`prepare` runs the right one for a dataset name (the data notebook and ``csa extract`` call it)::
+
+    prepare("demo", "data/demo")                                               # offline, CPU
+    prepare("roxford5k", "data", "gl18-tl-resnet101-gem-w", download=True)     # test/roxford5k/<name>.pkl
+    prepare("rsfm120k", "data", "gl18-tl-resnet101-gem-w")                     # train/retrieval-SfM-120k/<name>.pkl
+    prepare("r1m", "data", "gl18-tl-resnet101-gem-w")                          # r1m/<name>.npy (fp16)
+
+Defaults follow cirtorch's test protocol for the gl18 networks: 1024 px on the long side, scales 1,
+1/sqrt(2), sqrt(2), queries cropped to their box.  Training descriptors are single-scale by default:
+the scales behind the official training features are not published.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from csa.data.demo import CITIES, FEATURE_NAME
+from csa.data.layout import (REFERENCE_TRAINSET, clusters_path, load_gnd, load_test_features, save_test_features,
+                             save_train_features, test_features_path, train_features_path)
+from csa.descriptors.extract import extract_descriptors
+from csa.descriptors.networks import LITE0, load_backbone
+from csa.device import resolve_device
+from csa.fileio import atomic_write, fingerprint, load_pickle
+from csa.validation import CSAInputError
+
+__all__ = ["MULTISCALE", "DATASETS", "prepare", "prepare_demo_features", "prepare_test_features",
+           "prepare_train_features", "prepare_r1m_features", "sfm_image_path"]
+
+#: cirtorch's multi-scale setting for the GeM networks.
+MULTISCALE = (1.0, 1 / math.sqrt(2), math.sqrt(2))
+
+#: What :func:`prepare` accepts, with the downloads each needs (see :mod:`csa.data.download`).
+DATASETS: dict[str, tuple[str, ...]] = {
+    "demo": (),
+    "roxford5k": ("roxford5k", "networks"),
+    "rparis6k": ("rparis6k", "networks"),
+    "rsfm120k": ("rsfm120k", "networks"),
+    "r1m": ("r1m", "networks"),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# up-to-date outputs: a fingerprint file next to each output
+# --------------------------------------------------------------------------------------------
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".fingerprint")
+
+
+def _up_to_date(path: Path, digest: str) -> bool:
+    side = _sidecar(path)
+    return path.is_file() and side.is_file() and side.read_text().strip() == digest
+
+
+def _write_sidecar(path: Path, digest: str) -> None:
+    with atomic_write(_sidecar(path), "w") as f:
+        f.write(digest + "\n")
+
+
+def _file_signature(paths: Sequence[Path]) -> list:
+    return [[p.name, p.stat().st_size] for p in paths]
+
+
+def _shard_dir(data_root: str | os.PathLike, *parts: str) -> Path:
+    return Path(data_root, "cache", "extract", *parts)
+
+
+# --------------------------------------------------------------------------------------------
+# test sets (the demo's mini benchmarks, ROxf, RPar)
+# --------------------------------------------------------------------------------------------
+def prepare_test_features(data_root: str | os.PathLike, dataset: str, backbone: str, image_size: int = 1024,
+                          scales: Sequence[float] = MULTISCALE, device: str = "auto", batch_size: int = 1,
+                          num_workers: int = 4, feature_name: str | None = None, force: bool = False,
+                          progress: bool = True) -> Path:
+    """Descriptors of ``dataset``'s database and (box-cropped) queries -> ``test/<dataset>/<name>.pkl``.
+
+    ``name`` is ``feature_name`` or the backbone's name.  Skipped when the output is up to date
+    (same images, boxes, backbone, size and scales) unless ``force``; an interrupted run resumes from
+    its finished shards.
+    """
+    name = feature_name or backbone
+    gt = load_gnd(data_root, dataset)
+    img_dir = Path(data_root, "jpg", dataset)
+    db_paths = [img_dir / f"{n}.jpg" for n in gt["imlist"]]
+    q_paths = [img_dir / f"{n}.jpg" for n in gt["qimlist"]]
+    missing = [p for p in db_paths + q_paths if not p.is_file()]
+    if missing:
+        raise CSAInputError(f"{len(missing)} images of {dataset} not found (e.g. {missing[0]}); download them with "
+                            f"`csa download {dataset} --data-root {data_root}`")
+    bbxs = [list(map(float, g["bbx"])) for g in gt["gnd"]]
+    out = test_features_path(data_root, dataset, name)
+    digest = fingerprint({"backbone": backbone, "image_size": image_size, "scales": [float(s) for s in scales],
+                          "db": _file_signature(db_paths), "query": _file_signature(q_paths), "bbxs": bbxs})
+    if not force and _up_to_date(out, digest):
+        return out
+    dev = resolve_device(device)
+    net = load_backbone(backbone, data_root, dev)
+    shards = _shard_dir(data_root, dataset, f"{name}-{digest[:12]}")
+    if force:
+        shutil.rmtree(shards, ignore_errors=True)
+    kw = dict(image_size=image_size, scales=scales, batch_size=batch_size, num_workers=num_workers, device=dev,
+              progress=progress)
+    db = extract_descriptors(net, db_paths, shard_dir=shards / "db", **kw)
+    q = extract_descriptors(net, q_paths, bbxs=bbxs, shard_dir=shards / "query", **kw)
+    save_test_features(data_root, dataset, name, query=q, db=db)
+    _write_sidecar(out, digest)
+    shutil.rmtree(shards, ignore_errors=True)
+    return out
+
+
+def prepare_demo_features(root: str | os.PathLike = "data/demo", image_size: int = 512,
+                          scales: Sequence[float] = (1.0,), batch_size: int = 8, num_workers: int = 0,
+                          force: bool = False, feature_name: str = FEATURE_NAME, device: str = "auto",
+                          progress: bool = True) -> dict[str, Path]:
+    """The demo's descriptors: both mini benchmarks (EfficientNet-Lite0 GeM) and their cross-city trainsets.
+
+    A trainset's descriptors are the rows of its city's database descriptors (same photos), picked by
+    image name.  Returns ``{dataset or trainset: path written}``.
+    """
+    root = Path(root)
+    written: dict[str, Path] = {}
+    for dataset, city in CITIES.items():
+        written[dataset] = prepare_test_features(root, dataset, LITE0, image_size=image_size, scales=scales,
+                                                 device=device, batch_size=batch_size, num_workers=num_workers,
+                                                 feature_name=feature_name, force=force, progress=progress)
+        written[city["trainset"]] = _trainset_from_database(root, dataset, city["trainset"], feature_name, force)
+    return written
+
+
+def _trainset_from_database(root: Path, dataset: str, trainset: str, name: str, force: bool) -> Path:
+    """Write ``train/<trainset>/<name>.pkl`` from the rows of ``dataset``'s database descriptors."""
+    splits = load_pickle(clusters_path(root, trainset))
+    test_file = test_features_path(root, dataset, name)
+    out = train_features_path(root, trainset, name)
+    digest = fingerprint({"test": _sidecar(test_file).read_text().strip(), "train": splits["train"]["images"],
+                          "val": splits["val"]["images"]})
+    if not force and _up_to_date(out, digest):
+        return out
+    db = load_test_features(root, dataset, name).db
+    index = {n: i for i, n in enumerate(load_gnd(root, dataset)["imlist"])}
+    try:
+        rows = {s: db[[index[n] for n in splits[s]["images"]]] for s in ("train", "val")}
+    except KeyError as exc:
+        raise CSAInputError(f"trainset {trainset} lists image {exc} that is not in {dataset}'s database; "
+                            f"rebuild the demo with `csa demo build`") from exc
+    save_train_features(root, trainset, name, rows["train"], rows["val"])
+    _write_sidecar(out, digest)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# training set (rSfM120k) and distractors (R1M)
+# --------------------------------------------------------------------------------------------
+def sfm_image_path(ims_root: str | os.PathLike, cid: str) -> Path:
+    """cirtorch's rSfM120k file layout: ``ims/<cid[-2:]>/<cid[-4:-2]>/<cid[-6:-4]>/<cid>``."""
+    return Path(ims_root, cid[-2:], cid[-4:-2], cid[-6:-4], cid)
+
+
+def prepare_train_features(data_root: str | os.PathLike, backbone: str, trainset: str = REFERENCE_TRAINSET,
+                           image_size: int = 1024, scales: Sequence[float] = (1.0,), device: str = "auto",
+                           batch_size: int = 1, num_workers: int = 4, feature_name: str | None = None,
+                           progress: bool = True) -> Path:
+    """Descriptors of every train/val image of rSfM120k -> ``train/<trainset>/<name>.pkl``.
+
+    The image order is that of ``annotations/<trainset>.pkl`` (its ``cids``), so row i has cluster i.
+    ``scales`` defaults to single-scale (an assumption: the official training features' scales are
+    not published; pass :data:`MULTISCALE` to match the test side).
+    """
+    name = feature_name or backbone
+    ann_path = clusters_path(data_root, trainset)
+    if not ann_path.is_file():
+        raise CSAInputError(f"{ann_path} not found; download it with `csa download rsfm120k --data-root {data_root}`")
+    ann = load_pickle(ann_path)
+    ims = Path(data_root, "jpg", trainset, "ims")
+    dev = resolve_device(device)
+    net = load_backbone(backbone, data_root, dev)
+    out = {}
+    for split in ("train", "val"):
+        cids = ann[split]["cids"]
+        paths = [sfm_image_path(ims, c) for c in cids]
+        if not paths[0].is_file():
+            raise CSAInputError(f"rSfM120k images not found (e.g. {paths[0]}); download them with "
+                                f"`csa download rsfm120k --data-root {data_root}`")
+        out[split] = extract_descriptors(net, paths, image_size=image_size, scales=scales, batch_size=batch_size,
+                                         num_workers=num_workers, device=dev, progress=progress,
+                                         shard_dir=_shard_dir(data_root, trainset, name, split))
+    return save_train_features(data_root, trainset, name, out["train"], out["val"])
+
+
+def prepare_r1m_features(data_root: str | os.PathLike, backbone: str, image_size: int = 1024,
+                         scales: Sequence[float] = MULTISCALE, device: str = "auto", batch_size: int = 1,
+                         num_workers: int = 8, feature_name: str | None = None, dtype: str = "float16",
+                         progress: bool = True) -> Path:
+    """Descriptors of the revisitop 1M distractors -> ``r1m/<name>.npy`` (fp16 by default, memory-mapped)."""
+    from csa.data.r1m import save_distractors
+
+    name = feature_name or backbone
+    listing = Path(data_root, "annotations", "revisitop1m", "revisitop1m.txt")
+    if not listing.is_file():
+        raise CSAInputError(f"{listing} not found; download R1M with `csa download r1m --data-root {data_root}`")
+    names = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
+    paths = [Path(data_root, "jpg", "revisitop1m", n) for n in names]
+    dev = resolve_device(device)
+    net = load_backbone(backbone, data_root, dev)
+    vecs = extract_descriptors(net, paths, image_size=image_size, scales=scales, batch_size=batch_size,
+                               num_workers=num_workers, device=dev, progress=progress,
+                               shard_dir=_shard_dir(data_root, "revisitop1m", name), shard_size=4096)
+    return save_distractors(np.asarray(vecs), Path(data_root, "r1m", f"{name}.npy"), dtype=dtype)
+
+
+def prepare(dataset: str, data_root: str | os.PathLike, backbone: str = LITE0, image_size: int | None = None,
+            scales: Sequence[float] | None = None, device: str = "auto", num_workers: int | None = None,
+            download: bool = False, force: bool = False, progress: bool = True) -> dict[str, Path]:
+    """Descriptors for ``dataset`` (a key of :data:`DATASETS`); returns ``{name: path written}``.
+
+    ``download`` first fetches the images, annotations and networks the dataset needs.  Unset sizes
+    and scales take each dataset's default (demo: 512 px single-scale; test sets: 1024 px multi-scale;
+    rSfM120k: 1024 px single-scale).
+    """
+    if dataset not in DATASETS:
+        raise CSAInputError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    if dataset == "demo":
+        return prepare_demo_features(data_root, image_size=image_size or 512, scales=scales or (1.0,),
+                                     num_workers=num_workers or 0, force=force, device=device, progress=progress)
+    if download:
+        from csa.data.download import download_dataset
+
+        for group in DATASETS[dataset]:
+            download_dataset(group, data_root, progress=progress)
+    kw = dict(image_size=image_size or 1024, device=device, progress=progress)
+    if num_workers is not None:
+        kw["num_workers"] = num_workers
+    if dataset == "rsfm120k":
+        return {dataset: prepare_train_features(data_root, backbone, scales=scales or (1.0,), **kw)}
+    if dataset == "r1m":
+        return {dataset: prepare_r1m_features(data_root, backbone, scales=scales or MULTISCALE, **kw)}
+    return {dataset: prepare_test_features(data_root, dataset, backbone, scales=scales or MULTISCALE, force=force,
+                                           **kw)}
