@@ -126,7 +126,7 @@ def synthetic_quality(workdir: Path, quick: bool, seed: int = 0) -> list[dict[st
     size = dict(topk=16, anchor_len=16, embed_dim=32, depth=1, num_heads=2, batch_size=16, num_epochs=1) if quick \
         else dict(topk=64, anchor_len=64, embed_dim=128, depth=2, num_heads=4, batch_size=64, num_epochs=10)
     config = TrainConfig(data_root=str(workdir), trainset="synthetic-train", feature_names=["synth"],
-                         warmup_epochs=1, warmup_lr=0.05, base_lr=0.5, lr_scaling=False, num_workers=0,
+                         warmup_epochs=1, warmup_lr=0.05, base_lr=0.5, lr_scaling="none", num_workers=0,
                          progress=False, output_dir=str(workdir / "run"), device="cpu", **size)
     t0 = time.perf_counter()
     model = run_training(config)["model"].eval()

@@ -58,9 +58,9 @@ def _tiny_parameters(ex: ExecutedNotebooks) -> dict[str, dict]:
     data = str(DEMO_ROOT)
     return {
         "01_data_preparation": {"data_root": data},
-        "02_training": {"data_root": data, "output_root": str(runs), "epochs": TINY_EPOCHS, "warmup_epochs": 1,
-                        "topk": 16, "anchor_len": 16, "embed_dim": 32, "num_heads": 4, "batch_size": 16,
-                        "nproc_per_node": 2},
+        "02_training": {"data_root": data, "output_root": str(runs), "nproc_per_node": 2,
+                        "overrides": f"num_epochs={TINY_EPOCHS}, warmup_epochs=1, topk=16, anchor_len=16, "
+                                     "embed_dim=32, num_heads=4, batch_size=16"},
         "00_inference_in_a_few_lines": {"data_root": data, "topk": 32,
                                         "checkpoint": str(runs / "rparis6k-mini-train" / "checkpoint.pth")},
         "03_reranking": {"data_root": data, "checkpoints": ckpts, "topk": 32, "n_boot": 200},

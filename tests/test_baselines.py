@@ -198,7 +198,11 @@ def test_conjugate_gradient_solves_spd_system():
     a = rng.standard_normal((12, 12))
     a = a @ a.T + 12 * np.eye(12)
     b = rng.standard_normal(12)
-    np.testing.assert_allclose(_conjugate_gradient(lambda v: a @ v, b, 50), np.linalg.solve(a, b), atol=1e-8)
+    np.testing.assert_allclose(_conjugate_gradient(lambda v: a @ v, b, 50, tol=1e-12), np.linalg.solve(a, b),
+                               atol=1e-8)
+    # the default tolerance is relative to ||b||, as the authors' pcg(tol=1e-6)
+    x = _conjugate_gradient(lambda v: a @ v, b, 50)
+    assert np.linalg.norm(a @ x - b) <= 1e-6 * np.linalg.norm(b)
 
 
 def two_component_scene():
@@ -219,38 +223,65 @@ def test_diffusion_ranks_the_query_component_first():
     ranks = naive_ranks(q, db)
     first = ranks[:13, 0].tolist()
     assert not set(first) <= set(range(13)), "the scene must interleave the two components in the first stage"
-    out = diffusion(q, db, ranks, k=2, truncation=18, query_k=1, iterations=20)
+    out = diffusion(q, db, ranks, k=3, truncation=18, query_k=1, iterations=20)   # k=3: self + 2 others
     assert sorted(out[:13, 0].tolist()) == list(range(13))
     # the unreached cluster keeps its first-stage order after the chain
     assert out[13:, 0].tolist() == [i for i in ranks[:, 0].tolist() if i >= 13]
 
 
-def naive_diffusion_scores(q, db, order, k, alpha, gamma, query_k):
-    """Dense float64 reference: mutual-kNN graph by loops, exact solve of (I - alpha S) f = y."""
-    x = db[order].astype(np.float64)
-    t = len(x)
+def naive_diffusion_scores(q, db, k, alpha, gamma, query_k, sub=None):
+    """Dense float64 reference of the authors' conventions, by loops: the database's mutual kNN graph (k
+    counts the node itself), optionally restricted to ``sub`` and re-normalized, exact solve."""
+    x = db.astype(np.float64)
+    n = len(x)
     sims = x @ x.T
-    knn = [set(j for j in np.argsort(-np.where(np.arange(t) == i, -np.inf, sims[i]), kind="stable")[:k])
-           for i in range(t)]
-    a = np.zeros((t, t))
-    for i in range(t):
-        for j in range(t):
+    knn = []
+    for i in range(n):
+        others = [j for j in np.lexsort((np.arange(n), -sims[i])) if j != i]
+        knn.append({i, *others[:k - 1]})
+    a = np.zeros((n, n))
+    for i in range(n):
+        for j in range(n):
             if i != j and j in knn[i] and i in knn[j]:
                 a[i, j] = max(sims[i, j], 0.0) ** gamma
+    nodes = np.arange(n) if sub is None else np.asarray(sub)
+    a = a[np.ix_(nodes, nodes)]
     deg = a.sum(1)
     inv = np.where(deg > 0, 1 / np.sqrt(np.where(deg > 0, deg, 1)), 0)
     s = inv[:, None] * a * inv[None, :]
-    y = np.zeros(t)
-    y[:query_k] = np.maximum(x[:query_k] @ q.astype(np.float64), 0) ** gamma
-    return np.linalg.solve(np.eye(t) - alpha * s, y)
+    qs = x[nodes] @ q.astype(np.float64)
+    y = np.zeros(len(nodes))
+    top = np.lexsort((np.arange(len(nodes)), -qs))[:query_k]
+    y[top] = np.maximum(qs[top], 0) ** gamma
+    return np.linalg.solve(np.eye(len(nodes)) - alpha * s, y)
 
 
-def test_diffusion_matches_exact_solve(toy):
+def test_diffusion_truncated_subgraph_matches_exact_solve(toy):
     q, db, ranks = toy
-    out = diffusion(q, db, ranks, k=4, truncation=25, alpha=0.9, gamma=3, iterations=200, query_k=3)
+    out = diffusion(q, db, ranks, k=5, truncation=25, alpha=0.9, gamma=3, iterations=200, tol=0, query_k=3)
     for qi in range(3):
-        f = naive_diffusion_scores(q[qi], db, ranks[:25, qi], 4, 0.9, 3, 3)
+        f = naive_diffusion_scores(q[qi], db, 5, 0.9, 3, 3, sub=ranks[:25, qi])
         assert np.array_equal(out[:25, qi], ranks[:25, qi][np.argsort(-f, kind="stable")])
+    assert np.array_equal(out[25:], ranks[25:])
+
+
+def test_diffusion_without_truncation_ranks_the_whole_database(toy):
+    q, db, ranks = toy
+    out = diffusion(q, db, ranks[:10], k=5, alpha=0.9, iterations=200, tol=0, query_k=3)
+    assert out.shape == (10, 3)
+    for qi in range(3):
+        f = naive_diffusion_scores(q[qi], db, 5, 0.9, 3, 3)
+        assert np.array_equal(out[:, qi], np.lexsort((np.arange(len(f)), -f))[:10])
+
+
+def test_diffusion_k_counts_the_node_itself(toy):
+    """k = 1 keeps only the node itself: no edge at all, so f = y and only the query's top images move."""
+    q, db, ranks = toy
+    from csa.compare.diffusion import mutual_knn_graph
+
+    assert mutual_knn_graph(torch.from_numpy(db), 1, 3.0).nnz == 0
+    graph = mutual_knn_graph(torch.from_numpy(db), 2, 3.0)
+    assert (graph.getnnz(axis=1) <= 1).all() and graph.nnz > 0   # k = 2: at most one other neighbour each
 
 
 def test_diffusion_keeps_rows_past_truncation(toy):
@@ -352,8 +383,8 @@ def test_compose_applies_steps_in_order(toy):
     (lambda q, d, r: alpha_qe(q, d, r, n=2, alpha=float("nan")), "alpha must be finite"),
     (lambda q, d, r: dba(q, d, r, n=40), "n=40 is too large"),
     (lambda q, d, r: alpha_dba(q, d, r, n=2, alpha=-0.5), "alpha must be >= 0"),
-    (lambda q, d, r: diffusion(q, d, r, k=20, truncation=20), "k=20 is too large"),
-    (lambda q, d, r: diffusion(q, d, r, truncation=41), "truncation=41 is too large"),
+    (lambda q, d, r: diffusion(q, d, r, k=41), "k=41 is too large"),
+    (lambda q, d, r: diffusion(q, d, r, k=5, truncation=41), "truncation=41 is too large"),
     (lambda q, d, r: diffusion(q, d, r, k=3, truncation=10, alpha=1.0), "alpha must be < 1.0"),
     (lambda q, d, r: diffusion(q, d, r, k=3, truncation=10, iterations=0), "iterations must be >= 1"),
     (lambda q, d, r: k_reciprocal(q, d, r, topk=10, k1=11), "k1=11 is too large"),

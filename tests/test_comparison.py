@@ -134,7 +134,7 @@ def test_published_numbers_and_sources():
     assert (csa_par.medium_map, csa_par.hard_map) == (71.6, 51.0)
     ssr = PUBLISHED[(PUBLISHED.method == "SSR") & (PUBLISHED.dataset == "rparis6k")].iloc[0]
     assert (ssr.medium_map, ssr.hard_map) == (84.4, 67.8)
-    assert {"αQE", "AQE", "k-reciprocal", "diffusion (regional)", "LAttQE", "affinity cosine"} <= set(PUBLISHED.method)
+    assert {"αQE", "AQE", "k-reciprocal", "diffusion (regional)", "LAttQE", "affinity cosine (L = 512)"} <= set(PUBLISHED.method)
     assert pub.index.is_unique
 
 
@@ -144,9 +144,9 @@ def test_summary_table_marks_only_gains_whose_interval_excludes_zero():
     from csa.compare.runner import COLUMNS, summary_table
 
     rows = [
-        ["first stage", 30.0, 20.0, 10.0, 40.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
-        ["A", 32.04, 25.0, 9.0, 50.0, 3.0, 5.0, 1.0, 9.0, -1.0, -3.0, 0.5],
-        ["B", 28.0, 15.0, 8.0, 30.0, 2.0, -5.0, -9.0, -2.0, -2.0, -4.0, -0.5],
+        ["first stage", 30.0, 20.0, 10.0, 40.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, float("nan")],
+        ["A", 32.04, 25.0, 9.0, 50.0, 3.0, 5.0, 1.0, 9.0, -1.0, -3.0, 0.5, 2.5],
+        ["B", 28.0, 15.0, 8.0, 30.0, 2.0, -5.0, -9.0, -2.0, -2.0, -4.0, -0.5, float("nan")],
     ]
     view = summary_table(pd.DataFrame(rows, columns=COLUMNS))
     assert list(view.index) == ["first stage", "A", "B"]
@@ -155,6 +155,32 @@ def test_summary_table_marks_only_gains_whose_interval_excludes_zero():
     assert view.loc["A", "H gain [95% CI]"] == "-1.0 [-3.0, +0.5]"      # contains 0: no star
     assert view.loc["B", "M gain [95% CI]"] == "-5.0 [-9.0, -2.0] *"    # significantly worse
     assert view.loc["A", "E"] == 32.0
+    assert view.loc["A", "offline s"] == 2.5 and np.isnan(view.loc["B", "offline s"])
+
+
+def test_alpha_dba_offline_augmentation_is_timed_apart_and_gives_the_same_ranking():
+    from csa.compare.expansion import alpha_dba
+
+    rng = np.random.default_rng(4)
+    q, db = unit_rows(rng, 3, 8), unit_rows(rng, 60, 8)
+    gnd = [{"easy": [i], "hard": [i + 5], "junk": []} for i in range(3)]
+    methods = default_methods(None, n_db=60, sensitivity=True)
+    assert {"αQE, n=2 (sensitivity)", "αDBA, n=10 (sensitivity)"} <= set(methods)
+    table = run_comparison(q, db, gnd, {"αDBA": methods["αDBA"]}, n_boot=20, progress=False)
+    assert table.loc[1, "offline_s"] > 0 and np.isnan(table.loc[0, "offline_s"])
+    ranks = np.argsort(-(q @ db.T), axis=1, kind="stable").T
+    np.testing.assert_array_equal(methods["αDBA"](q, db, ranks), alpha_dba(q, db, ranks, n=50, alpha=3.0))
+    prepared = methods["αDBA"].offline(db)
+    np.testing.assert_array_equal(prepared(q, db, ranks), alpha_dba(q, db, ranks, n=50, alpha=3.0))
+
+
+def test_describe_names_every_parameter():
+    from csa.compare.methods import describe
+
+    methods = default_methods(None, n_db=60)
+    assert describe(methods["αQE"]) == "alpha_qe(n=50, alpha=3.0)"
+    assert describe(methods["αDBA+αQE"]) == "AugmentDatabase(n=50, alpha=3.0) + alpha_qe(n=50, alpha=3.0)"
+    assert "truncation=None" in describe(methods["diffusion"])
 
 
 def test_published_table_has_one_row_per_method_and_the_csa_table_values():

@@ -14,7 +14,7 @@ import torch
 
 from _train_helpers import TOY_TRAINSET, write_toy_trainset
 from csa.model import RerankTransformer
-from csa.training.config import TrainConfig, build_parser
+from csa.training.config import TrainConfig, build_parser, config_from_argv
 from csa.training.train import main, run_training
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -22,7 +22,7 @@ TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 TINY = dict(trainset=TOY_TRAINSET, feature_names=["toyfeat"], topk=16, anchor_len=16, embed_dim=32, depth=1,
             num_heads=2, batch_size=16, num_epochs=4, warmup_epochs=1, warmup_lr=0.05, base_lr=0.5,
-            lr_scaling=False, num_workers=0, progress=False)
+            lr_scaling="none", num_workers=0, progress=False)
 
 
 @pytest.fixture(autouse=True)
@@ -72,12 +72,12 @@ def test_tiny_run_learns_and_writes_every_file(tmp_path):
 
 def test_same_seed_same_result_and_lr_scaling(tmp_path):
     write_toy_trainset(tmp_path)
-    a = run_training(tiny_config(tmp_path, "a", num_epochs=2, lr_scaling=True))  # dropout on (paper's 0.1)
-    b = run_training(tiny_config(tmp_path, "b", num_epochs=2, lr_scaling=True))
+    a = run_training(tiny_config(tmp_path, "a", num_epochs=2, lr_scaling="global"))  # dropout on (paper's 0.1)
+    b = run_training(tiny_config(tmp_path, "b", num_epochs=2, lr_scaling="global"))
     sa, sb = state(tmp_path / "a" / "checkpoint.pth"), state(tmp_path / "b" / "checkpoint.pth")
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert a["history"][1]["loss"] == b["history"][1]["loss"]
-    c = run_training(tiny_config(tmp_path, "c", num_epochs=2, lr_scaling=True, seed=1))
+    c = run_training(tiny_config(tmp_path, "c", num_epochs=2, lr_scaling="global", seed=1))
     assert c["history"][1]["loss"] != a["history"][1]["loss"]
     sched = torch.load(tmp_path / "a" / "checkpoint.pth", weights_only=True)["schedule"]
     assert sched["base_lr"] == pytest.approx(0.5 * 16 / 256) and sched["warmup_lr"] == pytest.approx(0.05 * 16 / 256)
@@ -101,11 +101,11 @@ def test_parser_has_every_field_with_defaults_and_errors_are_reported(tmp_path, 
     parser = build_parser()
     help_text = parser.format_help()
     for flag in ("--topk", "--anchor-len", "--batch-size", "--warmup-epochs", "--base-lr", "--clip-grad",
-                 "--lr-scaling", "--no-lr-scaling", "--feature-names", "--resume", "--stop-at-epoch", "--amp"):
+                 "--lr-scaling", "--feature-names", "--resume", "--stop-at-epoch", "--amp", "--recipe", "--dry-run"):
         assert flag in help_text
-    assert "(default: 512)" in help_text and "(default: 0.2)" in help_text
-    args = parser.parse_args([])
-    cfg = TrainConfig(**vars(args))
+    assert "[paper: 512]" in help_text and "[paper: 0.2]" in help_text
+    cfg, dry_run = config_from_argv([])
+    assert not dry_run and cfg == TrainConfig() == TrainConfig.from_recipe("paper")
     assert (cfg.topk, cfg.anchor_len, cfg.embed_dim, cfg.num_heads, cfg.depth, cfg.batch_size, cfg.num_epochs) == \
            (512, 512, 768, 12, 2, 256, 100)
     assert (cfg.warmup_epochs, cfg.warmup_lr, cfg.base_lr, cfg.final_lr, cfg.momentum, cfg.weight_decay) == \
@@ -131,9 +131,9 @@ def test_torchrun_two_processes_equal_single_process(tmp_path):
     common = ["--data-root", str(tmp_path), "--trainset", TOY_TRAINSET, "--feature-names", "toyfeat",
               "--topk", "16", "--anchor-len", "16", "--embed-dim", "32", "--depth", "1", "--num-heads", "2",
               "--batch-size", "16", "--num-epochs", "2", "--warmup-epochs", "1", "--base-lr", "0.5",
-              "--warmup-lr", "0.05", "--no-lr-scaling", "--num-workers", "0", "--no-progress",
+              "--warmup-lr", "0.05", "--lr-scaling", "none", "--num-workers", "0", "--no-progress",
               "--drop-rate", "0", "--attn-drop-rate", "0", "--drop-path-rate", "0", "--device", "cpu"]
-    run_training(TrainConfig(**vars(build_parser().parse_args(common + ["--output-dir", str(tmp_path / "one")]))))
+    run_training(config_from_argv(common + ["--output-dir", str(tmp_path / "one")])[0])
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
     cmd = [str(TORCHRUN), "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
            "-m", "csa.training", *common, "--output-dir", str(tmp_path / "two")]

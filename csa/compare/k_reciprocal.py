@@ -58,6 +58,10 @@ def k_reciprocal(qvecs: Any, dbvecs: Any, ranks: Any, k1: int = 20, k2: int = 6,
     ``k2`` nearest items; the Jaccard distance ``1 - sum min / sum max`` to the query is mixed as
     ``(1 - lambda) * Jaccard + lambda * d``.  The top-K is re-sorted by increasing final distance.
 
+    An adaptation of the authors' protocol: their script re-ranks transductively, with every query and
+    the whole gallery in one distance matrix; here each query is re-ranked with only its own top-K, so a
+    query never sees the other queries (the protocol of every other method here).
+
     Defaults from the paper: ``k1 = 20, k2 = 6, lambda = 0.3``; ``topk = 1024`` (the CSA test depth).
     Time O(Q K² (D + K)) (dense K x K set operations as matrix products), memory O(K²) per query.
     """

@@ -8,22 +8,45 @@ from csa.compare.affinity_baseline import affinity_cosine
 from csa.compare.chain import compose
 from csa.compare.common import Ranker
 from csa.compare.diffusion import diffusion
-from csa.compare.expansion import AugmentDatabase, alpha_dba, alpha_qe, aqe
+from csa.compare.expansion import AugmentDatabase, alpha_qe, aqe
 from csa.compare.k_reciprocal import k_reciprocal
 
-__all__ = ["default_methods"]
+__all__ = ["default_methods", "describe", "SOURCES"]
+
+#: Where each default comes from (shown next to the comparison table).
+SOURCES = {
+    "AQE": "average query expansion over the top n = 2 (Chum et al. 2007; global-descriptor form of Radenović et al. 2018)",
+    "αQE": "n = 50, α = 3: the αQE setting of Radenović, Tolias & Chum (TPAMI 2018)",
+    "αDBA": "n = 50, α = 3, as αQE (Radenović, Tolias & Chum, TPAMI 2018)",
+    "diffusion": "k = 50 (the node itself included), α = 0.99, γ = 3, 20 CG steps, query k = 10, no truncation: "
+                 "the global-descriptor setting of the authors' code (Iscen et al. 2017)",
+    "k-reciprocal": "k1 = 20, k2 = 6, λ = 0.3 (Zhong et al. 2017), on each query's own top-K",
+    "affinity cosine": "the CSA paper's untrained baseline with the CSA model's K and L",
+}
+
+
+def describe(method: Any) -> str:
+    """A readable name-and-parameters string of a method (``functools.partial`` or :class:`Chain`)."""
+    keywords = getattr(method, "keywords", None)
+    if keywords is not None:
+        shown = {k: v for k, v in keywords.items() if k not in ("device", "batch_size", "progress")}
+        func = getattr(method, "func", method)
+        name = "CSA" if getattr(func, "__name__", "") == "_csa" else getattr(func, "__name__", repr(func))
+        return f"{name}({', '.join(f'{k}={v}' for k, v in shown.items())})"
+    return getattr(method, "__name__", repr(method))
 
 
 def default_methods(model: Any = None, *, topk: int = 1024, anchor_len: int = 512, n_db: int | None = None,
-                    device: Any = None, batch_size: int = 8) -> dict[str, Ranker]:
-    """The compared methods with the papers' default parameters (see each function's docstring).
+                    device: Any = None, batch_size: int = 8, sensitivity: bool = False) -> dict[str, Ranker]:
+    """The compared methods with their authors' default parameters (:data:`SOURCES`, each docstring).
 
     Keys: 'AQE', 'αQE', 'αDBA', 'αDBA+αQE', 'diffusion', 'k-reciprocal', 'affinity cosine',
     'affinity cosine (centred)', and with a CSA ``model``: 'CSA', 'αQE+CSA' (the paper's GSS+CSA
     style row: αQE re-query, then CSA on its top-K) and 'diffusion+CSA'.  CSA runs through
-    :func:`csa.rerank.rerank` with ``topk`` and the model's own anchor length.
-    ``n_db`` (the database size) caps every depth parameter (n, truncation, k, topk, k1) so that
-    the defaults also run on small databases; without it the paper values are used as they are.
+    :func:`csa.rerank.rerank` with ``topk`` and the model's own anchor length.  ``sensitivity`` adds
+    αQE and αDBA at n = 2 and n = 10, labelled as sensitivity rows (not tuned choices).
+    ``n_db`` (the database size) caps every depth parameter (n, k, topk, k1) so that the defaults
+    also run on small databases; without it the published values are used as they are.
     """
     def cap(value: int, limit: int | None) -> int:
         return value if limit is None else max(1, min(value, limit))
@@ -31,22 +54,24 @@ def default_methods(model: Any = None, *, topk: int = 1024, anchor_len: int = 51
     k_topk = cap(topk, n_db)
     n_qe = cap(50, n_db)
     n_dba = cap(50, None if n_db is None else n_db - 1)
-    truncation = cap(1000, n_db)
+    qe = partial(alpha_qe, n=n_qe, alpha=3.0)
     methods: dict[str, Ranker] = {
         "AQE": partial(aqe, n=cap(2, n_db)),
-        "αQE": partial(alpha_qe, n=n_qe, alpha=3.0),
-        "αDBA": partial(alpha_dba, n=n_dba, alpha=3.0),
-        "αDBA+αQE": compose(AugmentDatabase(n=n_dba, alpha=3.0),
-                                      partial(alpha_qe, n=n_qe, alpha=3.0)),
-        "diffusion": partial(diffusion, k=cap(50, truncation - 1), truncation=truncation,
-                             alpha=0.99, gamma=3.0, iterations=20, query_k=cap(10, truncation)),
-        "k-reciprocal": partial(k_reciprocal, k1=cap(20, k_topk), k2=6, lambda_value=0.3,
-                                topk=k_topk),
+        "αQE": qe,
+        "αDBA": compose(AugmentDatabase(n=n_dba, alpha=3.0)),
+        "αDBA+αQE": compose(AugmentDatabase(n=n_dba, alpha=3.0), qe),
+        "diffusion": partial(diffusion, k=cap(50, n_db), truncation=None, alpha=0.99, gamma=3.0, iterations=20,
+                             query_k=cap(10, n_db)),
+        "k-reciprocal": partial(k_reciprocal, k1=cap(20, k_topk), k2=6, lambda_value=0.3, topk=k_topk),
         "affinity cosine": partial(affinity_cosine, topk=k_topk,
                                    anchor_len=cap(anchor_len, None if n_db is None else n_db + 1)),
         "affinity cosine (centred)": partial(affinity_cosine, topk=k_topk, centred=True,
                                              anchor_len=cap(anchor_len, None if n_db is None else n_db + 1)),
     }
+    if sensitivity:
+        for n in (2, 10):
+            methods[f"αQE, n={n} (sensitivity)"] = partial(alpha_qe, n=cap(n, n_db), alpha=3.0)
+            methods[f"αDBA, n={n} (sensitivity)"] = compose(AugmentDatabase(n=cap(n, n_dba), alpha=3.0))
     if model is not None:
         from csa.rerank import rerank
 
@@ -54,7 +79,7 @@ def default_methods(model: Any = None, *, topk: int = 1024, anchor_len: int = 51
         csa_step = partial(_csa, rerank, model, topk=k_topk, anchor_len=model_anchor_len, device=device,
                            batch_size=batch_size)
         methods["CSA"] = csa_step
-        methods["αQE+CSA"] = compose(methods["αQE"], csa_step)
+        methods["αQE+CSA"] = compose(qe, csa_step)
         methods["diffusion+CSA"] = compose(methods["diffusion"], csa_step)
     return methods
 

@@ -23,7 +23,7 @@ def _published() -> pd.DataFrame:
     rows = []
     csa_table = {  # method: (ROxf, ROxf+R1M, RPar, RPar+R1M), each (Medium, Hard)
         FIRST_STAGE: ((67.3, 44.3), (49.5, 25.7), (80.6, 61.5), (57.3, 29.8)),
-        "affinity cosine": ((72.0, 51.1), (52.8, 30.5), (82.9, 66.8), (66.5, 43.4)),
+        "affinity cosine (L = 512)": ((72.0, 51.1), (52.8, 30.5), (82.9, 66.8), (66.5, 43.4)),
         "CSA": ((78.2, 59.1), (61.5, 38.2), (88.2, 75.3), (71.6, 51.0)),
         "CSA (augmented training)": ((80.3, 62.4), (62.8, 39.4), (90.0, 78.6), (73.0, 53.0)),
     }

@@ -26,7 +26,7 @@ __all__ = ["run_comparison", "summary_table", "first_stage_report", "COLUMNS"]
 #: Columns of the table returned by :func:`run_comparison` (mAP / mP@10 / gains in percent points).
 COLUMNS = ["method", "easy_map", "medium_map", "hard_map", "medium_mp@10", "ms_per_query",
            "medium_gain", "medium_gain_low", "medium_gain_high",
-           "hard_gain", "hard_gain_low", "hard_gain_high"]
+           "hard_gain", "hard_gain_low", "hard_gain_high", "offline_s"]
 
 Method = Callable[[Any, Any, Any], Any]
 
@@ -42,7 +42,9 @@ def run_comparison(qvecs: Any, dbvecs: Any, gnd: Sequence[dict], methods: Mappin
     Returns one row per method, the first-stage row first, with the columns :data:`COLUMNS`:
     mAPs and mP@10 in percent; ``ms_per_query`` = wall time of the method call
     (``time.perf_counter``, on this CPU, excluding the first stage) divided by Q — for the first
-    stage, the time of the search when it is computed here, else NaN; gains = method minus first
+    stage, the time of the search when it is computed here, else NaN; ``offline_s`` = seconds of
+    database-side work done once before any query (a method's ``offline(dbvecs)``, e.g. αDBA's
+    augmentation), NaN for methods without any; gains = method minus first
     stage in mAP points with the ``level`` percentile-bootstrap interval over ``n_boot`` joint
     resamples of the queries (:func:`csa.stats.paired_bootstrap_gain`, same ``seed`` for every
     method, queries without positives excluded).  The first-stage row has gain 0 [0, 0].
@@ -70,13 +72,20 @@ def run_comparison(qvecs: Any, dbvecs: Any, gnd: Sequence[dict], methods: Mappin
     check_ranks(first_stage_ranks, n_db, n_q)
 
     base = evaluate_revisited(first_stage_ranks, gnd)
-    rows = [_row(FIRST_STAGE, base, base, first_ms, n_boot, seed, level)]
+    rows = [_row(FIRST_STAGE, base, base, first_ms, n_boot, seed, level, float("nan"))]
     for name, method in tqdm(list(methods.items()), desc="methods", disable=not progress):
-        start = time.perf_counter()
+        offline_s = float("nan")
         with descriptors_checked():  # checked once above; the methods skip the full pass
+            offline = getattr(method, "offline", None)
+            if callable(offline):  # database-side work done once, before any query (αDBA)
+                start = time.perf_counter()
+                prepared = offline(dbvecs)
+                if prepared is not None:
+                    offline_s, method = time.perf_counter() - start, prepared
+            start = time.perf_counter()
             ranks = method(qvecs, dbvecs, first_stage_ranks)
         ms = 1000.0 * (time.perf_counter() - start) / n_q
-        rows.append(_row(name, evaluate_revisited(ranks, gnd), base, ms, n_boot, seed, level))
+        rows.append(_row(name, evaluate_revisited(ranks, gnd), base, ms, n_boot, seed, level, offline_s))
     table = pd.DataFrame(rows, columns=COLUMNS)
     extra = list(dict.fromkeys(key for values in (settings or {}).values() for key in values))
     for position, key in enumerate(extra, start=1):
@@ -84,10 +93,11 @@ def run_comparison(qvecs: Any, dbvecs: Any, gnd: Sequence[dict], methods: Mappin
     return table
 
 
-def _row(name: str, result: dict, base: dict, ms: float, n_boot: int, seed: int, level: float) -> dict:
+def _row(name: str, result: dict, base: dict, ms: float, n_boot: int, seed: int, level: float,
+         offline_s: float) -> dict:
     row = {"method": name, "easy_map": result["easy"]["map"], "medium_map": result["medium"]["map"],
            "hard_map": result["hard"]["map"], "medium_mp@10": result["medium"]["mp@k"][10],
-           "ms_per_query": ms}
+           "ms_per_query": ms, "offline_s": offline_s}
     for proto in ("medium", "hard"):
         gain, low, high = paired_bootstrap_gain(result[proto]["aps"], base[proto]["aps"], n_boot=n_boot,
                                                 seed=seed, level=level)
@@ -118,6 +128,8 @@ def summary_table(results: pd.DataFrame) -> pd.DataFrame:
         "M gain [95% CI]": results.apply(_gain_text, axis=1, protocol="medium"),
         "H gain [95% CI]": results.apply(_gain_text, axis=1, protocol="hard"),
         "ms / query": results["ms_per_query"].round(1),
+        **({"offline s": results["offline_s"].round(2)} if results.get("offline_s") is not None
+           and results["offline_s"].notna().any() else {}),
     })
     return view.set_index(["dataset", "method"] if "dataset" in view.columns else ["method"])
 

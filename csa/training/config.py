@@ -1,4 +1,8 @@
-"""Training configuration: every hyper-parameter of a run, as a dataclass and as command-line flags."""
+"""Training configuration: every hyper-parameter of a run, as a dataclass and as command-line flags.
+
+The defaults are the ``paper`` recipe; :meth:`TrainConfig.from_recipe` starts from any named recipe of
+:mod:`csa.training.recipes` and overrides single fields (``csa train --recipe official --batch-size 128``).
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,9 +10,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from csa.training.recipes import RECIPE_FIELDS, RECIPES, get_recipe
 from csa.validation import CSAInputError
 
-__all__ = ["TrainConfig", "build_parser", "config_to_argv"]
+__all__ = ["TrainConfig", "build_parser", "config_from_argv", "config_to_argv", "parse_overrides"]
 
 
 def _option(default: Any, help: str, **kw: Any) -> Any:
@@ -19,8 +24,10 @@ def _option(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclass
 class TrainConfig:
-    """Every hyper-parameter of a training run; defaults are the paper's recipe."""
+    """Every hyper-parameter of a training run; defaults are the ``paper`` recipe."""
 
+    recipe: str = _option("paper", "named recipe the other values start from (flags override single fields)",
+                          choices=list(RECIPES))
     # data
     data_root: str = _option("data", "data root (annotations/, train/, cache/ inside)")
     trainset: str = _option("retrieval-SfM-120k", "training set name (annotations/<trainset>.pkl)")
@@ -30,7 +37,7 @@ class TrainConfig:
     cache_dir: str | None = _option(None, "neighbour-table cache folder (default: <data_root>/cache)")
     neighbour_chunk: int = _option(1024, "queries per chunk when computing the neighbour table")
     # model
-    topk: int = _option(512, "K: neighbours per sample (tokens = query + K)")
+    topk: int = _option(512, "K: neighbours per sample (tokens = query + K; the official --topk counts the query)")
     anchor_len: int = _option(512, "L: anchors (query + L-1 neighbours)")
     embed_dim: int = _option(768, "C: token dimension")
     depth: int = _option(2, "transformer blocks")
@@ -51,10 +58,19 @@ class TrainConfig:
     warmup_lr: float = _option(0.001, "lr at the start of warm-up (before batch scaling)")
     base_lr: float = _option(0.1, "lr at the end of warm-up (before batch scaling)")
     final_lr: float = _option(0.0, "lr at the end of the cosine decay (before batch scaling)")
-    lr_scaling: bool = _option(True, "multiply the lrs by global_batch / 256")
+    lr_scaling: str = _option("global", "lrs x batch/256 ('global'), x batch/reference_gpus/256 ('per-gpu': the "
+                              "official code) or as given ('none')", choices=["global", "per-gpu", "none"])
+    reference_gpus: int = _option(4, "GPU count of the official 4-GPU script, used by --lr-scaling per-gpu and "
+                                     "--sample-order fixed")
     momentum: float = _option(0.9, "SGD momentum")
-    weight_decay: float = _option(1e-6, "weight decay (none on biases, norms, feature_align)")
+    weight_decay: float = _option(1e-6, "weight decay (never on biases and norms)")
+    feature_align_decay: bool = _option(False, "also decay feature_align's weight (the official code does)")
     clip_grad: float = _option(1.0, "max gradient norm; 0 disables clipping")
+    sample_order: str = _option("reshuffle", "'reshuffle': a new permutation every epoch, the last partial global "
+                                "batch dropped; 'fixed': the official DistributedSampler order (one seeded "
+                                "permutation for every epoch, padded, last partial batch kept)",
+                                choices=["reshuffle", "fixed"])
+    fp16_inputs: bool = _option(False, "round affinities to float16 before the model (the official code)")
     amp: str = _option("auto", "fp16 mixed precision: auto (on with CUDA) | on | off", choices=["auto", "on", "off"])
     # run
     seed: int = _option(0, "random seed (model init, sample order, permutations, dropout)")
@@ -64,6 +80,20 @@ class TrainConfig:
     resume: str | None = _option(None, "checkpoint to continue from, or 'auto' (<output_dir>/checkpoint.pth if present)")
     save_every: int = _option(0, "also keep checkpoint-epochNNN.pth every N epochs (0: never)")
     progress: bool = _option(True, "tqdm progress bars (rank 0)")
+
+    @classmethod
+    def from_recipe(cls, name: str = "paper", **overrides: Any) -> "TrainConfig":
+        """The recipe ``name`` (see :mod:`csa.training.recipes`) with single fields replaced by ``overrides``."""
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)} - {"recipe"}
+        if unknown:
+            raise CSAInputError(f"unknown training option(s) {sorted(unknown)}; see `csa train --help`")
+        overrides.pop("recipe", None)
+        return cls(recipe=name, **{**get_recipe(name).values, **overrides})
+
+    def recipe_overrides(self) -> dict[str, Any]:
+        """The recipe fields whose values differ from the named recipe's."""
+        base = get_recipe(self.recipe).values
+        return {k: getattr(self, k) for k in RECIPE_FIELDS if getattr(self, k) != base[k]}
 
     def check(self) -> None:
         """Raise CSAInputError on inconsistent values."""
@@ -80,13 +110,23 @@ class TrainConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """An argparse parser with one ``--flag-name`` per :class:`TrainConfig` field (defaults shown)."""
-    parser = argparse.ArgumentParser(prog="csa train", description="Train a CSA re-ranker (single process or under torchrun).",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """An argparse parser with one ``--flag-name`` per :class:`TrainConfig` field.
+
+    Recipe fields default to ``None`` (= take the recipe's value); the help shows the ``paper`` value.
+    ``--dry-run`` prints the resolved configuration as JSON and exits.
+    """
+    parser = argparse.ArgumentParser(prog="csa train", description="Train a CSA re-ranker (single process or under "
+                                     "torchrun). Start from --recipe paper|official|demo; flags override single "
+                                     "fields.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved configuration as JSON and exit")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        kw: dict[str, Any] = {"default": default, "help": f.metadata["help"], "dest": f.name}
+        help_text = f.metadata["help"]
+        if f.name in RECIPE_FIELDS:
+            help_text += f" [paper: {default}]"
+        kw: dict[str, Any] = {"default": None if f.name in RECIPE_FIELDS else default, "help": help_text,
+                              "dest": f.name}
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
         if isinstance(default, bool):
@@ -99,6 +139,37 @@ def build_parser() -> argparse.ArgumentParser:
             kw["type"] = type(default)
         parser.add_argument(flag, **kw)
     return parser
+
+
+def config_from_argv(argv: Any = None) -> tuple[TrainConfig, bool]:
+    """``(config, dry_run)`` from command-line flags: the ``--recipe`` with the given flags overriding it."""
+    args = vars(build_parser().parse_args(argv))
+    dry_run = args.pop("dry_run")
+    recipe = args.pop("recipe")
+    return TrainConfig.from_recipe(recipe, **{k: v for k, v in args.items() if v is not None}), dry_run
+
+
+def parse_overrides(text: str) -> dict[str, Any]:
+    """``"num_epochs=10, base_lr=0.2"`` -> ``{'num_epochs': 10, 'base_lr': 0.2}`` (notebook 2's parameter).
+
+    Values are Python literals (numbers, True/False, None, quoted strings); names must be TrainConfig fields.
+    """
+    import ast
+
+    known = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    out: dict[str, Any] = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        key, sep, value = (s.strip() for s in item.partition("="))
+        if not sep or key not in known:
+            raise CSAInputError(f"bad override {item!r}: write name=value pairs of training options separated by "
+                                f"commas (known names: {', '.join(sorted(known))})")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
 
 
 def config_to_argv(config: TrainConfig) -> list[str]:

@@ -21,16 +21,18 @@ def _skips_decay(name: str, param: torch.Tensor, prefixes: Iterable[str]) -> boo
     return param.ndim <= 1 or name.endswith(".bias") or any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
-def build_optimizer(model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 1e-6) -> torch.optim.SGD:
+def build_optimizer(model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 1e-6,
+                    feature_align_decay: bool = False) -> torch.optim.SGD:
     """SGD with two parameter groups: ``no_decay`` (biases, 1-D parameters such as LayerNorm, and the
     prefixes of ``model.no_weight_decay()``, i.e. ``feature_align``) and ``decay`` (the rest).
 
     The official helper compared full parameter names with the set {'feature_align'}, which matches
-    no parameter, so there ``feature_align.layers.0.weight`` was decayed; here prefixes match, as
-    the paper describes.
+    no parameter, so there ``feature_align.layers.0.weight`` was decayed: ``feature_align_decay=True``
+    (the ``official`` recipe) does the same; by default prefixes match, as the code meant.
     """
     model = unwrap(model)
-    prefixes = tuple(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else ()
+    prefixes = () if feature_align_decay else (
+        tuple(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else ())
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -103,7 +105,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader: Iterable[Map
                     optimizer: torch.optim.Optimizer, schedule: WarmupCosineSchedule | None,
                     device: str | torch.device, scaler: torch.amp.GradScaler | None = None, clip_grad: float = 1.0,
                     amp: bool = False, progress: bool = True, features: torch.Tensor | None = None,
-                    desc: str = "train") -> dict[str, float]:
+                    desc: str = "train", fp16_inputs: bool = False) -> dict[str, float]:
     """One pass over ``loader``; returns the mean ``loss``, ``contrastive`` and ``reconstruction`` over the
     finite iterations (averaged over processes under torch.distributed), plus ``lr`` (last),
     ``iterations`` and ``skipped``.
@@ -112,7 +114,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader: Iterable[Map
     turned into affinities on ``device`` by :func:`csa.affinity.indexed_affinity` with ``features`` (N, D) already
     on the device; a batch may also carry a ready ``affinity`` (B, K+1, L).  ``amp`` (CUDA only)
     runs the model under fp16 autocast with the ``scaler``; ``clip_grad`` > 0 clips the global
-    gradient norm. A non-finite loss skips the update (on every process), warns and is counted; the
+    gradient norm; ``fp16_inputs`` rounds the affinities to float16 first (as the official code does).
+    A non-finite loss skips the update (on every process), warns and is counted; the
     schedule still advances so the lr stays a function of the iteration number.
     """
     device = torch.device(device)
@@ -134,7 +137,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader: Iterable[Map
             if features is None:
                 raise CSAInputError("train_one_epoch needs features=(N, D) tensor to build affinities from indices")
             affinity = indexed_affinity(features, batch["tokens"], batch["anchors"])
-        affinity = affinity.float()
+        affinity = affinity.half().float() if fp16_inputs else affinity.float()
         with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
             tokens, reconstruction = model(affinity)
             losses = criterion(tokens, reconstruction, affinity, targets)

@@ -184,37 +184,50 @@ class TrainingSet(torch.utils.data.Dataset):
 
 class GlobalBatchSampler(torch.utils.data.Sampler):
     """Per-rank index batches of one global order: the union over ranks of batch b equals batch b of
-    a single process with the same global batch size.
+    a single process with the same global batch size B.
 
-    The order is a permutation drawn from (seed, epoch) (or 0..N-1 without ``shuffle``); incomplete
-    last global batches are dropped. Rank r takes the slice [r * B/W, (r + 1) * B/W) of each
-    global batch of size B, so B must be divisible by the world size W.
+    ``order='reshuffle'``: a permutation drawn from (seed, epoch), the incomplete last global batch
+    dropped.  ``order='fixed'``: the order of the official code on ``reference_gpus`` GPUs —
+    ``torch.randperm`` seeded with ``seed`` and never re-seeded per epoch (DistributedSampler without
+    ``set_epoch``), padded by repeating its first samples to a multiple of ``reference_gpus``, the last
+    partial batch kept.  Rank r takes the slice [r * B/W, (r + 1) * B/W) of each global batch
+    (and an equal share of a partial one), so B must be divisible by the world size W.
     """
 
     def __init__(self, n: int, global_batch: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 shuffle: bool = True) -> None:
+                 order: str = "reshuffle", reference_gpus: int = 4) -> None:
         if global_batch < 1 or global_batch % world_size:
             raise CSAInputError(f"global batch size {global_batch} must be a positive multiple of the number of "
                                 f"processes ({world_size}); change --batch-size or --nproc_per_node")
         if n < global_batch:
             raise CSAInputError(f"only {n} training samples for a global batch of {global_batch}; lower --batch-size")
+        if order not in ("reshuffle", "fixed"):
+            raise CSAInputError(f"sample order must be 'reshuffle' or 'fixed', got {order!r}")
         self.n, self.global_batch, self.rank, self.world_size = n, global_batch, rank, world_size
         self.local_batch = global_batch // world_size
-        self.seed, self.shuffle, self.epoch = int(seed), shuffle, 0
+        self.seed, self.order, self.epoch = int(seed), order, 0
+        self.padded = n if order == "reshuffle" else -(-n // reference_gpus) * reference_gpus
+        last = self.padded % global_batch if order == "fixed" else 0
+        if last % world_size:
+            raise CSAInputError(f"the last partial batch of {last} samples cannot be split evenly over {world_size} "
+                                f"processes; use a number of processes that divides {reference_gpus}")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     def global_order(self) -> np.ndarray:
-        if self.shuffle:
+        """Sample indices in the order of this epoch's global batches."""
+        if self.order == "reshuffle":
             return _rng(self.seed, 0, self.epoch).permutation(self.n)
-        return np.arange(self.n)
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed)).numpy()
+        return np.concatenate([perm, perm[: self.padded - self.n]])
 
     def __len__(self) -> int:
-        return self.n // self.global_batch
+        return self.n // self.global_batch if self.order == "reshuffle" else -(-self.padded // self.global_batch)
 
     def __iter__(self) -> Iterator[list[int]]:
         order = self.global_order()
         for b in range(len(self)):
-            start = b * self.global_batch + self.rank * self.local_batch
-            yield order[start: start + self.local_batch].tolist()
+            batch = order[b * self.global_batch: (b + 1) * self.global_batch]
+            share = len(batch) // self.world_size
+            yield batch[self.rank * share: (self.rank + 1) * share].tolist()

@@ -3,20 +3,19 @@
 
 Every training image is a query; its self + top-K neighbours (rows, 1..K shuffled per sample) and
 self + top L-1 neighbours (anchors) give a (K+1, L) affinity matrix built per batch on the device.
-The defaults are the paper's recipe (official ``experiment_rSfm120k.sh``).
+The hyper-parameters come from a named recipe (``--recipe paper|official|demo``, see
+:mod:`csa.training.recipes`; flags override single fields); ``--dry-run`` prints the resolved
+configuration.  Whatever the recipe:
 
-Differences from the official train.py, on purpose:
-
-* Learning rates are multiplied by ``global_batch / 256`` (``--lr-scaling``). The official code
-  divided the batch size by the number of GPUs *before* scaling, so its 4-GPU run of "batch 256,
-  base lr 0.1" really used lr 0.025 (warm-up 0.00025). To replay that run exactly pass
-  ``--base-lr 0.025 --warmup-lr 0.00025``.
-* Gradient clipping at norm 1.0 is on (the README says so; the official code left it off).
-* The global batch is the same for any number of processes (split B / world per rank), the sample
-  order is one global permutation per epoch, and the row permutations are functions of
-  (seed, epoch, sample): one process and N processes see the same batches.
-* Tokens are the query + K neighbours (K+1 rows, as at test time); the official training used the
-  query + K-1 neighbours (its ``topk`` counted the query).
+* The global batch is the same for any number of processes (split B / world per rank) and the row
+  permutations are functions of (seed, epoch, sample): one process and N processes see the same
+  batches.  (The ``official`` recipe's learning rates and sample order are those of the public code
+  *on 4 GPUs*, whatever number of processes runs it.)
+* Tokens are the query + K neighbours (K+1 rows, as at test time); the official ``--topk`` counted
+  the query, so its recipe uses K = 511.
+* A non-finite loss skips the update on every process and the schedule still advances (the public
+  code stepped the scaler and left the schedule behind); the official scheduler's IndexError on the
+  last iteration is not reproduced.
 * Checkpoints hold the optimizer, schedule, scaler and RNG states, and ``--resume`` continues
   exactly; files are written atomically.
 """
@@ -43,12 +42,13 @@ from csa.data.layout import load_clusters, load_train_features
 from csa.fileio import atomic_write
 from csa.losses import CSACriterion
 from csa.model import RerankTransformer, unwrap
-from csa.training.config import TrainConfig, build_parser
+from csa.training.config import TrainConfig, config_from_argv
+from csa.training.recipes import effective_lrs
 from csa.training.engine import WarmupCosineSchedule, build_optimizer, train_one_epoch
 from csa.training.sampler import GlobalBatchSampler, NeighbourTable, TrainingSet, neighbour_cache_path
 from csa.validation import CSAInputError
 
-__all__ = ["main", "run_training", "CHECKPOINT_NAME", "HISTORY_COLUMNS"]
+__all__ = ["main", "run_training", "build_optimization", "CHECKPOINT_NAME", "HISTORY_COLUMNS"]
 
 CHECKPOINT_NAME = "checkpoint.pth"
 HISTORY_COLUMNS = ["epoch", "lr", "loss", "contrastive", "reconstruction", "skipped", "time"]
@@ -150,6 +150,17 @@ def _resolve_resume(config: TrainConfig) -> Path | None:
 # --------------------------------------------------------------------------------------------
 # the run
 # --------------------------------------------------------------------------------------------
+def build_optimization(config: TrainConfig, model: torch.nn.Module,
+                       iters_per_epoch: int) -> tuple[torch.optim.SGD, WarmupCosineSchedule]:
+    """The SGD optimizer and the per-iteration schedule of ``config`` (lrs scaled as its recipe says)."""
+    lrs = effective_lrs(asdict(config))
+    optimizer = build_optimizer(model, lrs["peak_lr"], config.momentum, config.weight_decay,
+                                feature_align_decay=config.feature_align_decay)
+    schedule = WarmupCosineSchedule(optimizer, lrs["peak_lr"], lrs["warmup_lr"], lrs["final_lr"],
+                                    config.warmup_epochs, config.num_epochs, iters_per_epoch)
+    return optimizer, schedule
+
+
 def run_training(config: TrainConfig) -> dict[str, Any]:
     """Train with ``config``; return ``{'history', 'checkpoint', 'output_dir', 'model'}`` (model: the bare,
     trained :class:`~csa.model.RerankTransformer`, on the training device)."""
@@ -194,7 +205,8 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> 
     dataset = TrainingSet(table, np.tile(clusters, len(feats)), seed=config.seed, permute=True)
     features = torch.from_numpy(np.concatenate(feats, axis=0)).to(device)
     del feats
-    sampler = GlobalBatchSampler(len(dataset), config.batch_size, rank, world, seed=config.seed, shuffle=True)
+    sampler = GlobalBatchSampler(len(dataset), config.batch_size, rank, world, seed=config.seed,
+                                 order=config.sample_order, reference_gpus=config.reference_gpus)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=config.num_workers,
                                          pin_memory=device.type == "cuda")
 
@@ -205,10 +217,8 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> 
                               drop_rate=config.drop_rate, attn_drop_rate=config.attn_drop_rate,
                               drop_path_rate=config.drop_path_rate).to(device)
     criterion = CSACriterion(alpha=config.alpha, temperature=config.temperature)
-    scale = config.batch_size / 256 if config.lr_scaling else 1.0
-    optimizer = build_optimizer(model, config.base_lr * scale, config.momentum, config.weight_decay)
-    schedule = WarmupCosineSchedule(optimizer, config.base_lr * scale, config.warmup_lr * scale,
-                                    config.final_lr * scale, config.warmup_epochs, config.num_epochs, len(sampler))
+    optimizer, schedule = build_optimization(config, model, len(sampler))
+    lrs = effective_lrs(asdict(config))
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
 
     start_epoch, history = 0, []
@@ -234,7 +244,7 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> 
     n_params = sum(p.numel() for p in model.parameters())
     log(f">> {len(dataset)} samples ({len(config.feature_names)} feature set(s)), {len(sampler)} iterations/epoch "
         f"of {config.batch_size} ({world} process(es) x {config.batch_size // world}), {n_params / 1e6:.2f}M params, "
-        f"device {device}, amp {amp}, lr peak {config.base_lr * scale:.4g}")
+        f"device {device}, amp {amp}, recipe {config.recipe}, lr {lrs['warmup_lr']:.4g} -> {lrs['peak_lr']:.4g}")
 
     stop = config.stop_at_epoch or config.num_epochs
     for epoch in range(start_epoch, stop):
@@ -244,6 +254,7 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> 
         t0 = time.time()
         stats = train_one_epoch(net, criterion, loader, optimizer, schedule, device, scaler=scaler,
                                 clip_grad=config.clip_grad, amp=amp, progress=config.progress and main_process,
+                                fp16_inputs=config.fp16_inputs,
                                 features=features, desc=f"epoch {epoch + 1}/{config.num_epochs}")
         row = {"epoch": epoch + 1, "lr": stats["lr"], "loss": stats["loss"], "contrastive": stats["contrastive"],
                "reconstruction": stats["reconstruction"], "skipped": stats["skipped"], "time": time.time() - t0}
@@ -266,9 +277,13 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point (``csa train``, ``python -m csa.training``, ``torchrun -m csa.training``)."""
-    args = build_parser().parse_args(argv)
-    config = TrainConfig(**vars(args))
     try:
+        config, dry_run = config_from_argv(argv)
+        if dry_run:
+            config.check()
+            print(json.dumps({"config": asdict(config), "overrides": config.recipe_overrides(),
+                              "effective_lrs": effective_lrs(asdict(config))}, indent=1))
+            return 0
         run_training(config)
     except CSAInputError as exc:
         print(f"csa train: error: {exc}", file=sys.stderr)
