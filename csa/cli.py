@@ -104,7 +104,31 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo_experiment(args: argparse.Namespace) -> int:
+    from csa.training import selection
+
+    if args.demo_command == "select":
+        table = selection.select_recipe(args.root, args.trainset, n_folds=args.folds)
+        print(table.groupby("setting", sort=False)["medium_gain"].agg(["mean", "min", "max"]).round(2).to_string())
+        print(f"chosen: {selection.choose(table)}")
+    elif args.setting not in selection.GRID:
+        from csa.validation import CSAInputError
+
+        raise CSAInputError(f"unknown setting {args.setting!r}; choose one of {list(selection.GRID)}")
+    elif args.demo_command == "seeds":
+        table = selection.seed_sweep(args.root, args.trainset, selection.GRID[args.setting], args.seeds)
+    else:
+        table = selection.learning_curve(args.root, args.trainset, selection.GRID[args.setting], args.fractions,
+                                         args.seeds)
+    if args.demo_command != "select":
+        table.insert(1, "setting", args.setting)
+    print(f"wrote {selection.write_csv(table, args.out)}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.demo_command in ("select", "seeds", "curve"):
+        return _cmd_demo_experiment(args)
     if args.demo_command == "build":
         import json
 
@@ -191,6 +215,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--force", action="store_true", help="re-extract even when outputs are up to date")
     e.add_argument("--no-report", action="store_true", help="skip the first-stage evaluation")
     e.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    for name, text in (("select", "choose the demo recipe on held-out landmarks of the training city"),
+                       ("seeds", "train with several seeds and measure the test-city gains"),
+                       ("curve", "learning curve: test-city gains against the share of training landmarks")):
+        x = demo.add_parser(name, help=text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        x.add_argument("--root", default="data/demo")
+        x.add_argument("--trainset", required=True, choices=["rparis6k-mini-train", "roxford5k-mini-train"])
+        x.add_argument("--out", required=True, type=Path, help="CSV file to write")
+        if name == "select":
+            x.add_argument("--folds", type=int, default=3, help="landmark folds")
+        else:
+            x.add_argument("--setting", required=True, help="a setting of csa.training.selection.GRID")
+            x.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2] if name == "seeds" else [0])
+        if name == "curve":
+            x.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 1.0])
     p.set_defaults(func=_cmd_demo)
     return parser
 

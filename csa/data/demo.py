@@ -40,16 +40,22 @@ __all__ = [
     "image_landmarks",
     "split_trainset",
     "build_demo",
+    "image_categories",
+    "leave_one_out_gnd",
+    "image_folder",
+    "LOO_BASE",
     "FEATURE_NAME",
 ]
 
 #: Demo dataset -> its source folder, official ground truth, and the trainset built from its database.
 CITIES: dict[str, dict[str, str]] = {
     "roxford5k-mini": {"folder": "oxford5k-subset", "gnd": "revisitop/gnd_roxford5k.pkl",
-                       "trainset": "roxford5k-mini-train"},
+                       "trainset": "roxford5k-mini-train", "loo": "roxford5k-mini-loo"},
     "rparis6k-mini": {"folder": "paris6k-subset", "gnd": "revisitop/gnd_rparis6k.pkl",
-                      "trainset": "rparis6k-mini-train"},
+                      "trainset": "rparis6k-mini-train", "loo": "rparis6k-mini-loo"},
 }
+#: Leave-one-out benchmark -> the mini benchmark whose database (and photos) it shares.
+LOO_BASE = {city["loo"]: dataset for dataset, city in CITIES.items()}
 
 JPEG_QUALITY = 75
 LANDMARK_IOU = 0.3
@@ -170,6 +176,61 @@ def split_trainset(images: Sequence[str], landmarks: np.ndarray, val_fraction: f
     return splits
 
 
+def image_categories(gnd: Sequence[dict], image_landmark: np.ndarray, query_landmark: np.ndarray
+                     ) -> tuple[np.ndarray, dict[int, set[int]]]:
+    """Each image's category for its own landmark, and each landmark's junk images.
+
+    Category: 'easy' or 'hard' by majority of the landmark's queries listing it (a tie counts as easy),
+    '' for images without landmark.  Junk of a landmark: the images its queries list as junk and that are
+    not positives of that landmark.
+    """
+    votes = np.zeros((len(image_landmark), 2), dtype=np.int64)
+    junk: dict[int, set[int]] = {}
+    for q, g in enumerate(gnd):
+        lm = int(query_landmark[q])
+        for col, key in enumerate(("easy", "hard")):
+            for i in g[key]:
+                if image_landmark[i] == lm:
+                    votes[i, col] += 1
+        junk.setdefault(lm, set()).update(int(i) for i in g["junk"])
+    for lm in junk:
+        junk[lm] -= set(np.flatnonzero(image_landmark == lm).tolist())
+    category = np.where(votes[:, 0] >= votes[:, 1], "easy", "hard").astype(object)
+    category[image_landmark < 0] = ""
+    return category, junk
+
+
+def leave_one_out_gnd(imlist: Sequence[str], landmark: np.ndarray, category: np.ndarray,
+                      junk: dict[int, set[int]], sizes: dict[str, tuple[int, int]]) -> dict:
+    """The leave-one-out benchmark of a database: every image with a landmark is a query against the others.
+
+    Query i (box = the whole image, ``sizes[name] = (width, height)``): easy / hard = the *other* images of
+    its landmark by their :func:`image_categories`; junk = its landmark's junk plus the image itself (it is
+    still in the database). Images whose landmark has no other image are not queries.
+    """
+    landmark = np.asarray(landmark)
+    qimlist, gnd = [], []
+    for i, name in enumerate(imlist):
+        lm = int(landmark[i])
+        if lm < 0:
+            continue
+        mates = [int(j) for j in np.flatnonzero(landmark == lm) if j != i]
+        if not mates:
+            continue
+        w, h = sizes[name]
+        qimlist.append(name)
+        gnd.append({"bbx": [0.0, 0.0, float(w), float(h)],
+                    "easy": [j for j in mates if category[j] == "easy"],
+                    "hard": [j for j in mates if category[j] == "hard"],
+                    "junk": sorted(junk.get(lm, set()) | {i})})
+    return {"imlist": list(imlist), "qimlist": qimlist, "gnd": gnd}
+
+
+def image_folder(root: str | os.PathLike, dataset: str) -> Path:
+    """Folder of a demo dataset's photos (a leave-one-out benchmark shares its base benchmark's)."""
+    return Path(root, "jpg", LOO_BASE.get(dataset, dataset))
+
+
 # --------------------------------------------------------------------------------------------
 # build
 # --------------------------------------------------------------------------------------------
@@ -223,6 +284,15 @@ def build_demo(source: str | os.PathLike, out: str | os.PathLike, quality: int =
         splits = split_trainset(gnd["imlist"], sub_lm)
         save_clusters(out, city["trainset"], splits)
 
+        # leave-one-out benchmark: every landmark photo of the database queries the rest of it
+        full_cat, full_junk = image_categories(full["gnd"], full_lm, q_landmark)
+        sub_index = {index[n]: k for k, n in enumerate(gnd["imlist"])}
+        sub_junk = {lm: {sub_index[i] for i in js if i in sub_index} for lm, js in full_junk.items()}
+        sub_cat = np.array([full_cat[index[n]] for n in gnd["imlist"]], dtype=object)
+        sizes = {n: (manifest[n]["width"], manifest[n]["height"]) for n in gnd["imlist"]}
+        loo = leave_one_out_gnd(gnd["imlist"], sub_lm, sub_cat, sub_junk, sizes)
+        save_gnd(out, city["loo"], loo)
+
         n_pos = [len(g["easy"]) + len(g["hard"]) for g in gnd["gnd"]]
         summary[dataset] = {
             "db": len(gnd["imlist"]), "queries": len(gnd["qimlist"]),
@@ -235,5 +305,6 @@ def build_demo(source: str | os.PathLike, out: str | os.PathLike, quality: int =
             "val_landmarks": sorted({c for c, n in zip(splits["val"]["cluster"], splits["val"]["images"])
                                      if sub_lm[gnd["imlist"].index(n)] >= 0}),
             "db_images_with_landmark": int((sub_lm >= 0).sum()),
+            "loo_queries": len(loo["qimlist"]),
         }
     return summary

@@ -123,10 +123,12 @@ def prepare_demo_features(root: str | os.PathLike = "data/demo", image_size: int
                           scales: Sequence[float] = (1.0,), batch_size: int = 8, num_workers: int = 0,
                           force: bool = False, feature_name: str = FEATURE_NAME, device: str = "auto",
                           progress: bool = True) -> dict[str, Path]:
-    """The demo's descriptors: both mini benchmarks (EfficientNet-Lite0 GeM) and their cross-city trainsets.
+    """The demo's descriptors: both mini benchmarks (EfficientNet-Lite0 GeM), their leave-one-out
+    benchmarks and their cross-city trainsets.
 
-    A trainset's descriptors are the rows of its city's database descriptors (same photos), picked by
-    image name.  Returns ``{dataset or trainset: path written}``.
+    A trainset's descriptors, and a leave-one-out benchmark's queries and database, are rows of its city's
+    database descriptors (same photos, whole images), picked by image name.  Returns
+    ``{dataset or trainset: path written}``.
     """
     root = Path(root)
     written: dict[str, Path] = {}
@@ -134,8 +136,34 @@ def prepare_demo_features(root: str | os.PathLike = "data/demo", image_size: int
         written[dataset] = prepare_test_features(root, dataset, LITE0, image_size=image_size, scales=scales,
                                                  device=device, batch_size=batch_size, num_workers=num_workers,
                                                  feature_name=feature_name, force=force, progress=progress)
+        written[city["loo"]] = _loo_from_database(root, dataset, city["loo"], feature_name, force)
         written[city["trainset"]] = _trainset_from_database(root, dataset, city["trainset"], feature_name, force)
     return written
+
+
+def _rows_by_name(root: Path, dataset: str, name: str, names: dict[str, list[str]], what: str) -> dict:
+    """``{key: rows of dataset's database descriptors for the image names names[key]}``."""
+    db = load_test_features(root, dataset, name).db
+    index = {n: i for i, n in enumerate(load_gnd(root, dataset)["imlist"])}
+    try:
+        return {key: db[[index[n] for n in wanted]] for key, wanted in names.items()}
+    except KeyError as exc:
+        raise CSAInputError(f"{what} lists image {exc} that is not in {dataset}'s database; rebuild the demo "
+                            f"with `csa demo build`") from exc
+
+
+def _loo_from_database(root: Path, dataset: str, loo: str, name: str, force: bool) -> Path:
+    """Write ``test/<loo>/<name>.pkl``: the base database, and as queries the rows of its landmark photos."""
+    gt = load_gnd(root, loo)
+    out = test_features_path(root, loo, name)
+    digest = fingerprint({"test": _sidecar(test_features_path(root, dataset, name)).read_text().strip(),
+                          "imlist": gt["imlist"], "qimlist": gt["qimlist"]})
+    if not force and _up_to_date(out, digest):
+        return out
+    rows = _rows_by_name(root, dataset, name, {"db": gt["imlist"], "query": gt["qimlist"]}, f"benchmark {loo}")
+    save_test_features(root, loo, name, query=rows["query"], db=rows["db"])
+    _write_sidecar(out, digest)
+    return out
 
 
 def _trainset_from_database(root: Path, dataset: str, trainset: str, name: str, force: bool) -> Path:
@@ -147,13 +175,8 @@ def _trainset_from_database(root: Path, dataset: str, trainset: str, name: str, 
                           "val": splits["val"]["images"]})
     if not force and _up_to_date(out, digest):
         return out
-    db = load_test_features(root, dataset, name).db
-    index = {n: i for i, n in enumerate(load_gnd(root, dataset)["imlist"])}
-    try:
-        rows = {s: db[[index[n] for n in splits[s]["images"]]] for s in ("train", "val")}
-    except KeyError as exc:
-        raise CSAInputError(f"trainset {trainset} lists image {exc} that is not in {dataset}'s database; "
-                            f"rebuild the demo with `csa demo build`") from exc
+    rows = _rows_by_name(root, dataset, name, {s: splits[s]["images"] for s in ("train", "val")},
+                         f"trainset {trainset}")
     save_train_features(root, trainset, name, rows["train"], rows["val"])
     _write_sidecar(out, digest)
     return out

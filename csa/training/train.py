@@ -115,13 +115,19 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _write_history(history: list[dict[str, Any]], out: Path) -> None:
+#: ``curves.png`` is redrawn at most this often (seconds) during a run, and always after the last epoch.
+CURVES_EVERY_S = 60.0
+
+
+def _write_history(history: list[dict[str, Any]], out: Path, draw: bool = True) -> None:
     with atomic_write(out / "history.json", "w") as f:
         json.dump(history, f, indent=1)
     with atomic_write(out / "history.csv", "w") as f:
         writer = csv.DictWriter(f, fieldnames=HISTORY_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(history)
+    if not draw:
+        return
     try:
         from csa.training.curves import plot_training_curves
 
@@ -247,6 +253,7 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> 
         f"device {device}, amp {amp}, recipe {config.recipe}, lr {lrs['warmup_lr']:.4g} -> {lrs['peak_lr']:.4g}")
 
     stop = config.stop_at_epoch or config.num_epochs
+    curves_drawn = time.time()
     for epoch in range(start_epoch, stop):
         sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)
@@ -266,7 +273,10 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> 
             save_run_checkpoint(out / CHECKPOINT_NAME, model, epoch + 1, **state)
             if config.save_every and (epoch + 1) % config.save_every == 0:
                 save_run_checkpoint(out / f"checkpoint-epoch{epoch + 1:03d}.pth", model, epoch + 1, **state)
-            _write_history(history, out)
+            last = epoch + 1 == stop
+            draw = last or time.time() - curves_drawn >= CURVES_EVERY_S
+            _write_history(history, out, draw=draw)
+            curves_drawn = time.time() if draw else curves_drawn
             skipped = f"  skipped {row['skipped']}" if row["skipped"] else ""
             log(f">> epoch {epoch + 1}/{config.num_epochs}  lr {row['lr']:.4g}  loss {row['loss']:.4f} "
                 f"(contrastive {row['contrastive']:.4f}, reconstruction {row['reconstruction']:.4f})  "

@@ -1,0 +1,209 @@
+"""Choosing the demo recipe on the training city alone, and measuring how training data and seeds matter.
+
+The demo trains on one city and tests on the other, so a recipe may be chosen with the *training* city's
+photos only:
+
+* :func:`landmark_folds` splits the training city's landmarks into folds of about equal image counts;
+* for every setting of a small :data:`GRID` and every fold, a model trains on the trainset without the
+  fold's landmarks and is scored on the leave-one-out queries of the held-out landmarks (their photos
+  against the whole database of the training city): the Medium mAP gain of CSA over the first stage;
+* :func:`choose` takes the setting with the best mean held-out gain over folds.
+
+The test city is never looked at.  :func:`seed_sweep` and :func:`learning_curve` then measure, on the
+test city, how much a gain moves with the training seed and with the amount of training data.
+``csa demo select | seeds | curve`` run these and write CSV files (``data/demo/results/``).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from csa.compare.runner import run_comparison
+from csa.data.demo import CITIES, FEATURE_NAME
+from csa.data.layout import load_clusters, load_gnd, load_test_features, load_train_features, save_clusters, \
+    save_train_features
+from csa.fileio import atomic_write, load_pickle
+from csa.rerank import rerank
+from csa.training.config import TrainConfig
+from csa.training.train import run_training
+from csa.validation import CSAInputError
+
+__all__ = ["GRID", "TEST_TOPK", "landmark_folds", "held_out_benchmark", "csa_gain", "select_recipe", "choose",
+           "seed_sweep", "learning_curve", "TRAIN_TO_TEST"]
+
+#: Re-ranking depth K at test time, for every demo measurement.
+TEST_TOPK = 128
+
+#: The settings tried, as changes to the ``demo`` recipe (each named by what it changes).
+GRID: Mapping[str, Mapping[str, Any]] = {
+    "demo": {},
+    "t=0.5": {"temperature": 0.5},
+    "K=L=128": {"topk": 128, "anchor_len": 128},
+    "120 epochs": {"num_epochs": 120, "warmup_epochs": 24},
+    "lr x2": {"base_lr": 1.0, "warmup_lr": 0.01},
+    "t=0.5, K=L=128, 120 epochs": {"temperature": 0.5, "topk": 128, "anchor_len": 128, "num_epochs": 120,
+                                   "warmup_epochs": 24},
+}
+
+#: Training set -> the benchmark its model is tested on (the other city).
+TRAIN_TO_TEST = {"rparis6k-mini-train": "roxford5k-mini", "roxford5k-mini-train": "rparis6k-mini"}
+_TRAIN_TO_OWN = {city["trainset"]: dataset for dataset, city in CITIES.items()}
+
+
+def landmark_folds(clusters: Sequence[int], n_folds: int = 3) -> list[set[int]]:
+    """Landmark clusters (those with more than one image) dealt into ``n_folds`` folds of similar image count.
+
+    Largest landmark first, each into the fold with the fewest images so far (ties: lowest fold).
+    """
+    ids, counts = np.unique(np.asarray(clusters), return_counts=True)
+    landmarks = sorted(((int(c), int(i)) for i, c in zip(ids, counts) if c > 1), key=lambda t: (-t[0], t[1]))
+    if len(landmarks) < n_folds:
+        raise CSAInputError(f"only {len(landmarks)} landmarks for {n_folds} folds; use fewer folds")
+    folds: list[set[int]] = [set() for _ in range(n_folds)]
+    sizes = [0] * n_folds
+    for count, cluster in landmarks:
+        k = int(np.argmin(sizes))
+        folds[k].add(cluster)
+        sizes[k] += count
+    return folds
+
+
+def _subset_trainset(root: Path, trainset: str, keep: np.ndarray, out_root: Path, name: str) -> None:
+    """Write trainset ``name`` under ``out_root``: the rows ``keep`` of ``trainset``'s train split."""
+    ann = load_pickle(Path(root, "annotations", f"{trainset}.pkl"))
+    feats = load_train_features(root, trainset, FEATURE_NAME, "train")
+    split = {k: [v[i] for i in np.flatnonzero(keep)] for k, v in ann["train"].items()}
+    save_clusters(out_root, name, {"train": split, "val": ann["val"]})
+    save_train_features(out_root, name, FEATURE_NAME, feats[keep], load_train_features(root, trainset, FEATURE_NAME,
+                                                                                          "val"))
+
+
+def held_out_benchmark(root: str | os.PathLike, dataset: str, query_names: set[str] | None = None
+                       ) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """``(queries, database, gnd)`` of ``dataset``, keeping only the queries named in ``query_names``."""
+    gt = load_gnd(root, dataset)
+    feats = load_test_features(root, dataset, FEATURE_NAME)
+    keep = [i for i, n in enumerate(gt["qimlist"]) if query_names is None or n in query_names]
+    if not keep:
+        raise CSAInputError(f"no query of {dataset} is left to evaluate")
+    return feats.query[keep], feats.db, [gt["gnd"][i] for i in keep]
+
+
+def csa_gain(model: torch.nn.Module, qvecs: np.ndarray, dbvecs: np.ndarray, gnd: list[dict],
+             topk: int = TEST_TOPK, n_boot: int = 1000) -> dict[str, float]:
+    """First-stage and CSA Medium / Hard mAP, and the CSA Medium gain with its 95% paired-bootstrap interval."""
+    k = min(topk, dbvecs.shape[0])
+    method = {"CSA": lambda q, d, r: rerank(model, q, d, r, topk=k, anchor_len=model.config["anchor_len"],
+                                            progress=False)}
+    table = run_comparison(qvecs, dbvecs, gnd, method, n_boot=n_boot, progress=False)
+    first, csa = table.iloc[0], table.iloc[1]
+    return {"queries": len(gnd), "first_medium": first["medium_map"], "csa_medium": csa["medium_map"],
+            "first_hard": first["hard_map"], "csa_hard": csa["hard_map"], "medium_gain": csa["medium_gain"],
+            "medium_gain_low": csa["medium_gain_low"], "medium_gain_high": csa["medium_gain_high"]}
+
+
+def _train(data_root: Path, trainset: str, out: Path, seed: int, overrides: Mapping[str, Any]) -> tuple[Any, float]:
+    config = TrainConfig.from_recipe("demo", **{**overrides, "data_root": str(data_root), "trainset": trainset,
+                                                "feature_names": [FEATURE_NAME], "output_dir": str(out),
+                                                "device": "cpu", "num_workers": 0, "progress": False,
+                                                "seed": seed})
+    start = time.perf_counter()
+    model = run_training(config)["model"].eval()
+    return model, time.perf_counter() - start
+
+
+def select_recipe(root: str | os.PathLike, trainset: str, grid: Mapping[str, Mapping[str, Any]] = GRID,
+                  n_folds: int = 3, seed: int = 0, progress: bool = True) -> pd.DataFrame:
+    """Score every setting of ``grid`` on held-out landmarks of ``trainset``'s own city (one row per fold)."""
+    root = Path(root)
+    own = _TRAIN_TO_OWN[trainset]
+    clusters = load_clusters(root, trainset, "train")
+    images = load_pickle(Path(root, "annotations", f"{trainset}.pkl"))["train"]["images"]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="csa-select-") as tmp:
+        folds = landmark_folds(clusters, n_folds)
+        jobs = [(name, f) for name in grid for f in range(n_folds)]
+        for name, f in tqdm(jobs, desc=f"recipe selection on {trainset}", disable=not progress):
+            held = np.isin(clusters, list(folds[f]))
+            fold_set = f"{trainset}-fold{f}"
+            if not Path(tmp, "annotations", f"{fold_set}.pkl").is_file():
+                _subset_trainset(root, trainset, ~held, Path(tmp), fold_set)
+            model, seconds = _train(Path(tmp), fold_set, Path(tmp, "runs", name, str(f)), seed, grid[name])
+            q, db, gnd = held_out_benchmark(root, CITIES[own]["loo"], {images[i] for i in np.flatnonzero(held)})
+            rows.append({"trainset": trainset, "setting": name, "fold": f, "held_out_landmarks": len(folds[f]),
+                         **csa_gain(model, q, db, gnd), "train_seconds": seconds})
+    return pd.DataFrame(rows)
+
+
+def choose(table: pd.DataFrame, grid: Mapping[str, Mapping[str, Any]] = GRID) -> str:
+    """The setting with the highest mean held-out Medium gain over folds (ties: the earlier in ``grid``)."""
+    means = table.groupby("setting")["medium_gain"].mean()
+    return max(grid, key=lambda name: (means.get(name, -np.inf), -list(grid).index(name)))
+
+
+def _test_rows(model: torch.nn.Module, root: Path, trainset: str) -> list[dict]:
+    """CSA gains of a model on its test city: the official queries and the leave-one-out queries."""
+    test = TRAIN_TO_TEST[trainset]
+    out = []
+    for benchmark in (test, CITIES[test]["loo"]):
+        out.append({"benchmark": benchmark, **csa_gain(model, *held_out_benchmark(root, benchmark))})
+    return out
+
+
+def seed_sweep(root: str | os.PathLike, trainset: str, overrides: Mapping[str, Any], seeds: Sequence[int] = (0, 1, 2),
+               progress: bool = True) -> pd.DataFrame:
+    """Train with each seed on the whole trainset; CSA gains on the test city (official and leave-one-out)."""
+    root = Path(root)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="csa-seeds-") as tmp:
+        for seed in tqdm(seeds, desc=f"seeds on {trainset}", disable=not progress):
+            model, seconds = _train(root, trainset, Path(tmp, str(seed)), seed, overrides)
+            rows += [{"trainset": trainset, "seed": seed, **r, "train_seconds": seconds}
+                     for r in _test_rows(model, root, trainset)]
+    return pd.DataFrame(rows)
+
+
+def learning_curve(root: str | os.PathLike, trainset: str, overrides: Mapping[str, Any],
+                   fractions: Sequence[float] = (0.25, 0.5, 1.0), seeds: Sequence[int] = (0,),
+                   progress: bool = True) -> pd.DataFrame:
+    """Train on a growing share of the training city's landmark photos (whole landmarks, drawn at random per
+    seed; the photos without landmark always kept) and measure the CSA gains on the test city."""
+    root = Path(root)
+    clusters = load_clusters(root, trainset, "train")
+    ids, counts = np.unique(clusters, return_counts=True)
+    landmarks = [int(i) for i, c in zip(ids, counts) if c > 1]
+    total = int(np.isin(clusters, landmarks).sum())
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="csa-curve-") as tmp:
+        jobs = [(fr, s) for fr in fractions for s in seeds]
+        for fraction, seed in tqdm(jobs, desc=f"learning curve on {trainset}", disable=not progress):
+            order = np.random.default_rng(seed).permutation(landmarks)
+            chosen, count = [], 0
+            for lm in order:
+                if count >= fraction * total - 1e-9:
+                    break
+                chosen.append(int(lm))
+                count += int((clusters == lm).sum())
+            keep = np.isin(clusters, chosen) | ~np.isin(clusters, landmarks)
+            name = f"{trainset}-{int(round(100 * fraction))}pct-s{seed}"
+            _subset_trainset(root, trainset, keep, Path(tmp), name)
+            model, seconds = _train(Path(tmp), name, Path(tmp, "runs", name), seed, overrides)
+            rows += [{"trainset": trainset, "fraction": fraction, "seed": seed, "landmarks": len(chosen),
+                      "landmark_images": count, **r, "train_seconds": seconds}
+                     for r in _test_rows(model, root, trainset)]
+    return pd.DataFrame(rows)
+
+
+def write_csv(table: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write ``table`` to ``path`` atomically."""
+    with atomic_write(path, "w") as f:
+        table.to_csv(f, index=False)
+    return Path(path)
