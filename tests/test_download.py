@@ -103,7 +103,8 @@ def _register(monkeypatch, name: str, filename: str, dest: str, known_hash: str 
 
 
 def _leftovers(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    """Files under ``root`` besides the download manifest."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p != root / dl.MANIFEST)
 
 
 def test_file_with_right_md5_lands_in_layout_and_is_not_fetched_twice(server, tmp_path, monkeypatch):
@@ -147,7 +148,9 @@ def test_dropped_connection_then_resume_with_range(server, tmp_path, monkeypatch
     with pytest.raises(dl.DownloadError) as err:
         dl.download("big", tmp_path, progress=False, base_url=server.base)
     assert f"{server.base}/big.bin" in str(err.value) and "resume" in str(err.value)
-    final, part = tmp_path / "annotations/big.bin", tmp_path / "annotations/big.bin.part"
+    final = tmp_path / "annotations/big.bin"
+    part = dl.part_path(final, f"{server.base}/big.bin")
+    assert part.name.startswith("big.bin.") and part.name.endswith(".part")
     assert not final.exists()
     assert 0 < part.stat().st_size < len(data)  # partial bytes kept, visibly incomplete
     assert part.read_bytes() == data[: part.stat().st_size]
@@ -213,8 +216,9 @@ def test_corrupt_archive_message_and_no_partial_extraction(server, tmp_path):
     server.files["ims.tar.gz"] = b"\x1f\x8b this is not a gzip stream"
     with pytest.raises(dl.DownloadError) as err:
         dl.download("rsfm120k_ims", tmp_path, progress=False, base_url=server.base)
-    assert "ims.tar.gz" in str(err.value) and "delete" in str(err.value)
+    assert "ims.tar.gz" in str(err.value) and "tar" in str(err.value)
     assert not (tmp_path / "jpg" / "retrieval-SfM-120k" / "ims").exists()
+    assert _leftovers(tmp_path) == []  # refused before install: the next run downloads it again
 
 
 def test_cli(server, tmp_path, monkeypatch, capsys):
@@ -223,8 +227,9 @@ def test_cli(server, tmp_path, monkeypatch, capsys):
     _register(monkeypatch, "p", "p.bin", "annotations/p.bin", known_hash=f"md5:{_md5(data)}")
     assert dl.main(["p", "--data-root", str(tmp_path), "--mirror", server.base, "--no-progress"]) == 0
     assert (tmp_path / "annotations/p.bin").read_bytes() == data
-    assert dl.main(["nope", "--data-root", str(tmp_path), "--mirror", server.base]) == 1
-    assert "unknown download 'nope'" in capsys.readouterr().err
+    assert dl.main(["nope", "--data-root", str(tmp_path), "--mirror", server.base]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("csa download: error:") and "unknown download 'nope'" in err
 
 
 def test_registry_matches_official_hosts_and_layout():
