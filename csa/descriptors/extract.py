@@ -11,6 +11,7 @@ Multi-scale: ``l2n(mean_s net(interp(x, s))^msp)^(1/msp)`` with bilinear interpo
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -69,6 +70,23 @@ class ImageListDataset(Dataset):
 
 def _collate_list(batch):
     return batch
+
+
+def _read_shard(path: Path, shape: tuple[int, int]) -> np.ndarray | None:
+    """A finished shard (or the merged file) with the expected ``shape``; None when it is absent or
+    unreadable (a damaged shard is deleted with a warning and extracted again)."""
+    if not path.exists():
+        return None
+    try:
+        arr = np.load(path, allow_pickle=False)
+        if arr.shape == shape and arr.dtype == np.float32 and np.isfinite(arr).all():
+            return arr
+        problem = f"shape {arr.shape} dtype {arr.dtype}, expected {shape} float32 finite values"
+    except (ValueError, OSError, EOFError) as exc:
+        problem = f"{type(exc).__name__}: {exc}"
+    warnings.warn(f"ignoring damaged extraction shard {path} ({problem}); extracting it again", stacklevel=3)
+    path.unlink(missing_ok=True)
+    return None
 
 
 def extraction_fingerprint(image_paths: Sequence[str | os.PathLike], image_size: int | None,
@@ -159,18 +177,19 @@ def extract_descriptors(net: torch.nn.Module, image_paths: Sequence[str | os.Pat
         if not fp_file.exists():
             with atomic_write(fp_file, "w") as f:
                 f.write(fp)
+        dim = int(net.meta["outputdim"])
+        merged = _read_shard(shard_dir / "descriptors.npy", (len(paths), dim))
+        if merged is not None:
+            bar.update(len(paths))
+            return merged
         merged = shard_dir / "descriptors.npy"
-        if merged.exists():
-            arr = np.load(merged)
-            if arr.shape == (len(paths), int(net.meta["outputdim"])):
-                bar.update(len(paths))
-                return arr
         parts = []
         for k, start in enumerate(range(0, len(paths), shard_size)):
             stop = min(start + shard_size, len(paths))
             shard = shard_dir / f"shard_{k:05d}_{start}_{stop}.npy"
-            if shard.exists():
-                parts.append(np.load(shard))
+            done = _read_shard(shard, (stop - start, dim))
+            if done is not None:
+                parts.append(done)
                 bar.update(stop - start)
                 continue
             arr = _extract_range(net, dataset, range(start, stop), scales, msp, batch_size, num_workers, device, bar)
