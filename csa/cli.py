@@ -81,19 +81,20 @@ def _load_ranks(path: Path) -> np.ndarray:
 
     if not path.is_file():
         raise CSAInputError(f"--ranks {path}: no such file; give the .npy written by `csa rerank --output`")
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic != b"\x93NUMPY":
+        what = "an .npz archive" if magic.startswith(b"PK") else "not a .npy array file (np.save format)"
+        raise CSAInputError(f"--ranks {path}: it is {what}; save the (N, Q) integer ranks with np.save")
     try:
-        ranks = np.load(path, allow_pickle=False)
+        return np.load(path, allow_pickle=False)
     except ValueError as exc:
         if "allow_pickle" in str(exc):
-            why = "it holds Python objects (an object array), not integer indices"
-        else:
-            why = "it is not a .npy array file (np.save format)"
-        raise CSAInputError(f"--ranks {path}: {why}; save the (N, Q) integer ranks with np.save") from exc
+            raise CSAInputError(f"--ranks {path}: it holds Python objects (an object array), not integer "
+                                f"indices; save the (N, Q) integer ranks with np.save") from exc
+        raise CSAInputError(f"--ranks {path}: cannot be read ({exc}); the file is damaged") from exc
     except (OSError, EOFError) as exc:
-        raise CSAInputError(f"--ranks {path}: cannot be read ({exc}); the file is truncated or not a .npy") from exc
-    if not isinstance(ranks, np.ndarray):
-        raise CSAInputError(f"--ranks {path}: it is an .npz archive, not one (N, Q) array; save it with np.save")
-    return ranks
+        raise CSAInputError(f"--ranks {path}: cannot be read ({exc}); the file is truncated") from exc
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:

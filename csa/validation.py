@@ -243,12 +243,12 @@ def _ranks_numpy(ranks: Any) -> np.ndarray:
     return ranks
 
 
-def _first_repeating_column(r: np.ndarray, n_db: int) -> int | None:
+def _first_repeating_column(r: np.ndarray, n_db: int, chunk: int = 65536) -> int | None:
     """Index of the first column of ``r`` (integers in [0, n_db)) holding an index twice, else None.
 
-    Short prefixes are sorted column-wise in one vectorized call; long ones (a full ranking of a
-    1M-image database) mark each column's indices in one reused boolean array, which costs a few
-    milliseconds per column instead of a sort.
+    Short prefixes are sorted column-wise in one vectorized call.  Long ones (a full ranking of a
+    1M-image database) mark each column's indices in a (Q, n_db) boolean table, reading ``r`` in
+    blocks of ``chunk`` rows so that every access stays cache-friendly (about 1 s for 1M x 70).
     """
     m, n_q = r.shape
     if m < 2:
@@ -257,15 +257,13 @@ def _first_repeating_column(r: np.ndarray, n_db: int) -> int | None:
         s = np.sort(r, axis=0)
         repeats = np.flatnonzero((s[1:] == s[:-1]).any(axis=0))
         return int(repeats[0]) if repeats.size else None
-    seen = np.zeros(n_db, dtype=bool)
-    for q in range(n_q):
-        column = r[:, q]
-        seen[column] = True
-        distinct = int(np.count_nonzero(seen))
-        seen[column] = False
-        if distinct != m:
-            return q
-    return None
+    seen = np.zeros((n_q, n_db), dtype=bool)
+    for start in range(0, m, chunk):
+        block = np.ascontiguousarray(r[start:start + chunk].T)
+        for q in range(n_q):
+            seen[q, block[q]] = True
+    repeats = np.flatnonzero(np.count_nonzero(seen, axis=1) != m)
+    return int(repeats[0]) if repeats.size else None
 
 
 def check_ranks(ranks: Any, n_db: int | None, n_q: int, min_rows: int = 1, prefix: int | None = None) -> Any:

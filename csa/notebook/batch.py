@@ -162,6 +162,9 @@ def _error_text(exc: BaseException) -> str:
 
 RUNNING = ".running"
 FAILED = ".failed.ipynb"
+#: The kernels' own log (transport warnings, the shutdown of an interrupted kernel) stays off the terminal:
+#: a run's errors reach the user through its notebook and the batch's one-line report.
+KERNEL_QUIET = ["--log-level=CRITICAL"]
 
 
 def _comparable(values: dict[str, Any]) -> Any:
@@ -266,6 +269,7 @@ def run_grid(
             papermill.execute_notebook(
                 str(notebook), str(running_nb), parameters=parameters,
                 kernel_name=kernel, progress_bar=False, cwd=str(run_cwd),
+                extra_arguments=KERNEL_QUIET,
             )
             if not running_csv.is_file():
                 raise FileNotFoundError(f"the notebook finished but wrote no table to {RESULTS_PARAMETER}")
