@@ -148,3 +148,45 @@ def test_batch_stopped_then_run_again_keeps_finished_runs(tmp_path, stop):
     assert (out / "grid__topk-2.ipynb").stat().st_mtime_ns == first    # not executed again
     assert pd.read_csv(out / "results.csv")["topk"].tolist() == [2, 2, 3, 3, 4, 4]
     assert not list(out.rglob("*.running.*"))
+
+
+def test_interrupted_extraction_resumes_from_its_finished_shards(tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    from csa.data.layout import save_gnd
+    from csa.descriptors import prepare
+
+    names = [f"im{i}" for i in range(8)]
+    (tmp_path / "jpg" / "toy").mkdir(parents=True)
+    for i, name in enumerate(names):
+        Image.fromarray(np.full((6, 6, 3), 25 * i, dtype=np.uint8)).save(tmp_path / "jpg" / "toy" / f"{name}.jpg")
+    save_gnd(tmp_path, "toy", {"imlist": names[:6], "qimlist": names[6:],
+                               "gnd": [{"easy": [0], "hard": [], "junk": [], "bbx": [0, 0, 6, 6]}] * 2})
+
+    class CountingNet(torch.nn.Module):
+        meta = {"mean": [0.0] * 3, "std": [1.0] * 3, "outputdim": 3}
+
+        def __init__(self, stop_after: int | None = None):
+            super().__init__()
+            self.seen, self.stop_after = 0, stop_after
+
+        def forward(self, x):
+            if self.stop_after is not None and self.seen >= self.stop_after:
+                raise KeyboardInterrupt                          # Ctrl-C in the middle of the database
+            self.seen += len(x)
+            return torch.nn.functional.normalize(x.mean(dim=(2, 3)) + 1.0, dim=1)
+
+    nets = [CountingNet(stop_after=3), CountingNet(), CountingNet()]
+    monkeypatch.setattr(prepare, "TEST_SHARD_SIZE", 2)
+    monkeypatch.setattr(prepare, "load_backbone", lambda *args: nets.pop(0))
+    kw = dict(image_size=None, scales=(1.0,), device="cpu", num_workers=0, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare_test_features(tmp_path, "toy", "fake", **kw)
+    assert not (tmp_path / "test" / "toy" / "fake.pkl").exists()
+    second = nets[0]
+    out = prepare.prepare_test_features(tmp_path, "toy", "fake", **kw)
+    assert second.seen == 4 + 2         # database images 2..5 and the 2 queries: the first shard was kept
+    resumed = out.read_bytes()
+    prepare.prepare_test_features(tmp_path, "toy", "fake", force=True, **kw)
+    assert out.read_bytes() == resumed   # same file as an uninterrupted extraction

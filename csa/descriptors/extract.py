@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from csa.descriptors.pooling import l2n
-from csa.fileio import atomic_write, fingerprint
+from csa.fileio import atomic_write, fingerprint, remove_stale_temporaries
 from csa.validation import CSAInputError
 
 __all__ = ["ImageListDataset", "load_image_tensor", "extract_descriptors", "extraction_fingerprint"]
@@ -140,8 +140,8 @@ def extract_descriptors(net: torch.nn.Module, image_paths: Sequence[str | os.Pat
     ``net`` maps a normalized batch to (B, D) rows and has ``meta['mean'/'std'/'outputdim']`` (see
     :mod:`csa.descriptors.networks`).  ``bbxs`` crops each image first (queries).  With ``shard_dir``, results are
     written in shards of ``shard_size`` images; finished shards are skipped on a rerun (resume after an
-    interruption) and the merged array is written there atomically as ``descriptors.npy``.  A shard dir
-    filled for other images/parameters is refused.
+    interruption; a damaged shard is extracted again) and the merged array is written there atomically
+    as ``descriptors.npy``.  A shard dir filled for other images/parameters is refused.
     """
     paths = [str(p) for p in image_paths]
     if len(paths) == 0:
@@ -169,6 +169,7 @@ def extract_descriptors(net: torch.nn.Module, image_paths: Sequence[str | os.Pat
             return _extract_range(net, dataset, range(len(paths)), scales, msp, batch_size, num_workers, device, bar)
         shard_dir = Path(shard_dir)
         shard_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(shard_dir)  # one extraction owns its shard folder
         fp = extraction_fingerprint(paths, image_size, scales, bbxs, msp, str(net.meta.get("architecture", "")))
         fp_file = shard_dir / "fingerprint.txt"
         if fp_file.exists() and fp_file.read_text().strip() != fp:

@@ -192,6 +192,7 @@ def prepare_train_features(data_root: str | os.PathLike, backbone: str, trainset
         raise CSAInputError(f"{ann_path} not found; download it with `csa download rsfm120k --data-root {data_root}`")
     ann = load_pickle(ann_path)
     ims = Path(data_root, "jpg", trainset, "ims")
+    check_output_file(train_features_path(data_root, trainset, name), f"the descriptors of {trainset}")
     dev = resolve_device(device)
     net = load_backbone(backbone, data_root, dev)
     out = {}
@@ -220,6 +221,7 @@ def prepare_r1m_features(data_root: str | os.PathLike, backbone: str, image_size
         raise CSAInputError(f"{listing} not found; download R1M with `csa download r1m --data-root {data_root}`")
     names = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
     paths = [Path(data_root, "jpg", "revisitop1m", n) for n in names]
+    check_output_file(Path(data_root, "r1m", f"{name}.npy"), "the R1M descriptors")
     dev = resolve_device(device)
     net = load_backbone(backbone, data_root, dev)
     vecs = extract_descriptors(net, paths, image_size=image_size, scales=scales, batch_size=batch_size,
