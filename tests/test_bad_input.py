@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from _toy_data import TOY_GND, toy_descriptors, write_toy_root
-from _train_helpers import TOY_TRAINSET, write_toy_trainset
+from _train_helpers import TOY_TRAINSET, tiny_config, write_toy_trainset
 from csa.checkpoint import load_checkpoint, load_model, save_checkpoint
 from csa.cli import main as csa_main
 from csa.compare.expansion import aqe
@@ -27,14 +27,10 @@ from csa.fileio import PickleRefused, load_pickle
 from csa.model import RerankTransformer
 from csa.rerank import rerank
 from csa.search import first_stage
-from csa.training.config import TrainConfig
 from csa.training.engine import NonFiniteLossError, train_one_epoch
 from csa.training.train import run_training
 from csa.validation import CSAInputError, check_ranks
 
-TINY_TRAIN = dict(trainset=TOY_TRAINSET, feature_names=["toyfeat"], topk=16, anchor_len=16, embed_dim=32, depth=1,
-                  num_heads=2, batch_size=16, num_epochs=2, warmup_epochs=1, warmup_lr=0.05, base_lr=0.5,
-                  lr_scaling=False, num_workers=0, progress=False)
 
 
 def files_under(root: Path) -> dict[str, bytes]:
@@ -127,8 +123,7 @@ def test_features_that_do_not_match_the_ground_truth(root):
     ("attn_drop_rate", 1.0), ("num_workers", -1), ("num_epochs", 0), ("device", "tpu"), ("num_heads", 0),
 ])
 def test_training_settings_that_cannot_learn_are_refused_before_any_work(tmp_path, field, value):
-    config = TrainConfig(**{**TINY_TRAIN, "data_root": str(tmp_path / "absent"),
-                            "output_dir": str(tmp_path / "run"), field: value})
+    config = tiny_config(tmp_path / "absent", **{"output_dir": str(tmp_path / "run"), field: value})
     with pytest.raises(CSAInputError, match="--" + field.replace("_", "-")):
         run_training(config)
     assert not (tmp_path / "run").exists()
@@ -142,7 +137,7 @@ def test_non_finite_training_features_and_losses_stop_training(tmp_path):
     with open(path, "wb") as f:
         pickle.dump(feats, f)
     with pytest.raises(CSAInputError, match="training features 'toyfeat'.*NaN"):
-        run_training(TrainConfig(**TINY_TRAIN, data_root=str(tmp_path), output_dir=str(tmp_path / "run")))
+        run_training(tiny_config(tmp_path, num_epochs=2))
     assert not (tmp_path / "run" / "checkpoint.pth").exists()
 
     class NaNLoss(torch.nn.Module):
@@ -224,12 +219,10 @@ def test_a_read_only_cache_falls_back_to_the_output_folder(tmp_path):
     write_toy_trainset(tmp_path)
     (tmp_path / "cache").write_text("not a folder: <data_root>/cache cannot be written")
     with pytest.warns(UserWarning, match="--cache-dir"):
-        run_training(TrainConfig(**{**TINY_TRAIN, "num_epochs": 1, "warmup_epochs": 0}, data_root=str(tmp_path),
-                                 output_dir=str(tmp_path / "run")))
+        run_training(tiny_config(tmp_path, num_epochs=1, warmup_epochs=0))
     assert list((tmp_path / "run" / "cache").glob("neighbours_*.pkl"))
     with pytest.raises(CSAInputError, match="--cache-dir"):   # an explicit --cache-dir is never replaced
-        run_training(TrainConfig(**{**TINY_TRAIN, "num_epochs": 1, "warmup_epochs": 0}, data_root=str(tmp_path),
-                                 output_dir=str(tmp_path / "run2"), cache_dir=str(tmp_path / "cache")))
+        run_training(tiny_config(tmp_path, "run2", num_epochs=1, warmup_epochs=0, cache_dir=str(tmp_path / "cache")))
 
 
 # --------------------------------------------------------------------------------------------

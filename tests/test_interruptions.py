@@ -15,29 +15,15 @@ import pandas as pd
 import pytest
 import torch
 
-from _train_helpers import TOY_TRAINSET, write_toy_trainset
-from csa.training.config import TrainConfig, config_to_argv
+from _train_helpers import tiny_config, write_toy_trainset
+from csa.training.config import config_to_argv
 from csa.training.train import main as train_main
 from csa.training.train import run_training
 from csa.validation import CSAInputError
 from test_batch import write_grid_notebook
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(trainset=TOY_TRAINSET, feature_names=["toyfeat"], topk=16, anchor_len=16, embed_dim=32, depth=1,
-            num_heads=2, batch_size=16, num_epochs=3, warmup_epochs=1, warmup_lr=0.05, base_lr=0.5,
-            lr_scaling=False, num_workers=0, progress=False)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def config(root: Path, out: str = "run", **kw) -> TrainConfig:
-    return TrainConfig(**{**TINY, "data_root": str(root), "output_dir": str(root / out), **kw})
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
@@ -46,23 +32,23 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 
 def test_training_into_an_existing_run_needs_resume_or_overwrite(tmp_path, capsys):
     write_toy_trainset(tmp_path)
-    run_training(config(tmp_path, num_epochs=2, warmup_epochs=1))
+    run_training(tiny_config(tmp_path, num_epochs=2, warmup_epochs=1))
     run = tmp_path / "run"
     kept = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     with pytest.raises(CSAInputError, match="already holds a training run"):
-        run_training(config(tmp_path, num_epochs=2, warmup_epochs=1, seed=5))
+        run_training(tiny_config(tmp_path, num_epochs=2, warmup_epochs=1, seed=5))
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == kept   # nothing replaced
-    argv = config_to_argv(config(tmp_path, num_epochs=2, warmup_epochs=1, seed=5))
+    argv = config_to_argv(tiny_config(tmp_path, num_epochs=2, warmup_epochs=1, seed=5))
     assert train_main(argv) == 2
     assert "--overwrite" in capsys.readouterr().err
     # a resume that would continue another model or other data is refused, naming the fields
     for changed, flags in (({"topk": 8}, "--topk"), ({"embed_dim": 16, "num_heads": 2}, "--embed-dim")):
         with pytest.raises(CSAInputError, match=flags):
-            run_training(config(tmp_path, num_epochs=3, resume="auto", **changed))
+            run_training(tiny_config(tmp_path, num_epochs=3, resume="auto", **changed))
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == kept
     # --overwrite replaces the run (and its per-epoch files) deliberately
     (run / "checkpoint-epoch001.pth").write_bytes(kept["checkpoint.pth"])
-    run_training(config(tmp_path, num_epochs=2, warmup_epochs=1, seed=5, overwrite=True))
+    run_training(tiny_config(tmp_path, num_epochs=2, warmup_epochs=1, seed=5, overwrite=True))
     assert not (run / "checkpoint-epoch001.pth").exists()
     assert (run / "checkpoint.pth").read_bytes() != kept["checkpoint.pth"]
 
@@ -71,8 +57,8 @@ def test_training_into_an_existing_run_needs_resume_or_overwrite(tmp_path, capsy
 def test_kill_then_resume_auto_is_bit_identical_and_clears_temporaries(tmp_path):
     write_toy_trainset(tmp_path)
     long = dict(num_epochs=8, warmup_epochs=2)
-    run_training(config(tmp_path, "full", **long))
-    killed = config(tmp_path, "killed", **long)
+    run_training(tiny_config(tmp_path, "full", **long))
+    killed = tiny_config(tmp_path, "killed", **long)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
     proc = subprocess.Popen([sys.executable, "-m", "csa.training", *config_to_argv(killed)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -86,7 +72,7 @@ def test_kill_then_resume_auto_is_bit_identical_and_clears_temporaries(tmp_path)
     assert 2 <= stopped_at < 8
     orphan = tmp_path / "killed" / ".checkpoint.pth.k1lledxx.tmp"     # what a kill during a save leaves
     orphan.write_bytes(b"half a checkpoint")
-    resumed = run_training(config(tmp_path, "killed", resume="auto", **long))
+    resumed = run_training(tiny_config(tmp_path, "killed", resume="auto", **long))
     assert [h["epoch"] for h in resumed["history"]] == list(range(1, 9))
     full, again = weights(tmp_path / "full" / "checkpoint.pth"), weights(tmp_path / "killed" / "checkpoint.pth")
     assert all(torch.equal(full[k], again[k]) for k in full)
