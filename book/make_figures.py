@@ -12,6 +12,8 @@ import matplotlib
 from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 
+from csa.notebook.outputs import save_figure
+
 FIGURES = Path(__file__).resolve().parent / "figures"
 
 _FILL = {"data": "#e8f1fb", "op": "#fdf2e3", "loss": "#fbe9e9", "out": "#e9f6ea"}
@@ -82,7 +84,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     with matplotlib.rc_context({"svg.hashsalt": "csa-book", "svg.fonttype": "path", "font.family": "DejaVu Sans"}):
-        dataflow_figure().savefig(args.out / "csa_dataflow.svg", metadata={"Date": None})
+        save_figure(dataflow_figure(), args.out / "csa_dataflow.svg", metadata={"Date": None})
     print(f"wrote {args.out / 'csa_dataflow.svg'}")
 
 

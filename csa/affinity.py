@@ -58,7 +58,7 @@ def _checked_inputs(qvecs: Any, dbvecs: Any, ranks: Any, topk: int, anchor_len: 
     qvecs, dbvecs = check_descriptors(qvecs, dbvecs, normalize=normalize)
     check_topk(topk, anchor_len, dbvecs.shape[0])
     m = max(topk, anchor_len - 1)
-    check_ranks(ranks, dbvecs.shape[0], qvecs.shape[0], min_rows=m)
+    check_ranks(ranks, dbvecs.shape[0], qvecs.shape[0], min_rows=m, prefix=m)
     return as_tensor(qvecs).float(), as_tensor(dbvecs).float(), as_tensor(ranks)[:m].long()
 
 

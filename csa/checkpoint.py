@@ -5,17 +5,24 @@ Model checkpoint format: ``{'epoch': int, 'state_dict': {...}, 'config': model.c
 too: the architecture is inferred from the parameter shapes (``anchor_len`` and ``embed_dim`` from
 ``topk_proj.weight``, ``depth`` from the number of blocks, ``mlp_ratio`` from ``mlp.fc1``,
 ``qkv_bias`` from the presence of ``attn.qkv.bias``); ``num_heads`` cannot be read from the
-weights, so it is 12 (the paper's value) unless given.  Loading uses ``weights_only=True``, so a
-checkpoint can never run code.
+weights, so it is 12 (the paper's value) unless given, and :func:`load_model` warns when it had to
+assume it.  Loading uses ``weights_only=True``, so a checkpoint can never run code.
+
+Integrity: :func:`save_checkpoint` refuses non-finite weights and stores ``'digest'``, a sha256 of
+every tensor and value in the file; :func:`load_checkpoint` recomputes it and refuses a file whose
+content changed (bytes flipped on disk, a bad copy).  Official files carry no digest: their weights
+are checked to be finite instead (every load checks that too).
 
 Training runs save the same file with the optimizer, schedule, scaler, RNG and history states added
 (:func:`save_run_checkpoint`); :func:`load_run_checkpoint` reads it back for ``--resume``.
 """
 from __future__ import annotations
 
+import hashlib
 import inspect
 import os
 import re
+import warnings
 from typing import Any, Mapping
 
 import torch
@@ -26,7 +33,7 @@ from csa.model import RerankTransformer, unwrap
 from csa.validation import CSAInputError
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_model", "load_state_dict_checked", "state_dict_mismatch",
-           "infer_config",
+           "infer_config", "checkpoint_digest", "DIGEST_KEY", "PAPER_NUM_HEADS",
            "save_run_checkpoint", "load_run_checkpoint", "RUN_STATE_KEYS"]
 
 _SHAPE_ARGS = ("anchor_len", "embed_dim", "depth", "mlp_ratio", "qkv_bias")
@@ -34,6 +41,41 @@ _SHAPE_ARGS = ("anchor_len", "embed_dim", "depth", "mlp_ratio", "qkv_bias")
 _MODEL_ARGS = tuple(inspect.signature(RerankTransformer).parameters)
 #: What a resumable training checkpoint holds besides the model's weights.
 RUN_STATE_KEYS = ("optimizer", "schedule")
+#: Checkpoint entry holding ``'sha256:<hex>'`` of everything else in the file.
+DIGEST_KEY = "digest"
+#: Head count assumed for official checkpoints, which do not record it (the paper's value).
+PAPER_NUM_HEADS = 12
+
+
+def _feed(h: "hashlib._Hash", value: Any) -> None:
+    """Add ``value`` (nested dicts / lists / tuples of tensors and plain values) to the hash ``h``."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        h.update(f"tensor{t.dtype}{tuple(t.shape)}:".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(value, Mapping):
+        h.update(f"dict{len(value)}:".encode())
+        for key in sorted(value, key=repr):
+            h.update(repr(key).encode())
+            _feed(h, value[key])
+    elif isinstance(value, (list, tuple)):
+        h.update(f"{type(value).__name__}{len(value)}:".encode())
+        for item in value:
+            _feed(h, item)
+    else:
+        h.update(f"{type(value).__name__}:{value!r};".encode())
+
+
+def checkpoint_digest(ckpt: Mapping[str, Any]) -> str:
+    """``'sha256:<hex>'`` of every entry of a checkpoint dict except :data:`DIGEST_KEY`."""
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in ckpt.items() if k != DIGEST_KEY})
+    return "sha256:" + h.hexdigest()
+
+
+def _non_finite(state_dict: Mapping[str, Any]) -> list[str]:
+    return [k for k, v in state_dict.items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, epoch: int, **extra: Any) -> None:
@@ -46,10 +88,15 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, epoch: int, **ext
     ckpt = {"epoch": int(epoch),
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             "config": dict(model.config) if hasattr(model, "config") else None}
-    clash = set(extra) & set(ckpt)
+    clash = set(extra) & (set(ckpt) | {DIGEST_KEY})
     if clash:
         raise CSAInputError(f"extra checkpoint fields {sorted(clash)} clash with reserved keys; rename them")
+    bad = _non_finite(ckpt["state_dict"])
+    if bad:
+        raise CSAInputError(f"the model's weights are not finite (NaN or inf in {bad[:3]}); {os.fspath(path)} was "
+                            f"not written, so an earlier checkpoint there is kept")
     ckpt.update(extra)
+    ckpt[DIGEST_KEY] = checkpoint_digest(ckpt)
     with atomic_write(path, "wb") as f:
         torch.save(ckpt, f)
 
@@ -58,15 +105,20 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read a checkpoint file safely (``weights_only=True``) into a dict with a ``'state_dict'``.
 
     A bare state dict is wrapped as ``{'state_dict': sd}``; a ``'module.'`` prefix left by
-    DistributedDataParallel is removed.
+    DistributedDataParallel is removed.  A stored digest is verified and the weights must be
+    finite; every unreadable file raises one :class:`CSAInputError` naming it.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CSAInputError(f"no checkpoint file at {path!r}; check the path")
+    if os.path.getsize(path) == 0:
+        raise CSAInputError(f"checkpoint {path!r} is empty (0 bytes): it was never written completely; "
+                            f"re-download or re-save it")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, not a torch file, unpickling refused...
-        raise CSAInputError(f"cannot read checkpoint {path!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise CSAInputError(f"cannot read checkpoint {path!r} ({type(e).__name__}: {first}); "
                             f"the file is truncated, corrupt or not a torch checkpoint — re-download or re-save it") from e
     if not isinstance(obj, Mapping):
         raise CSAInputError(f"checkpoint {path!r} holds a {type(obj).__name__}, expected a dict with 'state_dict'")
@@ -76,13 +128,23 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         else:
             raise CSAInputError(f"checkpoint {path!r} has no 'state_dict' entry (keys: {sorted(obj)[:10]})")
     obj = dict(obj)
+    if DIGEST_KEY in obj and obj[DIGEST_KEY] != checkpoint_digest(obj):
+        raise CSAInputError(f"checkpoint {path!r} is corrupt: its content no longer matches the digest stored when "
+                            f"it was saved (bytes changed on disk or in a copy); use another copy or re-train")
     sd = obj["state_dict"]
+    if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CSAInputError(f"checkpoint {path!r}: 'state_dict' must map parameter names to tensors")
+    bad = _non_finite(sd)
+    if bad:
+        raise CSAInputError(f"checkpoint {path!r} holds non-finite weights (NaN or inf in {bad[:3]}"
+                            f"{' and more' if len(bad) > 3 else ''}): the model diverged or the file is damaged; "
+                            f"it cannot re-rank anything")
     if sd and all(k.startswith("module.") for k in sd):
         obj["state_dict"] = {k[len("module."):]: v for k, v in sd.items()}
     return obj
 
 
-def infer_config(state_dict: Mapping[str, torch.Tensor], num_heads: int = 12) -> dict[str, Any]:
+def infer_config(state_dict: Mapping[str, torch.Tensor], num_heads: int = PAPER_NUM_HEADS) -> dict[str, Any]:
     """Architecture arguments of :class:`RerankTransformer` read from parameter shapes."""
     if "topk_proj.weight" not in state_dict:
         raise CSAInputError("state dict has no 'topk_proj.weight'; it is not a CSA RerankTransformer checkpoint")
@@ -129,28 +191,39 @@ def load_state_dict_checked(model: nn.Module, state_dict: Mapping[str, torch.Ten
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", **overrides: Any) -> RerankTransformer:
     """Build a :class:`RerankTransformer` from a checkpoint and load its weights (eval mode).
 
-    ``overrides`` replace config entries (e.g. ``num_heads`` for official checkpoints, or dropout
-    rates); asking for an architecture different from the checkpoint's (``anchor_len`` etc.)
-    raises :class:`CSAInputError`.
+    ``overrides`` replace config entries: architecture arguments the weights cannot tell
+    (``num_heads`` of an official checkpoint, which has no config: without it the paper's 12 is
+    assumed, with a warning saying so) and dropout rates.  Asking for an architecture different from
+    the one the checkpoint records or its weights fix (``anchor_len``, ``embed_dim``, ``num_heads``
+    of a ``csa train`` checkpoint...) raises :class:`CSAInputError`.
     """
     ckpt = load_checkpoint(path)
     sd = ckpt["state_dict"]
     stored = ckpt.get("config")
-    inferred = infer_config(sd, num_heads=overrides.get("num_heads", (stored or {}).get("num_heads", 12)))
-    cfg = dict(stored) if stored else dict(inferred)
-    for key in _SHAPE_ARGS:
-        if key in overrides and key in inferred and overrides[key] != inferred[key]:
-            what = "anchors L" if key == "anchor_len" else key
-            raise CSAInputError(f"{key}={overrides[key]!r} was requested but checkpoint {os.fspath(path)!r} was "
-                                f"trained with {key}={inferred[key]!r} ({what} is fixed by the weights); use "
-                                f"{key}={inferred[key]!r}")
     unknown = set(overrides) - set(_MODEL_ARGS)
     if unknown:
         raise CSAInputError(f"unknown model argument(s) {sorted(unknown)}; valid: {sorted(_MODEL_ARGS)}")
+    assumed = not stored and "num_heads" not in overrides
+    inferred = infer_config(sd, num_heads=overrides.get("num_heads", (stored or {}).get("num_heads", PAPER_NUM_HEADS)))
+    cfg = dict(stored) if stored else dict(inferred)
+    fixed = {**inferred, **({"num_heads": stored["num_heads"]} if stored and "num_heads" in stored else {})}
+    for key in (*_SHAPE_ARGS, "num_heads"):
+        if key in overrides and key in fixed and overrides[key] != fixed[key] and (key != "num_heads" or stored):
+            what = "anchors L" if key == "anchor_len" else key
+            why = "is fixed by the weights" if key != "num_heads" else "is recorded in the checkpoint's config"
+            raise CSAInputError(f"{key}={overrides[key]!r} was requested but checkpoint {os.fspath(path)!r} was "
+                                f"trained with {key}={fixed[key]!r} ({what} {why}); use {key}={fixed[key]!r}")
     cfg.update(overrides)
     if cfg["embed_dim"] % cfg["num_heads"]:
-        raise CSAInputError(f"num_heads={cfg['num_heads']} does not divide embed_dim={cfg['embed_dim']}; pass "
-                            f"the num_heads the checkpoint was trained with")
+        guess = (f" (checkpoint {os.fspath(path)!r} does not record its head count, so the paper's "
+                 f"{PAPER_NUM_HEADS} was assumed)" if assumed else "")
+        raise CSAInputError(f"num_heads={cfg['num_heads']} does not divide embed_dim={cfg['embed_dim']}{guess}; pass "
+                            f"the num_heads the checkpoint was trained with (csa rerank --num-heads)")
+    if assumed:
+        warnings.warn(f"checkpoint {os.fspath(path)!r} does not record its head count (official format): "
+                      f"num_heads={PAPER_NUM_HEADS} (the paper's value) was assumed; a model trained with another "
+                      f"head count scores differently — pass num_heads=... (csa rerank --num-heads) to set it",
+                      UserWarning, stacklevel=2)
     model = RerankTransformer(**cfg)
     load_state_dict_checked(model, sd)
     return model.to(device).eval()

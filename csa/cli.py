@@ -1,7 +1,9 @@
 """Command-line interface: ``csa train | rerank | evaluate | extract | demo | download | batch``.
 
 Each sub-command is a thin wrapper around the library; ``csa <command> --help`` lists every flag with its
-default (the paper's recipe where one exists).
+default (the paper's recipe where one exists).  Every sub-command reports a problem as one line
+``csa <command>: error: ...`` on stderr and a non-zero exit status (2 for bad input and usage,
+1 for other failures, 130 for Ctrl-C), never as a traceback (:func:`csa.validation.run_command`).
 """
 
 from __future__ import annotations
@@ -39,23 +41,30 @@ def _load_eval_inputs(args: argparse.Namespace):
 
 def _cmd_rerank(args: argparse.Namespace) -> int:
     from csa.checkpoint import load_model
-    from csa.device import resolve_device
+    from csa.device import resolve_device, resolve_precision
     from csa.evaluate import evaluate_revisited, format_revisited
     from csa.rerank import rerank
     from csa.search import first_stage
 
-    qvecs, dbvecs, gnd = _load_eval_inputs(args)
+    if args.output is not None:  # before any work: a bad location fails now, not after the re-ranking
+        from csa.fileio import check_output_file
+
+        check_output_file(args.output, "--output")
     device = resolve_device(args.device)
-    ranks = first_stage(qvecs, dbvecs)
-    print(format_revisited(args.dataset, evaluate_revisited(ranks, gnd), method="first stage"))
-    overrides = {} if args.anchor_len is None else {"anchor_len": args.anchor_len}
+    resolve_precision(args.precision, device)
+    overrides = {key: value for key, value in (("anchor_len", args.anchor_len), ("num_heads", args.num_heads))
+                 if value is not None}
     model = load_model(args.checkpoint, device=device, **overrides)
+    qvecs, dbvecs, gnd = _load_eval_inputs(args)
+    ranks = first_stage(qvecs, dbvecs)
+    print(format_revisited(args.dataset, evaluate_revisited(ranks, gnd, n_db=len(dbvecs)), method="first stage"))
     anchor_len = model.config["anchor_len"]
     start = time.perf_counter()
     reranked = rerank(model, qvecs, dbvecs, ranks, topk=args.topk, anchor_len=anchor_len,
                       batch_size=args.batch_size, device=device, precision=args.precision)
     elapsed = time.perf_counter() - start
-    print(format_revisited(args.dataset, evaluate_revisited(reranked, gnd), method=f"CSA top-{args.topk}"))
+    print(format_revisited(args.dataset, evaluate_revisited(reranked, gnd, n_db=len(dbvecs)),
+                           method=f"CSA top-{args.topk}"))
     print(f">> re-ranking took {elapsed:.2f} s ({1000 * elapsed / len(qvecs):.1f} ms per query, {device}, {args.precision})")
     if args.output is not None:
         from csa.fileio import atomic_write
@@ -66,18 +75,40 @@ def _cmd_rerank(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_ranks(path: Path) -> np.ndarray:
+    """The (N, Q) integer array saved with ``np.save`` at ``path`` (``--ranks``), or one clear error."""
+    from csa.validation import CSAInputError
+
+    if not path.is_file():
+        raise CSAInputError(f"--ranks {path}: no such file; give the .npy written by `csa rerank --output`")
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic != b"\x93NUMPY":
+        what = "an .npz archive" if magic.startswith(b"PK") else "not a .npy array file (np.save format)"
+        raise CSAInputError(f"--ranks {path}: it is {what}; save the (N, Q) integer ranks with np.save")
+    try:
+        return np.load(path, allow_pickle=False)
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):
+            raise CSAInputError(f"--ranks {path}: it holds Python objects (an object array), not integer "
+                                f"indices; save the (N, Q) integer ranks with np.save") from exc
+        raise CSAInputError(f"--ranks {path}: cannot be read ({exc}); the file is damaged") from exc
+    except (OSError, EOFError) as exc:
+        raise CSAInputError(f"--ranks {path}: cannot be read ({exc}); the file is truncated") from exc
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from csa.evaluate import evaluate_revisited, format_revisited
     from csa.search import first_stage
 
+    ranks = _load_ranks(args.ranks) if args.ranks is not None else None
     qvecs, dbvecs, gnd = _load_eval_inputs(args)
-    if args.ranks is not None:
-        ranks = np.load(args.ranks)
+    if ranks is not None:
         method = str(args.ranks)
     else:
         ranks = first_stage(qvecs, dbvecs)
         method = "first stage"
-    print(format_revisited(args.dataset, evaluate_revisited(ranks, gnd), method=method))
+    print(format_revisited(args.dataset, evaluate_revisited(ranks, gnd, n_db=len(dbvecs)), method=method))
     return 0
 
 
@@ -95,6 +126,11 @@ def _scales(text: str) -> list[float]:
 
 def _cmd_extract(args: argparse.Namespace) -> int:
     from csa.descriptors.prepare import prepare
+    from csa.validation import check_int
+
+    for flag, value in (("--image-size", args.image_size), ("--workers", args.workers)):
+        if value is not None:
+            check_int(flag, value, 1 if flag == "--image-size" else 0)
 
     written = prepare(args.dataset, args.data_root, args.backbone, image_size=args.image_size,
                       scales=_scales(args.scales) if args.scales else None, device=args.device,
@@ -141,7 +177,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from csa.compare.runner import first_stage_report
     from csa.data.demo import CITIES
     from csa.descriptors.prepare import prepare_demo_features
+    from csa.validation import check_int
 
+    for flag, value, low in (("--image-size", args.image_size, 1), ("--batch-size", args.batch_size, 1),
+                             ("--workers", args.workers, 0), ("--threads", args.threads or 1, 1)):
+        check_int(flag, value, low)
     if args.threads:
         torch.set_num_threads(args.threads)
     paths = prepare_demo_features(args.root, args.image_size, _scales(args.scales), args.batch_size, args.workers,
@@ -170,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topk", type=int, default=1024, help="candidates re-ranked (K; paper's test recipe)")
     p.add_argument("--anchor-len", type=int, default=None,
                    help="anchors: query + top L-1 (L); default: the checkpoint's L (the paper: 512)")
+    p.add_argument("--num-heads", type=int, default=None,
+                   help="attention heads of an official checkpoint, which does not record them "
+                        "(default: the checkpoint's config; official files: 12, the paper's value, with a warning)")
     p.add_argument("--batch-size", type=int, default=8, help="queries per forward pass")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"])
@@ -245,13 +288,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = module.main(argv[1:])
         return int(result or 0)
     args = build_parser().parse_args(argv)
-    from csa.validation import CSAInputError
+    from csa.validation import run_command
 
-    try:
-        return int(args.func(args) or 0)
-    except CSAInputError as exc:
-        print(f"csa {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(f"csa {args.command}", lambda: args.func(args))
 
 
 if __name__ == "__main__":

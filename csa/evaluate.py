@@ -9,6 +9,11 @@ before rank k, precision is measured at the last positive; ``nres`` is the numbe
 the ground truth, even when a truncated ranking misses some of them (missing ones count as
 never retrieved).  One deliberate difference: when a truncated ranking contains *no* positive,
 revisitop's mP@k crashes (max of an empty array); here that query's AP is 0 and its P@k is 0.
+
+Inputs are checked before any number is computed (revisitop checks nothing): every column of
+``ranks`` must list distinct, non-negative database indices (and indices below ``n_db`` when the
+database size is given), ground-truth index lists must be integers, and ``kappas`` positive.  A
+duplicated or negative index would otherwise give impossible scores (an AP above 100%).
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from csa.validation import CSAInputError, check_gnd
+from csa.validation import CSAInputError, check_gnd, check_kappas, check_ranks
 
 __all__ = ["compute_ap", "compute_map", "protocol_gnd", "evaluate_revisited", "format_revisited",
            "print_revisited", "query_scores", "protocol_summary", "random_ranking_map", "PROTOCOLS",
@@ -80,13 +85,21 @@ def _means(aps: np.ndarray, prs: np.ndarray) -> tuple[float, np.ndarray]:
     return float(np.nansum(aps) / n), np.nansum(prs, axis=0) / n
 
 
-def compute_map(ranks: Any, gnd: Sequence[dict], kappas: Sequence[int] = ()) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+def compute_map(ranks: Any, gnd: Sequence[dict], kappas: Sequence[int] = (), n_db: int | None = None
+                ) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
     """revisitop ``compute_map``: returns ``(map, aps, pr, prs)`` (fractions, not percent).
 
-    ``ranks``: (N or K, Q) database indices; ``gnd``: per query dict with 'ok' and optional 'junk'.
+    ``ranks``: (N or K, Q) database indices; ``gnd``: per query dict with 'ok' and optional 'junk';
+    ``n_db``: the database size, when known (then indices must be below it).
     """
-    ranks = _as_numpy_ranks(ranks, len(gnd))
-    kappas = list(kappas)
+    gnd = check_gnd(gnd, n_db=n_db)
+    ranks = _checked_ranks(ranks, len(gnd), n_db)
+    return _compute_map(ranks, gnd, check_kappas(kappas))
+
+
+def _compute_map(ranks: np.ndarray, gnd: Sequence[dict], kappas: list[int]
+                 ) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`compute_map` on checked inputs."""
     nq = len(gnd)
     aps = np.zeros(nq)
     prs = np.zeros((nq, len(kappas)))
@@ -102,7 +115,8 @@ def compute_map(ranks: Any, gnd: Sequence[dict], kappas: Sequence[int] = ()) -> 
     return mean_ap, aps, mean_pr, prs
 
 
-def _as_numpy_ranks(ranks: Any, n_q: int) -> np.ndarray:
+def _checked_ranks(ranks: Any, n_q: int, n_db: int | None) -> np.ndarray:
+    """``ranks`` as a numpy (N or K, Q) integer array after :func:`csa.validation.check_ranks`."""
     if hasattr(ranks, "detach"):
         ranks = ranks.detach().cpu().numpy()
     ranks = np.asarray(ranks)
@@ -110,9 +124,7 @@ def _as_numpy_ranks(ranks: Any, n_q: int) -> np.ndarray:
         hint = " (it looks transposed: use ranks.T)" if ranks.ndim == 2 and ranks.shape[0] == n_q else ""
         raise CSAInputError(f"ranks must have shape (N or K, Q) with Q={n_q} columns (one per query in gnd), "
                             f"got {ranks.shape}{hint}")
-    if not np.issubdtype(ranks.dtype, np.integer):
-        raise CSAInputError(f"ranks must hold integer database indices, got dtype {ranks.dtype}")
-    return ranks
+    return check_ranks(ranks, n_db, n_q)
 
 
 def protocol_gnd(gnd: Sequence[dict], protocol: str) -> list[dict]:
@@ -136,20 +148,24 @@ def protocol_summary(aps: np.ndarray, prs: np.ndarray, kappas: Sequence[int]) ->
             "aps": 100.0 * aps}
 
 
-def evaluate_revisited(ranks: Any, gnd: Any, kappas: Sequence[int] = (1, 5, 10)) -> dict[str, dict]:
+def evaluate_revisited(ranks: Any, gnd: Any, kappas: Sequence[int] = (1, 5, 10), n_db: int | None = None
+                       ) -> dict[str, dict]:
     """Easy / Medium / Hard results in percent from the raw revisitop ground truth.
 
-    ``gnd``: the revisitop dict or its ``'gnd'`` list.  Returns
+    ``gnd``: the revisitop dict or its ``'gnd'`` list; ``n_db``: the database size, when known
+    (ranks and ground truth must then index below it; see :func:`compute_map` for the checks).  Returns
     ``{'easy'|'medium'|'hard': {'map': float, 'mp@k': {k: float}, 'aps': (Q,) array}}``;
     ``aps`` has ``nan`` for queries without positives under that protocol.
     """
-    gnd = check_gnd(gnd)
+    gnd = check_gnd(gnd, n_db=n_db)
     if any("ok" in g for g in gnd):
         raise CSAInputError("evaluate_revisited needs the raw revisitop gnd (easy/hard/junk per query); for a "
                             "single ok/junk protocol call compute_map")
+    ranks = _checked_ranks(ranks, len(gnd), n_db)
+    kappas = check_kappas(kappas)
     results = {}
     for proto in PROTOCOLS:
-        _, aps, _, prs = compute_map(ranks, protocol_gnd(gnd, proto), kappas)
+        _, aps, _, prs = _compute_map(ranks, protocol_gnd(gnd, proto), kappas)
         results[proto] = protocol_summary(aps, prs, kappas)
     return results
 

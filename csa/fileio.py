@@ -1,23 +1,37 @@
-"""File helpers: atomic writes, pickles and content fingerprints.
+"""File helpers: atomic writes, output-location checks, safe pickles and content fingerprints.
 
 Every file the project writes goes through :func:`atomic_write`: the data is written to a temporary
 file in the destination folder and moved into place with :func:`os.replace`, so a crash or an
-interrupted run never leaves a half-written file behind.
+interrupted run never leaves a half-written file behind (a killed process may leave its temporary
+``.<name>.<random>.tmp``; :func:`remove_stale_temporaries` clears them when the next run starts).
+Commands check their output locations with :func:`check_output_dir` / :func:`check_output_file`
+before any long work starts.
+
+Every ``.pkl`` the package reads goes through :func:`load_pickle`, a restricted unpickler that
+builds only builtin containers and scalars (dict, list, tuple, set, str, bytes, int, float, bool,
+None) and numpy arrays, dtypes and scalars: a pickle naming any other class or function (the way a
+malicious pickle runs code) is refused with :class:`PickleRefused` before anything is called.
 """
 from __future__ import annotations
 
+import builtins
+import collections
 import contextlib
 import hashlib
 import json
 import os
 import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterator
 
 import numpy as np
 
-__all__ = ["atomic_write", "load_pickle", "save_pickle", "fingerprint"]
+from csa.validation import CSAInputError
+
+__all__ = ["atomic_write", "load_pickle", "save_pickle", "fingerprint", "sha256_file", "PickleRefused",
+           "SAFE_PICKLE_GLOBALS", "check_output_dir", "check_output_file", "remove_stale_temporaries"]
 
 
 @contextlib.contextmanager
@@ -55,16 +69,125 @@ def _current_umask() -> int:
     return mask
 
 
+#: Name of the temporary files :func:`atomic_write` creates: ``.<final name>.<8 random characters>.tmp``.
+_TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files an interrupted :func:`atomic_write` left in ``folder``; return them.
+
+    Call it when a run that owns ``folder`` starts (no other writer may be active there).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for entry in folder.iterdir():
+        if entry.is_file() and _TEMPORARY.match(entry.name):
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+                removed.append(entry)
+    return removed
+
+
+def check_output_dir(path: str | os.PathLike, what: str) -> Path:
+    """Make sure ``path`` is (or can be created as) a folder this process can write into; return it.
+
+    Called before long work starts, so that a bad location fails in seconds, not after the work.
+    ``what`` names the location in the error (e.g. ``'--output-dir'``).  The folder is created.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CSAInputError(f"{what} {path} is a file, not a folder; give a folder path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".csa-write-check.", suffix=".tmp", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise CSAInputError(f"{what} {path} cannot be written ({exc.strerror or exc}); choose a writable "
+                            f"location") from exc
+    return path
+
+
+def check_output_file(path: str | os.PathLike, what: str) -> Path:
+    """Make sure a file can be written at ``path`` (not a folder, parent writable); return it."""
+    path = Path(path)
+    if path.is_dir():
+        raise CSAInputError(f"{what} {path} is a folder; give a file path")
+    check_output_dir(path.parent, f"the folder of {what}")
+    return path
+
+
 def save_pickle(obj: Any, path: str | os.PathLike) -> None:
     """Pickle ``obj`` to ``path`` atomically (highest protocol)."""
     with atomic_write(path, "wb") as f:
         pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
 
 
+class PickleRefused(CSAInputError, pickle.UnpicklingError):
+    """A pickle names a class or function outside :data:`SAFE_PICKLE_GLOBALS`."""
+
+
+def _numpy_globals() -> dict[tuple[str, str], Any]:
+    core = np._core if hasattr(np, "_core") else np.core
+    found = {}
+    for module in ("numpy.core", "numpy._core"):
+        found[(f"{module}.multiarray", "_reconstruct")] = core.multiarray._reconstruct
+        found[(f"{module}.multiarray", "scalar")] = core.multiarray.scalar
+        found[(f"{module}.numeric", "_frombuffer")] = core.numeric._frombuffer
+    found[("numpy", "ndarray")] = np.ndarray
+    found[("numpy", "dtype")] = np.dtype
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:  # numpy >= 1.25 pickles dtypes of numbers and strings by their class
+        for name in dir(dtypes):
+            if name.endswith("DType") and name != "ObjectDType":
+                found[("numpy.dtypes", name)] = getattr(dtypes, name)
+    return found
+
+
+#: Every global a pickle read by :func:`load_pickle` may name: (module, name) -> object.
+SAFE_PICKLE_GLOBALS: dict[tuple[str, str], Any] = {
+    **{("builtins", n): getattr(builtins, n) for n in ("dict", "list", "tuple", "set", "frozenset", "str", "bytes",
+                                                       "bytearray", "int", "float", "complex", "bool", "slice")},
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("_codecs", "encode"): __import__("codecs").encode,  # bytes inside protocol-2 pickles of numpy arrays
+    **_numpy_globals(),
+}
+_PY2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        module = _PY2_MODULES.get(module, module)
+        try:
+            return SAFE_PICKLE_GLOBALS[(module, name)]
+        except KeyError:
+            raise PickleRefused(f"it names {module}.{name}, which is not a builtin container, number or string "
+                                f"or a numpy array") from None
+
+
 def load_pickle(path: str | os.PathLike) -> Any:
-    """Load a pickle file (only open files you trust: pickles can run code)."""
+    """Load a pickle file with the restricted unpickler (see the module docstring).
+
+    Raises :class:`PickleRefused` (a :class:`CSAInputError`) naming the file when the pickle asks
+    for anything else; other read errors (truncated or foreign file) propagate.
+    """
     with open(path, "rb") as f:
-        return pickle.load(f)
+        try:
+            return _SafeUnpickler(f, encoding="latin1").load()
+        except PickleRefused as exc:
+            raise PickleRefused(f"refused to load {os.fspath(path)}: {exc}; only plain data pickles are read "
+                                f"(a pickle that names other objects can run code)") from None
+
+
+def sha256_file(path: str | os.PathLike, block: int = 1 << 20) -> str:
+    """sha256 hex digest of a file's bytes (read in ``block``-byte pieces)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def fingerprint(*parts: Any) -> str:

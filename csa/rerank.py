@@ -68,7 +68,7 @@ def _score_topk(model, qvecs, dbvecs, ranks, topk, anchor_len, batch_size, devic
         raise CSAInputError(f"anchor_len={anchor_len} but the model was built for anchor_len={model_len}; "
                             f"pass anchor_len={model_len} (L is fixed by the trained weights)")
     m = max(topk, anchor_len - 1)
-    check_ranks(ranks, n_db, n_q, min_rows=m)
+    check_ranks(ranks, n_db, n_q, min_rows=m, prefix=m)
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise CSAInputError(f"batch_size must be a positive integer, got {batch_size!r}")
     try:

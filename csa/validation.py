@@ -10,14 +10,19 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import os
+import sys
+import traceback
 import warnings
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 __all__ = [
+    "CSAError",
     "CSAInputError",
+    "run_command",
     "as_tensor",
     "same_kind",
     "check_int",
@@ -28,6 +33,8 @@ __all__ = [
     "check_ranks",
     "check_topk",
     "check_gnd",
+    "check_kappas",
+    "check_rows",
     "NORM_TOLERANCE",
 ]
 
@@ -36,8 +43,49 @@ __all__ = [
 NORM_TOLERANCE = 1e-3
 
 
-class CSAInputError(ValueError):
+class CSAError(Exception):
+    """Base of every error the package raises on purpose; its message names the problem and the fix."""
+
+
+class CSAInputError(CSAError, ValueError):
     """Bad input given to a csa function (wrong shape, dtype, range, missing key, corrupt file...)."""
+
+
+#: Environment variable that makes :func:`run_command` print the full traceback of unexpected errors.
+TRACEBACK_ENV = "CSA_TRACEBACK"
+
+
+def run_command(prog: str, body: Callable[[], int | None]) -> int:
+    """Run the body of a command-line program and return its exit status.
+
+    The package's own errors become one line ``<prog>: error: <message>`` on stderr: bad input
+    (:class:`CSAInputError`) exits with 2, other :class:`CSAError` (a failed download, a diverged
+    training run) and operating-system errors (disk full, permission denied) with 1, Ctrl-C with 130.
+    Anything else is a bug: one line too, with the full traceback when ``CSA_TRACEBACK=1``.
+    """
+    def say(text: str) -> None:
+        print(f"{prog}: {text}", file=sys.stderr, flush=True)
+
+    try:
+        return int(body() or 0)
+    except CSAInputError as exc:
+        say(f"error: {exc}")
+        return 2
+    except CSAError as exc:
+        say(f"error: {exc}")
+        return 1
+    except KeyboardInterrupt:
+        say("interrupted (Ctrl-C); finished outputs are kept, partial ones were not written")
+        return 130
+    except OSError as exc:
+        say(f"error: {exc}")
+        return 1
+    except Exception as exc:  # noqa: BLE001 - a bug: still one line unless asked for the traceback
+        if os.environ.get(TRACEBACK_ENV):
+            traceback.print_exc()
+        say(f"error: unexpected {type(exc).__name__}: {exc} (please report it; set {TRACEBACK_ENV}=1 to see "
+            f"the traceback)")
+        return 1
 
 
 def _shape(x: Any) -> tuple[int, ...]:
@@ -155,34 +203,76 @@ def check_descriptors(qvecs: Any, dbvecs: Any, normalize: str = "warn") -> tuple
                             f"transpose D x N arrays with .T)")
     if _DESCRIPTORS_CHECKED.get():
         return qvecs, dbvecs
-    out = []
-    for name, x, t in zip(("qvecs", "dbvecs"), (qvecs, dbvecs), tensors):
-        bad, norms = _row_stats(t)
-        if bad:
-            raise CSAInputError(f"{name} has {bad} row(s) with NaN or inf values; "
-                                f"fix or drop those descriptors before ranking")
-        if bool((norms == 0).any()):
-            raise CSAInputError(f"{name} has {int((norms == 0).sum())} all-zero row(s); they have no direction "
-                                f"and cannot be L2-normalized — drop or recompute them")
-        off = (norms - 1).abs() > NORM_TOLERANCE
-        if bool(off.any()):
-            msg = (f"{name}: {int(off.sum())} of {t.shape[0]} rows are not L2-normalized "
-                   f"(norms from {float(norms.min()):.4g} to {float(norms.max()):.4g})")
-            if normalize == "error":
-                raise CSAInputError(msg + "; L2-normalize the rows (x / ||x||) before calling")
-            if normalize == "warn":
-                warnings.warn(msg + "; renormalizing them", UserWarning, stacklevel=3)
-            t = (t.double() / norms[:, None]).to(t.dtype)
-            x = t.numpy() if isinstance(x, np.ndarray) else t
-        out.append(x)
-    return out[0], out[1]
+    return (check_rows(qvecs, "qvecs", normalize, _tensor=tensors[0]),
+            check_rows(dbvecs, "dbvecs", normalize, _tensor=tensors[1]))
 
 
-def check_ranks(ranks: Any, n_db: int, n_q: int, min_rows: int = 1) -> Any:
-    """Check a ranking in the (N or K, Q) layout: integer, 2-D, ``n_q`` columns, indices in [0, n_db).
+def check_rows(x: Any, name: str, normalize: str = "warn", _tensor: torch.Tensor | None = None) -> Any:
+    """Check that the rows of the 2-D float array ``x`` are finite, non-zero and L2-normalized.
 
-    ``min_rows`` is the number of rows the caller needs (e.g. max(K, L - 1) for re-ranking).
-    Returns ``ranks`` unchanged.
+    ``normalize`` is as in :func:`check_descriptors` (``'warn'`` renormalizes with a warning,
+    ``'silent'`` without, ``'error'`` raises); ``name`` says which array the message is about.
+    Returns ``x`` (renormalized if needed, same kind).
+    """
+    t = _tensor if _tensor is not None else _as_float_tensor(x, name)
+    if t.ndim != 2:
+        raise CSAInputError(f"{name} must be 2-D (one row per image, shape (n, D)), got shape {_shape(x)}")
+    bad, norms = _row_stats(t)
+    if bad:
+        raise CSAInputError(f"{name} has {bad} row(s) with NaN or inf values; "
+                            f"fix or drop those descriptors before ranking")
+    if bool((norms == 0).any()):
+        raise CSAInputError(f"{name} has {int((norms == 0).sum())} all-zero row(s); they have no direction "
+                            f"and cannot be L2-normalized — drop or recompute them")
+    off = (norms - 1).abs() > NORM_TOLERANCE
+    if bool(off.any()):
+        msg = (f"{name}: {int(off.sum())} of {t.shape[0]} rows are not L2-normalized "
+               f"(norms from {float(norms.min()):.4g} to {float(norms.max()):.4g})")
+        if normalize == "error":
+            raise CSAInputError(msg + "; L2-normalize the rows (x / ||x||) before calling")
+        if normalize == "warn":
+            warnings.warn(msg + "; renormalizing them", UserWarning, stacklevel=4)
+        t = (t.double() / norms[:, None]).to(t.dtype)
+        x = t.numpy() if isinstance(x, np.ndarray) else t
+    return x
+
+
+def _ranks_numpy(ranks: Any) -> np.ndarray:
+    if isinstance(ranks, torch.Tensor):
+        return ranks.detach().cpu().numpy()
+    return ranks
+
+
+def _first_repeating_column(r: np.ndarray, n_db: int, chunk: int = 65536) -> int | None:
+    """Index of the first column of ``r`` (integers in [0, n_db)) holding an index twice, else None.
+
+    Short prefixes are sorted column-wise in one vectorized call.  Long ones (a full ranking of a
+    1M-image database) mark each column's indices in a (Q, n_db) boolean table, reading ``r`` in
+    blocks of ``chunk`` rows so that every access stays cache-friendly (about 1 s for 1M x 70).
+    """
+    m, n_q = r.shape
+    if m < 2:
+        return None
+    if m * max(1, int(math.log2(m))) <= 4 * n_db:
+        s = np.sort(r, axis=0)
+        repeats = np.flatnonzero((s[1:] == s[:-1]).any(axis=0))
+        return int(repeats[0]) if repeats.size else None
+    seen = np.zeros((n_q, n_db), dtype=bool)
+    for start in range(0, m, chunk):
+        block = np.ascontiguousarray(r[start:start + chunk].T)
+        for q in range(n_q):
+            seen[q, block[q]] = True
+    repeats = np.flatnonzero(np.count_nonzero(seen, axis=1) != m)
+    return int(repeats[0]) if repeats.size else None
+
+
+def check_ranks(ranks: Any, n_db: int | None, n_q: int, min_rows: int = 1, prefix: int | None = None) -> Any:
+    """Check a ranking in the (N or K, Q) layout: integer, 2-D, ``n_q`` columns, and in each column's
+    used prefix (the first ``prefix`` rows; all rows by default) distinct indices in [0, n_db).
+
+    ``min_rows`` is the number of rows the caller needs (e.g. max(K, L - 1) for re-ranking);
+    ``n_db=None`` (database size unknown, e.g. in :func:`csa.evaluate.compute_map`) checks indices
+    are >= 0 only.  Returns ``ranks`` unchanged.
     """
     if isinstance(ranks, torch.Tensor):
         is_int = not ranks.is_floating_point() and not ranks.is_complex() and ranks.dtype != torch.bool
@@ -202,14 +292,34 @@ def check_ranks(ranks: Any, n_db: int, n_q: int, min_rows: int = 1) -> Any:
     if ranks.shape[0] < min_rows:
         raise CSAInputError(f"ranks has {ranks.shape[0]} rows but {min_rows} are needed (top-K / anchors); "
                             f"compute a deeper first-stage ranking or lower topk / anchor_len")
-    if ranks.shape[0] > n_db:
+    if n_db is not None and ranks.shape[0] > n_db:
         raise CSAInputError(f"ranks has {ranks.shape[0]} rows but the database has only {n_db} images")
-    if ranks.numel() if isinstance(ranks, torch.Tensor) else ranks.size:
-        lo, hi = int(ranks.min()), int(ranks.max())
-        if lo < 0 or hi >= n_db:
-            raise CSAInputError(f"ranks holds indices from {lo} to {hi}, outside the database range "
-                                f"[0, {n_db - 1}]; were they computed against another database?")
+    used = _ranks_numpy(ranks)[: ranks.shape[0] if prefix is None else prefix]
+    if used.size == 0:
+        return ranks
+    lo, hi = int(used.min()), int(used.max())
+    if lo < 0 or (n_db is not None and hi >= n_db):
+        where = f"the database range [0, {n_db - 1}]" if n_db is not None else "the database range (>= 0)"
+        raise CSAInputError(f"ranks holds indices from {lo} to {hi}, outside {where}; were they computed "
+                            f"against another database?")
+    column = _first_repeating_column(used, hi + 1)
+    if column is not None:
+        raise CSAInputError(f"ranks column {column} (query {column}) lists a database index more than once in "
+                            f"its first {used.shape[0]} rows; a ranking is an order of distinct images — "
+                            f"check how it was built (layout (N or K, Q), one column per query)")
     return ranks
+
+
+def check_kappas(kappas: Sequence[int]) -> list[int]:
+    """The ranks ``k`` of mP@k as a list of positive integers."""
+    try:
+        values = list(kappas)
+    except TypeError as exc:
+        raise CSAInputError(f"kappas must be a list of positive integers such as [1, 5, 10], got {kappas!r}") from exc
+    for k in values:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise CSAInputError(f"kappas must be positive integers (precision at k needs k >= 1), got {values}")
+    return [int(k) for k in values]
 
 
 def check_topk(topk: int, anchor_len: int, n_db: int) -> None:
@@ -238,15 +348,19 @@ def gnd_list(gnd: Any) -> Sequence[dict]:
     return gnd
 
 
-def check_gnd(gnd: Any, n_db: int | None = None) -> Sequence[dict]:
+def check_gnd(gnd: Any, n_db: int | None = None, n_q: int | None = None) -> Sequence[dict]:
     """Check revisitop ground truth: dicts with 'easy'/'hard'/'junk' (raw) or 'ok'/'junk', one per query.
 
-    ``gnd`` is the whole revisitop dict or its ``'gnd'`` list; the list is returned.  With ``n_db``
-    given, every index must lie in [0, n_db).
+    ``gnd`` is the whole revisitop dict or its ``'gnd'`` list; the list is returned.  Index lists
+    must hold non-negative integers; with ``n_db`` given they must lie in [0, n_db), with ``n_q``
+    given there must be one entry per query.
     """
     gnd = gnd_list(gnd)
     if not isinstance(gnd, (list, tuple)) or len(gnd) == 0:
         raise CSAInputError(f"gnd must be a non-empty list with one dict per query, got {type(gnd).__name__}")
+    if n_q is not None and len(gnd) != n_q:
+        raise CSAInputError(f"the ground truth has {len(gnd)} queries but there are {n_q} query descriptors; "
+                            f"they must describe the same queries in the same order")
     for i, g in enumerate(gnd):
         if not isinstance(g, dict):
             raise CSAInputError(f"gnd[{i}] must be a dict, got {type(g).__name__}")
@@ -258,13 +372,17 @@ def check_gnd(gnd: Any, n_db: int | None = None) -> Sequence[dict]:
         if missing:
             raise CSAInputError(f"gnd[{i}] is missing key(s) {missing}; each query needs 'easy', 'hard', 'junk' "
                                 f"(raw revisitop) or 'ok' (+ optional 'junk') (one protocol)")
-        if n_db is not None:
-            for k in ("ok", "easy", "hard", "junk"):
-                if k in g and len(g[k]):
-                    idx = np.asarray(g[k])
-                    if not np.issubdtype(idx.dtype, np.integer):
-                        raise CSAInputError(f"gnd[{i}]['{k}'] must hold integer database indices, got {idx.dtype}")
-                    if idx.min() < 0 or idx.max() >= n_db:
-                        raise CSAInputError(f"gnd[{i}]['{k}'] has indices outside [0, {n_db - 1}]; does the "
-                                            f"ground truth belong to this database?")
+        for k in ("ok", "easy", "hard", "junk"):
+            if k in g:
+                _check_index_list(np.asarray(g[k]), f"gnd[{i}]['{k}']", n_db)
     return gnd
+
+
+def _check_index_list(idx: np.ndarray, name: str, n_db: int | None) -> None:
+    if idx.size == 0:
+        return
+    if not np.issubdtype(idx.dtype, np.integer):
+        raise CSAInputError(f"{name} must hold integer database indices, got {idx.dtype}")
+    if idx.min() < 0 or (n_db is not None and idx.max() >= n_db):
+        bound = f"[0, {n_db - 1}]" if n_db is not None else "[0, N)"
+        raise CSAInputError(f"{name} has indices outside {bound}; does the ground truth belong to this database?")

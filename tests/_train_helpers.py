@@ -6,8 +6,18 @@ from pathlib import Path
 import numpy as np
 
 from csa.data.layout import save_clusters, save_train_features
+from csa.training.config import TrainConfig
 
 TOY_TRAINSET = "toy-train"
+#: A model and schedule small enough to train on the toy trainset in about a second per epoch.
+TINY = dict(trainset=TOY_TRAINSET, feature_names=["toyfeat"], topk=16, anchor_len=16, embed_dim=32, depth=1,
+            num_heads=2, batch_size=16, num_epochs=4, warmup_epochs=1, warmup_lr=0.05, base_lr=0.5,
+            lr_scaling="none", num_workers=0, progress=False)
+
+
+def tiny_config(root: Path, out: str = "run", **kw) -> TrainConfig:
+    """:data:`TINY` reading ``root`` and writing ``root / out``; ``kw`` overrides fields."""
+    return TrainConfig(**{**TINY, "data_root": str(root), "output_dir": str(root / out), **kw})
 
 
 def clustered_descriptors(n_clusters: int, per_cluster: int, dim: int, noise: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -15,6 +15,17 @@ DEMO_ROOT = REPO_ROOT / "data" / "demo"
 
 
 
+@pytest.fixture()
+def one_torch_thread():
+    """Run the test on one torch thread (training results are then bit-reproducible across runs)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT

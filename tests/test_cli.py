@@ -4,29 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
-from csa.checkpoint import save_checkpoint
+from _toy_data import write_toy_root
 from csa.cli import main
-from csa.data.layout import save_gnd, save_test_features
-from csa.model import RerankTransformer
 
 
 @pytest.fixture()
 def root(tmp_path):
-    rng = np.random.default_rng(0)
-    db = rng.normal(size=(40, 8)).astype(np.float32)
-    db /= np.linalg.norm(db, axis=1, keepdims=True)
-    q = db[[0, 10]] + 0.05 * rng.normal(size=(2, 8)).astype(np.float32)
-    q /= np.linalg.norm(q, axis=1, keepdims=True)
-    gnd = {"imlist": [f"db{i}" for i in range(40)], "qimlist": ["q0", "q1"],
-           "gnd": [{"easy": [0], "hard": [1], "junk": [2], "bbx": [0, 0, 1, 1]},
-                   {"easy": [10, 11], "hard": [], "junk": [], "bbx": [0, 0, 1, 1]}]}
-    save_gnd(tmp_path, "toy", gnd)
-    save_test_features(tmp_path, "toy", "feat", query=q, db=db)
-    torch.manual_seed(0)
-    save_checkpoint(tmp_path / "model.pth", RerankTransformer(anchor_len=8, embed_dim=16, num_heads=2), epoch=1)
-    return tmp_path
+    return write_toy_root(tmp_path)
 
 
 def test_evaluate_prints_the_first_stage(root, capsys):

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import pickle
 import tarfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,6 +25,7 @@ class _Server(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.files: dict[str, bytes] = {}
         self.drop_once: set[str] = set()  # paths whose first GET stops half-way
+        self.no_length: set[str] = set()  # paths served without a Content-Length header
         self.ignore_range = False
         self.requests: list[tuple[str, str | None]] = []
 
@@ -57,7 +60,10 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self.send_response(200)
         body = data[start:]
-        self.send_header("Content-Length", str(len(body)))
+        if path in self.server.no_length:
+            self.close_connection = True
+        else:
+            self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if path in self.server.drop_once:
             self.server.drop_once.discard(path)
@@ -103,7 +109,8 @@ def _register(monkeypatch, name: str, filename: str, dest: str, known_hash: str 
 
 
 def _leftovers(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    """Files under ``root`` besides the download manifest."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p != root / dl.MANIFEST)
 
 
 def test_file_with_right_md5_lands_in_layout_and_is_not_fetched_twice(server, tmp_path, monkeypatch):
@@ -147,7 +154,9 @@ def test_dropped_connection_then_resume_with_range(server, tmp_path, monkeypatch
     with pytest.raises(dl.DownloadError) as err:
         dl.download("big", tmp_path, progress=False, base_url=server.base)
     assert f"{server.base}/big.bin" in str(err.value) and "resume" in str(err.value)
-    final, part = tmp_path / "annotations/big.bin", tmp_path / "annotations/big.bin.part"
+    final = tmp_path / "annotations/big.bin"
+    part = dl.part_path(final, f"{server.base}/big.bin")
+    assert part.name.startswith("big.bin.") and part.name.endswith(".part")
     assert not final.exists()
     assert 0 < part.stat().st_size < len(data)  # partial bytes kept, visibly incomplete
     assert part.read_bytes() == data[: part.stat().st_size]
@@ -213,8 +222,9 @@ def test_corrupt_archive_message_and_no_partial_extraction(server, tmp_path):
     server.files["ims.tar.gz"] = b"\x1f\x8b this is not a gzip stream"
     with pytest.raises(dl.DownloadError) as err:
         dl.download("rsfm120k_ims", tmp_path, progress=False, base_url=server.base)
-    assert "ims.tar.gz" in str(err.value) and "delete" in str(err.value)
+    assert "ims.tar.gz" in str(err.value) and "tar" in str(err.value)
     assert not (tmp_path / "jpg" / "retrieval-SfM-120k" / "ims").exists()
+    assert _leftovers(tmp_path) == []  # refused before install: the next run downloads it again
 
 
 def test_cli(server, tmp_path, monkeypatch, capsys):
@@ -223,8 +233,9 @@ def test_cli(server, tmp_path, monkeypatch, capsys):
     _register(monkeypatch, "p", "p.bin", "annotations/p.bin", known_hash=f"md5:{_md5(data)}")
     assert dl.main(["p", "--data-root", str(tmp_path), "--mirror", server.base, "--no-progress"]) == 0
     assert (tmp_path / "annotations/p.bin").read_bytes() == data
-    assert dl.main(["nope", "--data-root", str(tmp_path), "--mirror", server.base]) == 1
-    assert "unknown download 'nope'" in capsys.readouterr().err
+    assert dl.main(["nope", "--data-root", str(tmp_path), "--mirror", server.base]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("csa download: error:") and "unknown download 'nope'" in err
 
 
 def test_registry_matches_official_hosts_and_layout():
@@ -258,3 +269,91 @@ def test_unreachable_host_error_names_url_and_leaves_nothing(tmp_path, monkeypat
         dl.download("gone", tmp_path, progress=False, base_url=f"http://127.0.0.1:{port}")
     assert f"http://127.0.0.1:{port}/gone.bin" in str(err.value) and "re-run" in str(err.value)
     assert _leftovers(tmp_path) == []
+
+
+# --------------------------------------------------------------------------------------------
+# files without a published hash: length and format checked before install, sha256 recorded
+# --------------------------------------------------------------------------------------------
+def _torch_bytes() -> bytes:
+    import numpy as np
+    import torch
+
+    buf = io.BytesIO()
+    torch.save({"state_dict": {"w": torch.arange(50_000.0)}, "meta": {"architecture": "resnet101",
+                                                                      "Lw": {"ss": {"m": np.zeros(3)}}}}, buf)
+    return buf.getvalue()
+
+
+def test_truncated_network_without_content_length_is_not_installed(server, tmp_path, monkeypatch):
+    data = _torch_bytes()
+    server.files["net.pth"] = data
+    server.no_length.add("net.pth")
+    server.drop_once.add("net.pth")                   # the connection drops half-way, no length to compare
+    _register(monkeypatch, "net", "net.pth", "networks/net.pth")
+    with pytest.raises(dl.DownloadError, match="net.pth.*not a complete torch file"):
+        dl.download("net", tmp_path, progress=False, base_url=server.base)
+    assert _leftovers(tmp_path) == []
+    out = dl.download("net", tmp_path, progress=False, base_url=server.base)   # the next run gets it whole
+    assert out.read_bytes() == data
+    entry = json.loads((tmp_path / dl.MANIFEST).read_text())["networks/net.pth"]
+    assert entry["sha256"] == hashlib.sha256(data).hexdigest() and entry["verified"] == "format:torch"
+
+
+def test_html_page_instead_of_a_pickle_or_an_archive_is_refused(server, tmp_path, monkeypatch):
+    page = b"<!DOCTYPE html><html><body>Service unavailable</body></html>"
+    for name in ("db.pkl", "ims.tar.gz", "list.txt"):
+        server.files[name] = page
+    _register(monkeypatch, "db", "db.pkl", "annotations/db.pkl")
+    _register(monkeypatch, "list", "list.txt", "annotations/list.txt")
+    with pytest.raises(dl.DownloadError, match="not a complete pickle file"):
+        dl.download("db", tmp_path, progress=False, base_url=server.base)
+    with pytest.raises(dl.DownloadError, match="HTML"):
+        dl.download("list", tmp_path, progress=False, base_url=server.base)
+    with pytest.raises(dl.DownloadError, match="not a complete tar file"):
+        dl.download("rsfm120k_ims", tmp_path, progress=False, base_url=server.base)
+    assert _leftovers(tmp_path) == []
+
+
+def test_truncated_archive_is_refused_then_downloaded_again(server, tmp_path):
+    archive = _targz({f"jpg/{i}.jpg": bytes([i]) * 5000 for i in range(20)})
+    server.files["revisitop1m.1.tar.gz"] = archive[: len(archive) * 2 // 3]     # a cut-short copy on the mirror
+    with pytest.raises(dl.DownloadError, match="not a complete tar file"):
+        dl.download("revisitop1m.1", tmp_path, progress=False, base_url=server.base)
+    assert _leftovers(tmp_path) == []                   # nothing blocks the next run
+    server.files["revisitop1m.1.tar.gz"] = archive
+    out = dl.download("revisitop1m.1", tmp_path, progress=False, base_url=server.base)
+    assert (out / "jpg" / "19.jpg").read_bytes() == bytes([19]) * 5000
+
+
+def test_a_part_file_of_another_address_is_never_continued(server, tmp_path, monkeypatch):
+    data = b"the right bytes " * 4000
+    server.files["f.pkl"] = pickle.dumps({"x": data})
+    _register(monkeypatch, "f", "f.pkl", "annotations/f.pkl")
+    final = tmp_path / "annotations" / "f.pkl"
+    final.parent.mkdir(parents=True)
+    stale = dl.part_path(final, "http://elsewhere.invalid/f.pkl")
+    stale.write_bytes(b"bytes of another file")
+    out = dl.download("f", tmp_path, progress=False, base_url=server.base)
+    assert out.read_bytes() == server.files["f.pkl"]
+    assert server.requests == [("f.pkl", None)]          # started from zero, no Range
+    assert stale.read_bytes() == b"bytes of another file"
+
+
+def test_a_changed_file_is_noticed(server, tmp_path, monkeypatch):
+    server.files["g.pkl"] = pickle.dumps([1, 2, 3] * 1000)
+    _register(monkeypatch, "g", "g.pkl", "annotations/g.pkl")
+    out = dl.download("g", tmp_path, progress=False, base_url=server.base)
+    dl.download("g", tmp_path, progress=False, base_url=server.base)      # unchanged: accepted, not fetched
+    assert len(server.requests) == 1
+    data = bytearray(out.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    out.write_bytes(bytes(data))
+    with pytest.raises(dl.DownloadError, match="g.pkl changed since it was installed"):
+        dl.download("g", tmp_path, progress=False, base_url=server.base)
+
+
+def test_a_mirror_that_is_not_a_url_is_refused(tmp_path, capsys):
+    with pytest.raises(CSAInputError, match="notaurl"):
+        dl.download("gnd_roxford5k", tmp_path, progress=False, base_url="notaurl")
+    assert dl.main(["gnd", "--data-root", str(tmp_path), "--mirror", "notaurl"]) == 2
+    assert "is not a URL" in capsys.readouterr().err

@@ -54,3 +54,13 @@ def test_parse_pairs_splits_on_the_first_colon_and_rejects_malformed_items():
     for bad in ("a", "a:", ":x"):
         with pytest.raises(CSAInputError, match="dataset:path pairs"):
             parse_pairs(bad)
+
+
+def test_list_parameters_must_name_something():
+    from csa.notebook.guard import parse_names, positive_int
+
+    assert parse_names(" a, b ,", "trainsets") == ["a", "b"]
+    for empty in ("", " , "):
+        with pytest.raises(CSAInputError, match="trainsets"):
+            parse_names(empty, "trainsets")
+    assert positive_int(3) and not positive_int(0) and not positive_int(-1) and not positive_int(True)

@@ -116,3 +116,16 @@ def test_unknown_parameter_fails_fast_with_a_clear_message(tmp_path):
         pm.execute_notebook(str(REPO_ROOT / "notebooks" / "00_inference_in_a_few_lines.ipynb"),
                             str(tmp_path / "out.ipynb"), parameters={"topK": 5}, kernel_name="python3",
                             cwd=str(REPO_ROOT / "notebooks"), progress_bar=False)
+
+
+@pytest.mark.parametrize("parameters, fact", [
+    ({"epochs": -1}, r"epochs=-1 is invalid: expected a positive integer"),
+    ({"trainsets": ""}, r"trainsets='' names nothing"),
+])
+def test_training_notebook_refuses_bad_parameters_before_torchrun(tmp_path, parameters, fact):
+    with pytest.raises(pm.PapermillExecutionError, match=fact) as err:
+        pm.execute_notebook(str(REPO_ROOT / "notebooks" / "02_training.ipynb"), str(tmp_path / "out.ipynb"),
+                            parameters={"output_root": str(tmp_path / "runs"), **parameters},
+                            kernel_name="python3", cwd=str(REPO_ROOT / "notebooks"), progress_bar=False)
+    assert err.value.ename == "CSAInputError"          # the notebook's own error, not a torchrun trace
+    assert not (tmp_path / "runs").exists()             # nothing trained, nothing written

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _train_helpers import TOY_TRAINSET, write_toy_trainset
+from _train_helpers import TOY_TRAINSET, tiny_config, write_toy_trainset
 from csa.model import RerankTransformer
 from csa.training.config import TrainConfig, build_parser, config_from_argv
 from csa.training.train import main, run_training
@@ -20,23 +20,7 @@ from csa.training.train import main, run_training
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
-TINY = dict(trainset=TOY_TRAINSET, feature_names=["toyfeat"], topk=16, anchor_len=16, embed_dim=32, depth=1,
-            num_heads=2, batch_size=16, num_epochs=4, warmup_epochs=1, warmup_lr=0.05, base_lr=0.5,
-            lr_scaling="none", num_workers=0, progress=False)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_config(root: Path, out: str, **kw) -> TrainConfig:
-    args = dict(TINY, data_root=str(root), output_dir=str(root / out))
-    args.update(kw)
-    return TrainConfig(**args)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def state(path: Path) -> dict[str, torch.Tensor]:

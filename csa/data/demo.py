@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from csa.data.layout import save_clusters, save_gnd
-from csa.fileio import atomic_write, load_pickle
+from csa.fileio import atomic_write, check_output_dir, load_pickle
 from csa.validation import CSAInputError
 
 __all__ = [
@@ -250,6 +250,10 @@ def build_demo(source: str | os.PathLike, out: str | os.PathLike, quality: int =
                progress: bool = True) -> dict[str, Any]:
     """Build the demo data root ``out`` from the offline photo subsets in ``source``; return a summary."""
     source, out = Path(source), Path(out)
+    if not source.is_dir():
+        raise CSAInputError(f"--source {source} is not a folder; give the offline data folder (../shared/data) "
+                            f"holding {', '.join(c['folder'] for c in CITIES.values())} and revisitop/")
+    check_output_dir(out, "--out")
     summary: dict[str, Any] = {}
     for dataset, city in CITIES.items():
         folder = source / city["folder"]

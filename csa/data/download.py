@@ -13,9 +13,22 @@ networks            ``networks/<file>.pth``
 ==================  ==========================================================
 
 Downloads go through :func:`pooch.retrieve` with :class:`ResumableHTTPDownloader`, which keeps the
-bytes received so far in ``<file>.part`` and asks the server for the rest (HTTP ``Range``) on the
-next run. A file reaches its final path only complete and, where its hash is known, verified;
-archives are unpacked into a temporary folder that is moved into place afterwards.
+bytes received so far in ``<file>.<url digest>.part`` (one part file per URL, so bytes of another
+address are never continued) and asks the server for the rest (HTTP ``Range``) on the next run.
+A file reaches its final path only complete and verified:
+
+* by hash where one is published (the two ground-truth files, md5);
+* otherwise by what can be checked without one: the length the server declared, and the format
+  (:func:`check_format`: a ``.pkl`` unpickles with the restricted unpickler, a ``.pth`` loads with
+  ``torch.load(weights_only=True)``, a ``.tar``/``.tgz``/``.tar.gz`` reads to its end, a ``.zip``
+  passes its CRC test, a ``.txt`` is UTF-8 text and not an HTML page).  This covers the six
+  networks, ``retrieval-SfM-120k.pkl``, the image archives and the R1M list.
+
+Every installed file is recorded with its sha256 in ``<data_root>/downloads/manifest.json``; a
+later run re-hashes a file whose size or modification time changed and refuses it if its content
+no longer matches (delete it to download it again).  Archives are unpacked into a temporary folder
+that is moved into place afterwards; an archive that cannot be unpacked is deleted, so the next run
+downloads it again.
 
 Command line: ``csa download roxford5k rparis6k --data-root data``
 (``--list`` shows every resource; ``--mirror URL`` overrides the hosts).
@@ -23,22 +36,27 @@ Command line: ``csa download roxford5k rparis6k --data-root data``
 from __future__ import annotations
 
 import argparse
+import hashlib
 import http.client
+import json
 import logging
 import os
 import shutil
 import sys
 import tarfile
 import urllib.error
+import urllib.parse
 import urllib.request
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import pooch
 from tqdm import tqdm
 
-from csa.validation import CSAInputError
+from csa.fileio import SAFE_PICKLE_GLOBALS, atomic_write, check_output_dir, load_pickle, sha256_file
+from csa.validation import CSAError, CSAInputError, run_command
 
 __all__ = [
     "DATASETS",
@@ -50,6 +68,8 @@ __all__ = [
     "download_dataset",
     "main",
     "resource_url",
+    "check_format",
+    "MANIFEST",
 ]
 
 MIRROR_ENV = "CSA_MIRROR"
@@ -59,7 +79,11 @@ _R1M = "http://ptak.felk.cvut.cz/revisitop/revisitop1m"
 _VGG = "https://www.robots.ox.ac.uk/~vgg/data"
 
 
-class DownloadError(RuntimeError):
+#: The record of installed files (relative to the data root).
+MANIFEST = "downloads/manifest.json"
+
+
+class DownloadError(CSAError, RuntimeError):
     """A download or extraction failed; the message names the URL and what to do next."""
 
 
@@ -81,6 +105,66 @@ class Resource:
     @property
     def filename(self) -> str:
         return self.url.rsplit("/", 1)[-1]
+
+    @property
+    def verified_by(self) -> str:
+        """``'hash'`` when a checksum is published, else the format checked (``'format:torch'``...)."""
+        return "hash" if self.known_hash else f"format:{file_format(self.filename)}"
+
+
+_FORMATS = ((".tar.gz", "tar"), (".tgz", "tar"), (".tar", "tar"), (".zip", "zip"), (".pth", "torch"),
+            (".pt", "torch"), (".pkl", "pickle"), (".txt", "text"))
+
+
+def file_format(filename: str) -> str:
+    """The format a file name promises: tar, zip, torch, pickle, text (or 'bytes': nothing to check)."""
+    return next((fmt for suffix, fmt in _FORMATS if filename.endswith(suffix)), "bytes")
+
+
+def _torch_readable(path: Path) -> None:
+    import torch
+    from torch.serialization import safe_globals
+
+    with safe_globals(list(SAFE_PICKLE_GLOBALS.values())):  # cirtorch files hold numpy arrays in their meta
+        torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _tar_readable(path: Path) -> None:
+    with tarfile.open(path) as tar:
+        for member in tar:
+            if member.isfile():
+                with tar.extractfile(member) as f:  # reads through the compressed stream: finds truncation
+                    while f.read(1 << 20):
+                        pass
+
+
+def _zip_readable(path: Path) -> None:
+    with zipfile.ZipFile(path) as z:
+        bad = z.testzip()
+        if bad is not None:
+            raise zipfile.BadZipFile(f"member {bad} fails its CRC check")
+
+
+def _text_readable(path: Path) -> None:
+    head = path.read_bytes()[:4096].decode("utf-8").lstrip().lower()
+    if head.startswith(("<!doctype html", "<html")):
+        raise ValueError("it is an HTML page (an error page of the server?)")
+
+
+_CHECKS: dict[str, Callable[[Path], object]] = {"tar": _tar_readable, "zip": _zip_readable, "torch": _torch_readable,
+                                                "pickle": load_pickle, "text": _text_readable}
+
+
+def check_format(path: str | os.PathLike, fmt: str) -> None:
+    """Raise ``ValueError`` naming the problem unless the file at ``path`` reads completely as ``fmt``."""
+    check = _CHECKS.get(fmt)
+    if check is None:
+        return
+    try:
+        check(Path(path))
+    except Exception as exc:  # noqa: BLE001 - every way of not being the promised format
+        text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "no details"
+        raise ValueError(f"it is not a complete {fmt} file ({type(exc).__name__}: {text})") from exc
 
 
 def _networks() -> dict[str, Resource]:
@@ -132,7 +216,16 @@ def resource_url(name: str, base_url: str | None = None) -> str:
     """URL of resource ``name``: the official host, or ``<mirror>/<file name>`` with a mirror."""
     res = _resource(name)
     base = base_url if base_url is not None else os.environ.get(MIRROR_ENV) or None
+    if base:
+        _check_mirror(base)
     return f"{base.rstrip('/')}/{res.filename}" if base else res.url
+
+
+def _check_mirror(base: str) -> None:
+    parts = urllib.parse.urlparse(base)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise CSAInputError(f"mirror {base!r} is not a URL; give an address such as https://host/folder "
+                            f"(--mirror or {MIRROR_ENV})")
 
 
 def _resource(name: str) -> Resource:
@@ -148,16 +241,18 @@ class ResumableHTTPDownloader:
 
     Bytes are appended to ``part_path``; a later call sends ``Range: bytes=<size>-`` and continues
     (a server that ignores ranges answers 200 and the file starts over). Once the server has sent
-    everything it announced, the part file is moved onto pooch's temporary output file, which pooch
-    then hash-checks and moves into place.
+    everything it announced, ``check`` (if given) must accept the part file (else it is deleted and
+    :class:`DownloadError` raised); then it is moved onto pooch's temporary output file, which pooch
+    hash-checks (when a hash is known) and moves into place.
     """
 
     def __init__(self, part_path: str | os.PathLike, progress: bool = True, timeout: float = 60.0,
-                 block_size: int = 1 << 20):
+                 block_size: int = 1 << 20, check: Callable[[Path], None] | None = None):
         self.part_path = Path(part_path)
         self.progress = progress
         self.timeout = timeout
         self.block_size = block_size
+        self.check = check
 
     def __call__(self, url: str, output_file: str, pooch_obj: object = None, check_only: bool = False) -> bool | None:
         if check_only:
@@ -192,7 +287,7 @@ class ResumableHTTPDownloader:
         except urllib.error.HTTPError as e:
             raise DownloadError(f"{url}: HTTP {e.code} {e.reason}; check the address (or your mirror, "
                                 f"{MIRROR_ENV}) and your network, then re-run") from e
-        except (OSError, http.client.HTTPException) as e:
+        except (OSError, http.client.HTTPException, ValueError) as e:  # ValueError: a malformed address
             got = self._size()
             then = f"the download resumes from {self.part_path}" if got else "nothing was saved"
             raise DownloadError(f"{url}: the connection failed after {got} bytes ({e!r}); check the "
@@ -201,6 +296,14 @@ class ResumableHTTPDownloader:
         if total is not None and size != total:
             raise DownloadError(f"{url}: received {size} of {total} bytes; re-run to resume from "
                                 f"{self.part_path} (delete it to start over)")
+        if self.check is not None:
+            try:
+                self.check(self.part_path)
+            except ValueError as e:
+                self.part_path.unlink(missing_ok=True)
+                raise DownloadError(f"{url}: the downloaded file was refused and deleted: {e}; re-run to download "
+                                    f"it again, and if it keeps failing check the address (or the mirror, "
+                                    f"{MIRROR_ENV})") from e
         os.replace(self.part_path, output_file)
         return None
 
@@ -220,10 +323,16 @@ class ResumableHTTPDownloader:
             raise
 
 
-def _fetch(url: str, known_hash: str | None, path: Path, progress: bool) -> Path:
-    """Download ``url`` to ``path`` (resumable, hash-checked); return ``path``."""
-    part = path.with_name(path.name + ".part")
-    downloader = ResumableHTTPDownloader(part, progress=progress)
+def part_path(path: Path, url: str) -> Path:
+    """Where the bytes of ``url`` bound for ``path`` collect: ``<name>.<12 hex digits of the URL>.part``."""
+    return path.with_name(f"{path.name}.{hashlib.sha256(url.encode()).hexdigest()[:12]}.part")
+
+
+def _fetch(url: str, known_hash: str | None, path: Path, progress: bool, fmt: str) -> Path:
+    """Download ``url`` to ``path`` (resumable; hash-checked, or format-checked without a hash); return it."""
+    part = part_path(path, url)
+    check = None if known_hash else (lambda p: check_format(p, fmt))
+    downloader = ResumableHTTPDownloader(part, progress=progress, check=check)
     logger = pooch.get_logger()
     level = logger.level
     logger.setLevel(logging.WARNING)
@@ -236,6 +345,56 @@ def _fetch(url: str, known_hash: str | None, path: Path, progress: bool) -> Path
                             f"address changed: use a mirror with {MIRROR_ENV} or report it") from e
     finally:
         logger.setLevel(level)
+
+
+def _read_manifest(root: Path) -> dict[str, dict]:
+    path = root / MANIFEST
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DownloadError(f"{path} is damaged ({e}); delete it (installed files are then re-recorded)") from e
+
+
+def _record(root: Path, path: Path, url: str, verified_by: str) -> None:
+    """Write ``path``'s sha256, size and modification time into the manifest."""
+    manifest = _read_manifest(root)
+    stat = path.stat()
+    manifest[path.relative_to(root).as_posix()] = {"url": url, "sha256": sha256_file(path), "size": stat.st_size,
+                                                   "mtime_ns": stat.st_mtime_ns, "verified": verified_by}
+    with atomic_write(root / MANIFEST, "w") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True)
+
+
+def _check_unchanged(root: Path, path: Path) -> bool:
+    """True when ``path`` is recorded and unchanged; False when it is not recorded; raise when it changed."""
+    entry = _read_manifest(root).get(path.relative_to(root).as_posix())
+    if entry is None:
+        return False
+    stat = path.stat()
+    if stat.st_size == entry["size"] and stat.st_mtime_ns == entry["mtime_ns"]:
+        return True
+    if stat.st_size == entry["size"] and sha256_file(path) == entry["sha256"]:
+        return True
+    raise DownloadError(f"{path} changed since it was installed from {entry['url']} (its sha256 no longer matches "
+                        f"{MANIFEST}); delete it and re-run to download it again")
+
+
+def _install(root: Path, url: str, res: Resource, path: Path, progress: bool) -> Path:
+    """Download ``url`` to ``path`` unless it is already there, unchanged; record it in the manifest."""
+    if path.is_file() and _check_unchanged(root, path):
+        return path
+    present = path.is_file()
+    out = _fetch(url, res.known_hash, path, progress, file_format(res.filename))
+    if present and not res.known_hash:  # found on disk, not recorded: check it once before trusting it
+        try:
+            check_format(out, file_format(res.filename))
+        except ValueError as e:
+            raise DownloadError(f"{out} (not downloaded by this run) is refused: {e}; delete it and re-run to "
+                                f"download it again") from e
+    _record(root, out, url, res.verified_by)
+    return out
 
 
 def _merge_into(src: Path, dst: Path) -> None:
@@ -268,8 +427,9 @@ def _extract(archive: Path, dest: Path, flatten: bool, url: str) -> None:
             tmp = flat
         _merge_into(tmp, dest)
     except (tarfile.TarError, EOFError, OSError) as e:
-        raise DownloadError(f"{url}: could not unpack {archive} ({e!r}); delete {archive} and re-run "
-                            f"to download it again") from e
+        archive.unlink(missing_ok=True)
+        raise DownloadError(f"{url}: could not unpack {archive} ({e!r}); it was deleted: re-run to download "
+                            f"it again") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -278,23 +438,25 @@ def download(name: str, data_root: str | os.PathLike, progress: bool = True, bas
              keep_archive: bool = False) -> Path:
     """Download resource ``name`` (see :data:`RESOURCES`) into ``data_root``; return its final path.
 
-    Already-present files (hash-verified where known) and already-unpacked archives are skipped.
-    Archives are fetched to ``<data_root>/downloads/``, unpacked, then deleted unless ``keep_archive``.
-    Raises :class:`DownloadError` (naming the URL and the next step) on any failure; nothing
-    incomplete is left at the final path.
+    Already-present files (hash-verified where known, else checked against the manifest) and
+    already-unpacked archives are skipped.  Archives are fetched to ``<data_root>/downloads/``,
+    unpacked, then deleted unless ``keep_archive``.  Raises :class:`DownloadError` (naming the URL
+    and the next step) on any failure; nothing incomplete is left at the final path.
     """
     res = _resource(name)
     root = Path(data_root)
     url = resource_url(name, base_url)
+    check_output_dir(root, "--data-root")
     if res.kind == "file":
-        return _fetch(url, res.known_hash, root / res.dest, progress)
+        return _install(root, url, res, root / res.dest, progress)
     dest = root / res.dest
     marker = dest / f".{res.filename}.complete"
     if marker.exists():
         return dest
-    archive = _fetch(url, res.known_hash, root / "downloads" / res.filename, progress)
+    archive = _install(root, url, res, root / "downloads" / res.filename, progress)
     _extract(archive, dest, res.flatten, url)
-    marker.write_text(url + "\n")
+    with atomic_write(marker, "w") as f:
+        f.write(url + "\n")
     if not keep_archive:
         archive.unlink()
     return dest
@@ -327,18 +489,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             if n.startswith("revisitop1m.") and n != "revisitop1m.1":
                 continue
             label = "revisitop1m.1 .. revisitop1m.100" if n == "revisitop1m.1" else n
-            print(f"  {label:34s} {r.url} -> {r.dest}")
+            print(f"  {label:34s} {r.url} -> {r.dest}  [{r.verified_by}]")
         return 0
-    try:
+
+    def fetch_all() -> int:
+        if args.mirror is not None:
+            _check_mirror(args.mirror)
+        unknown = [n for n in args.names if n not in DATASETS and n not in RESOURCES]
+        if unknown:
+            _resource(unknown[0])
         for n in args.names:
             kw = dict(progress=not args.no_progress, base_url=args.mirror, keep_archive=args.keep_archives)
             paths = download_dataset(n, args.data_root, **kw) if n in DATASETS else [download(n, args.data_root, **kw)]
             for p in paths:
                 print(p)
-    except (DownloadError, CSAInputError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+        return 0
+
+    return run_command("csa download", fetch_all)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,12 @@ Layout under a data root (see docs/ARCHITECTURE.md)::
 The official code's flat ``train/<name>.pkl`` is read too for the trainset ``retrieval-SfM-120k``.
 Arrays stored column-wise (cirtorch's D x N) are transposed when the shapes (or the unit row norms)
 make the orientation unambiguous, and refused otherwise.
+
+Every pickle is read with the restricted unpickler of :func:`csa.fileio.load_pickle` (plain data and
+numpy arrays only).  What is read is checked against what it must match: a ground truth's index
+lists must be integers inside its ``imlist`` and it needs one entry per ``qimlist`` name; test
+features must have one database row per ``imlist`` name and one query row per ``qimlist`` name
+when the dataset's ground truth sits in the same data root.
 """
 from __future__ import annotations
 
@@ -20,8 +26,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from csa.fileio import load_pickle, save_pickle
-from csa.validation import CSAInputError
+from csa.fileio import PickleRefused, load_pickle, save_pickle
+from csa.validation import CSAInputError, check_gnd
 
 __all__ = [
     "REFERENCE_TRAINSET",
@@ -82,6 +88,8 @@ def _require(path: Path, what: str, how: str = _HOW_TO_CREATE) -> Path:
 def _load(path: Path, what: str) -> Any:
     try:
         return load_pickle(path)
+    except PickleRefused:
+        raise
     except Exception as exc:  # truncated / foreign file
         raise CSAInputError(f"cannot read {what} {path} ({type(exc).__name__}: {exc}); the file is damaged "
                             f"or not a pickle: delete it and write it again") from exc
@@ -128,7 +136,8 @@ def _as_rows(a: Any, what: str, path: Path, n_rows: int | None = None, dim: int 
     out = a if rows else a.T
     if n_rows is not None and out.shape[0] != n_rows:
         raise CSAInputError(f"{what} in {path} has {out.shape[0]} rows but {n_rows} were expected "
-                            f"(one per image of the annotations); do features and annotations belong together?")
+                            f"(one per image of the annotations); do features and annotations belong together? "
+                            f"Re-extract them (csa extract / csa demo extract --force)")
     if dim is not None and out.shape[1] != dim:
         raise CSAInputError(f"{what} in {path} has dimension {out.shape[1]}, expected {dim}")
     return np.ascontiguousarray(out, dtype=np.float32)
@@ -144,6 +153,10 @@ def load_gnd(data_root: str | os.PathLike, dataset: str) -> dict:
     if not isinstance(gt, dict) or not {"imlist", "qimlist", "gnd"} <= set(gt):
         raise CSAInputError(f"{path} is not a revisitop ground truth: it needs the keys 'imlist', 'qimlist', "
                             f"'gnd' (got {sorted(gt) if isinstance(gt, dict) else type(gt).__name__})")
+    try:
+        check_gnd(gt, n_db=len(gt["imlist"]), n_q=len(gt["qimlist"]))
+    except CSAInputError as exc:
+        raise CSAInputError(f"{path} is not a consistent ground truth: {exc}") from None
     return gt
 
 
@@ -164,7 +177,11 @@ class TestFeatures(NamedTuple):
 
 
 def load_test_features(data_root: str | os.PathLike, dataset: str, name: str) -> TestFeatures:
-    """Load ``test/<dataset>/<name>.pkl``; return ``TestFeatures(query (Q, D), db (N, D))``."""
+    """Load ``test/<dataset>/<name>.pkl``; return ``TestFeatures(query (Q, D), db (N, D))``.
+
+    When ``annotations/<dataset>/gnd_<dataset>.pkl`` exists, the row counts must match its
+    ``imlist`` and ``qimlist`` (features of another dataset or version are refused).
+    """
     path = _require(test_features_path(data_root, dataset, name), f"test features '{name}' of '{dataset}'")
     obj = _load(path, "test features")
     if not isinstance(obj, dict) or not {"db", "query"} <= set(obj):
@@ -176,8 +193,12 @@ def load_test_features(data_root: str | os.PathLike, dataset: str, name: str) ->
             dim = db.shape[1]
         elif db.shape[0] == q.shape[0] and db.shape[1] != q.shape[1]:
             dim = db.shape[0]
-    db = _as_rows(db, "'db'", path, dim=dim)
-    q = _as_rows(q, "'query'", path, dim=db.shape[1])
+    n_db = n_q = None
+    if gnd_path(data_root, dataset).is_file():
+        gt = load_gnd(data_root, dataset)
+        n_db, n_q = len(gt["imlist"]), len(gt["qimlist"])
+    db = _as_rows(db, "'db'", path, n_rows=n_db, dim=dim)
+    q = _as_rows(q, "'query'", path, n_rows=n_q, dim=db.shape[1])
     return TestFeatures(query=q, db=db)
 
 

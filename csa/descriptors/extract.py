@@ -11,6 +11,7 @@ Multi-scale: ``l2n(mean_s net(interp(x, s))^msp)^(1/msp)`` with bilinear interpo
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -22,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from csa.descriptors.pooling import l2n
-from csa.fileio import atomic_write, fingerprint
+from csa.fileio import atomic_write, fingerprint, remove_stale_temporaries
 from csa.validation import CSAInputError
 
 __all__ = ["ImageListDataset", "load_image_tensor", "extract_descriptors", "extraction_fingerprint"]
@@ -69,6 +70,23 @@ class ImageListDataset(Dataset):
 
 def _collate_list(batch):
     return batch
+
+
+def _read_shard(path: Path, shape: tuple[int, int]) -> np.ndarray | None:
+    """A finished shard (or the merged file) with the expected ``shape``; None when it is absent or
+    unreadable (a damaged shard is deleted with a warning and extracted again)."""
+    if not path.exists():
+        return None
+    try:
+        arr = np.load(path, allow_pickle=False)
+        if arr.shape == shape and arr.dtype == np.float32 and np.isfinite(arr).all():
+            return arr
+        problem = f"shape {arr.shape} dtype {arr.dtype}, expected {shape} float32 finite values"
+    except (ValueError, OSError, EOFError) as exc:
+        problem = f"{type(exc).__name__}: {exc}"
+    warnings.warn(f"ignoring damaged extraction shard {path} ({problem}); extracting it again", stacklevel=3)
+    path.unlink(missing_ok=True)
+    return None
 
 
 def extraction_fingerprint(image_paths: Sequence[str | os.PathLike], image_size: int | None,
@@ -122,8 +140,8 @@ def extract_descriptors(net: torch.nn.Module, image_paths: Sequence[str | os.Pat
     ``net`` maps a normalized batch to (B, D) rows and has ``meta['mean'/'std'/'outputdim']`` (see
     :mod:`csa.descriptors.networks`).  ``bbxs`` crops each image first (queries).  With ``shard_dir``, results are
     written in shards of ``shard_size`` images; finished shards are skipped on a rerun (resume after an
-    interruption) and the merged array is written there atomically as ``descriptors.npy``.  A shard dir
-    filled for other images/parameters is refused.
+    interruption; a damaged shard is extracted again) and the merged array is written there atomically
+    as ``descriptors.npy``.  A shard dir filled for other images/parameters is refused.
     """
     paths = [str(p) for p in image_paths]
     if len(paths) == 0:
@@ -151,6 +169,7 @@ def extract_descriptors(net: torch.nn.Module, image_paths: Sequence[str | os.Pat
             return _extract_range(net, dataset, range(len(paths)), scales, msp, batch_size, num_workers, device, bar)
         shard_dir = Path(shard_dir)
         shard_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(shard_dir)  # one extraction owns its shard folder
         fp = extraction_fingerprint(paths, image_size, scales, bbxs, msp, str(net.meta.get("architecture", "")))
         fp_file = shard_dir / "fingerprint.txt"
         if fp_file.exists() and fp_file.read_text().strip() != fp:
@@ -159,18 +178,19 @@ def extract_descriptors(net: torch.nn.Module, image_paths: Sequence[str | os.Pat
         if not fp_file.exists():
             with atomic_write(fp_file, "w") as f:
                 f.write(fp)
+        dim = int(net.meta["outputdim"])
+        merged = _read_shard(shard_dir / "descriptors.npy", (len(paths), dim))
+        if merged is not None:
+            bar.update(len(paths))
+            return merged
         merged = shard_dir / "descriptors.npy"
-        if merged.exists():
-            arr = np.load(merged)
-            if arr.shape == (len(paths), int(net.meta["outputdim"])):
-                bar.update(len(paths))
-                return arr
         parts = []
         for k, start in enumerate(range(0, len(paths), shard_size)):
             stop = min(start + shard_size, len(paths))
             shard = shard_dir / f"shard_{k:05d}_{start}_{stop}.npy"
-            if shard.exists():
-                parts.append(np.load(shard))
+            done = _read_shard(shard, (stop - start, dim))
+            if done is not None:
+                parts.append(done)
                 bar.update(stop - start)
                 continue
             arr = _extract_range(net, dataset, range(start, stop), scales, msp, batch_size, num_workers, device, bar)

@@ -32,7 +32,7 @@ from csa.data.layout import (REFERENCE_TRAINSET, clusters_path, load_gnd, load_t
 from csa.descriptors.extract import extract_descriptors
 from csa.descriptors.networks import LITE0, load_backbone
 from csa.device import resolve_device
-from csa.fileio import atomic_write, fingerprint, load_pickle
+from csa.fileio import atomic_write, check_output_dir, check_output_file, fingerprint, load_pickle
 from csa.validation import CSAInputError
 
 __all__ = ["MULTISCALE", "DATASETS", "prepare", "prepare_demo_features", "prepare_test_features",
@@ -40,6 +40,9 @@ __all__ = ["MULTISCALE", "DATASETS", "prepare", "prepare_demo_features", "prepar
 
 #: cirtorch's multi-scale setting for the GeM networks.
 MULTISCALE = (1.0, 1 / math.sqrt(2), math.sqrt(2))
+
+#: Images per extraction shard of a test set: an interrupted extraction loses at most this many.
+TEST_SHARD_SIZE = 64
 
 #: What :func:`prepare` accepts, with the downloads each needs (see :mod:`csa.data.download`).
 DATASETS: dict[str, tuple[str, ...]] = {
@@ -87,7 +90,8 @@ def prepare_test_features(data_root: str | os.PathLike, dataset: str, backbone: 
 
     ``name`` is ``feature_name`` or the backbone's name.  Skipped when the output is up to date
     (same images, boxes, backbone, size and scales) unless ``force``; an interrupted run resumes from
-    its finished shards.
+    its finished shards (:data:`TEST_SHARD_SIZE` images each).  The output and cache locations are
+    checked before extraction starts.
     """
     name = feature_name or backbone
     gt = load_gnd(data_root, dataset)
@@ -104,13 +108,15 @@ def prepare_test_features(data_root: str | os.PathLike, dataset: str, backbone: 
                           "db": _file_signature(db_paths), "query": _file_signature(q_paths), "bbxs": bbxs})
     if not force and _up_to_date(out, digest):
         return out
+    shards = _shard_dir(data_root, dataset, f"{name}-{digest[:12]}")
+    check_output_file(out, f"the descriptors of {dataset}")
+    check_output_dir(shards, "the extraction cache")
     dev = resolve_device(device)
     net = load_backbone(backbone, data_root, dev)
-    shards = _shard_dir(data_root, dataset, f"{name}-{digest[:12]}")
     if force:
         shutil.rmtree(shards, ignore_errors=True)
     kw = dict(image_size=image_size, scales=scales, batch_size=batch_size, num_workers=num_workers, device=dev,
-              progress=progress)
+              progress=progress, shard_size=TEST_SHARD_SIZE)
     db = extract_descriptors(net, db_paths, shard_dir=shards / "db", **kw)
     q = extract_descriptors(net, q_paths, bbxs=bbxs, shard_dir=shards / "query", **kw)
     save_test_features(data_root, dataset, name, query=q, db=db)
@@ -131,6 +137,9 @@ def prepare_demo_features(root: str | os.PathLike = "data/demo", image_size: int
     ``{dataset or trainset: path written}``.
     """
     root = Path(root)
+    if not (root / "annotations").is_dir():
+        raise CSAInputError(f"{root} is not a demo data root (it has no annotations/ folder); give the folder "
+                            f"`csa demo build` wrote (default data/demo)")
     written: dict[str, Path] = {}
     for dataset, city in CITIES.items():
         written[dataset] = prepare_test_features(root, dataset, LITE0, image_size=image_size, scales=scales,
@@ -206,6 +215,7 @@ def prepare_train_features(data_root: str | os.PathLike, backbone: str, trainset
         raise CSAInputError(f"{ann_path} not found; download it with `csa download rsfm120k --data-root {data_root}`")
     ann = load_pickle(ann_path)
     ims = Path(data_root, "jpg", trainset, "ims")
+    check_output_file(train_features_path(data_root, trainset, name), f"the descriptors of {trainset}")
     dev = resolve_device(device)
     net = load_backbone(backbone, data_root, dev)
     out = {}
@@ -234,6 +244,7 @@ def prepare_r1m_features(data_root: str | os.PathLike, backbone: str, image_size
         raise CSAInputError(f"{listing} not found; download R1M with `csa download r1m --data-root {data_root}`")
     names = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
     paths = [Path(data_root, "jpg", "revisitop1m", n) for n in names]
+    check_output_file(Path(data_root, "r1m", f"{name}.npy"), "the R1M descriptors")
     dev = resolve_device(device)
     net = load_backbone(backbone, data_root, dev)
     vecs = extract_descriptors(net, paths, image_size=image_size, scales=scales, batch_size=batch_size,

@@ -11,7 +11,15 @@ For each point of the Cartesian grid the batch runner executes the notebook into
 ``DIR/<notebook>__<key>-<value>_....ipynb`` with a per-run ``results_csv`` under ``DIR/runs/``,
 reads that table back, prepends the grid values as columns and writes all rows so far to
 ``DIR/results.csv`` (atomically, after every run).  A failing run is reported with its name and
-error, the other runs go on, and the command exits with status 1 at the end.
+error (its notebook is kept as ``<run>.failed.ipynb``), the other runs go on, and the command
+exits with status 1 at the end.
+
+Resume: a run executes into hidden temporary files (``.<run>.running.ipynb`` and its CSV); only a
+run that finished is moved to its final names, CSV first, then notebook.  So a final notebook
+always means a finished run, and running the same command again skips the runs whose notebook
+finished with the same parameters (``--force`` runs them again); temporaries left by a killed
+batch are removed when the next one starts.  ``results.csv`` is rebuilt from every finished run of
+the grid.  Ctrl-C stops the batch cleanly: the finished runs stay, ``results.csv`` lists them.
 
 Values are Python literals (``ast.literal_eval``: ``128``, ``0.5``, ``True``, ``None``, ``'x'``);
 anything that is not a literal is kept as a string.  Grid values are separated by commas, so a
@@ -21,19 +29,22 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import itertools
+import json
+import os
 import re
 import sys
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import pandas as pd
 
-from csa.fileio import atomic_write
-from csa.validation import CSAInputError
+from csa.fileio import atomic_write, check_output_dir
+from csa.validation import CSAInputError, run_command
 
 __all__ = ["parse_value", "parse_grid", "parse_params", "run_name", "check_parameters", "BatchResult", "run_grid", "main"]
 
@@ -97,7 +108,12 @@ def check_parameters(notebook: str | Path, names: Sequence[str], kernel: str = "
     import nbformat
     import papermill
 
-    nb = nbformat.read(str(notebook), as_version=4)
+    try:
+        nb = nbformat.read(str(notebook), as_version=4)
+    except Exception as exc:  # not JSON, not a notebook, unreadable
+        raise CSAInputError(f"{notebook} is not a readable Jupyter notebook ({type(exc).__name__}: "
+                            f"{str(exc).strip().splitlines()[0][:160] if str(exc).strip() else 'no details'}); "
+                            f"pass an .ipynb file") from exc
     if nb.metadata.get("kernelspec", {}).get("name"):
         declared = papermill.inspect_notebook(str(notebook))
     else:
@@ -129,6 +145,7 @@ class BatchResult:
     failures: list[tuple[str, str]] = field(default_factory=list)
     results_csv: Path | None = None
     notebooks: list[Path] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -143,6 +160,36 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+RUNNING = ".running"
+FAILED = ".failed.ipynb"
+#: The kernels' own log (transport warnings, the shutdown of an interrupted kernel) stays off the terminal:
+#: a run's errors reach the user through its notebook and the batch's one-line report.
+KERNEL_QUIET = ["--log-level=CRITICAL"]
+
+
+def _comparable(values: dict[str, Any]) -> Any:
+    """Parameters as they read back from a notebook's metadata (JSON), without ``results_csv``."""
+    return json.loads(json.dumps({k: v for k, v in values.items() if k != RESULTS_PARAMETER}, default=str))
+
+
+def _finished(notebook: Path, table: Path, parameters: dict[str, Any]) -> bool:
+    """True when ``notebook`` is a finished run with these ``parameters`` and its table exists."""
+    if not (notebook.is_file() and table.is_file()):
+        return False
+    try:
+        meta = json.loads(notebook.read_text(encoding="utf-8")).get("metadata", {}).get("papermill", {})
+    except (OSError, ValueError):
+        return False
+    return not meta.get("exception") and _comparable(meta.get("parameters", {})) == _comparable(parameters)
+
+
+def _remove_leftovers(*folders: Path) -> None:
+    """Delete the temporary run files a killed batch left behind."""
+    for folder in folders:
+        for stale in folder.glob(f".*{RUNNING}.*"):
+            stale.unlink(missing_ok=True)
+
+
 def run_grid(
     notebook: str | Path,
     grid: dict[str, list[Any]],
@@ -152,13 +199,15 @@ def run_grid(
     max_workers: int = 1,
     cwd: str | Path | None = None,
     progress: bool = True,
+    force: bool = False,
 ) -> BatchResult:
     """Execute ``notebook`` once per point of the Cartesian product of ``grid`` and collect the tables.
 
     ``params`` are fixed for every run.  The notebooks run in ``cwd`` (default: the notebook's own
     folder, as in Jupyter, so relative paths inside it resolve the same way).  The rows of ``out_dir/results.csv`` come in grid order
     (first key slowest), each prefixed with the grid values; failed runs contribute no rows and are
-    listed in ``BatchResult.failures`` as ``(run name, error)``.
+    listed in ``BatchResult.failures`` as ``(run name, error)``.  Runs that already finished with the
+    same parameters are skipped (listed in ``BatchResult.skipped``) unless ``force``.
     """
     import papermill
     from tqdm import tqdm
@@ -175,44 +224,68 @@ def run_grid(
     empty = [k for k, v in grid.items() if not v]
     if empty:
         raise CSAInputError(f"grid parameter(s) {empty} have no values: give at least one value each")
-    if int(max_workers) < 1:
+    if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
         raise CSAInputError(f"max_workers must be >= 1, got {max_workers}")
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise CSAInputError(f"--out {out_dir} is a file, not a folder; give a folder for the notebooks and results")
     check_parameters(notebook, [*grid, *params], kernel=kernel)
 
     run_cwd = Path(cwd) if cwd is not None else notebook.resolve().parent
     if not run_cwd.is_dir():
         raise CSAInputError(f"working directory {run_cwd} does not exist: pass an existing folder as cwd")
-    out_dir = Path(out_dir)
-    runs_dir = out_dir / "runs"
-    runs_dir.mkdir(parents=True, exist_ok=True)
     keys = list(grid)
     points = [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
     names = [run_name(notebook, p) for p in points]
     if len(set(names)) != len(names):
         raise CSAInputError("two grid points map to the same file name: make the grid values distinct as text")
+    out_dir = check_output_dir(out_dir, "--out")
+    runs_dir = check_output_dir(out_dir / "runs", "--out")
+    _remove_leftovers(out_dir, runs_dir)
     results_csv = out_dir / "results.csv"
     tables: dict[int, pd.DataFrame] = {}
     failures: dict[int, str] = {}
+    skipped: list[int] = []
 
-    def run_one(i: int) -> tuple[int, pd.DataFrame | None, str | None]:
-        run_csv = runs_dir / f"{names[i]}.csv"
-        run_csv.unlink(missing_ok=True)
-        try:
-            papermill.execute_notebook(
-                str(notebook), str(out_dir / f"{names[i]}.ipynb"),
-                parameters={**params, **points[i], RESULTS_PARAMETER: str(run_csv.resolve())},
-                kernel_name=kernel, progress_bar=False, cwd=str(run_cwd),
-            )
-            if not run_csv.is_file():
-                return i, None, f"the notebook finished but wrote no table to {RESULTS_PARAMETER} ({run_csv})"
-            table = pd.read_csv(run_csv)
-        except Exception as exc:  # noqa: BLE001 - any failure of one run is reported, the batch goes on
-            return i, None, _error_text(exc)
+    def with_grid_columns(i: int, table: pd.DataFrame) -> pd.DataFrame:
         for position, key in enumerate(keys):
             if key in table.columns:
                 table = table.drop(columns=key)
             table.insert(position, key, [points[i][key]] * len(table))
-        return i, table, None
+        return table
+
+    def run_one(i: int) -> tuple[int, pd.DataFrame | None, str | None]:
+        final_nb, final_csv = out_dir / f"{names[i]}.ipynb", runs_dir / f"{names[i]}.csv"
+        running_nb, running_csv = out_dir / f".{names[i]}{RUNNING}.ipynb", runs_dir / f".{names[i]}{RUNNING}.csv"
+        parameters = {**params, **points[i], RESULTS_PARAMETER: str(running_csv.resolve())}
+        if not force and _finished(final_nb, final_csv, parameters):
+            try:
+                skipped.append(i)
+                return i, with_grid_columns(i, pd.read_csv(final_csv)), None
+            except Exception:  # noqa: BLE001 - an unreadable table: run again
+                skipped.remove(i)
+        for stale in (final_nb, final_csv, out_dir / f"{names[i]}{FAILED}"):
+            stale.unlink(missing_ok=True)
+        try:
+            papermill.execute_notebook(
+                str(notebook), str(running_nb), parameters=parameters,
+                kernel_name=kernel, progress_bar=False, cwd=str(run_cwd),
+                extra_arguments=KERNEL_QUIET,
+            )
+            if not running_csv.is_file():
+                raise FileNotFoundError(f"the notebook finished but wrote no table to {RESULTS_PARAMETER}")
+            table = pd.read_csv(running_csv)
+        except Exception as exc:  # noqa: BLE001 - any failure of one run is reported, the batch goes on
+            running_csv.unlink(missing_ok=True)
+            if running_nb.is_file():
+                os.replace(running_nb, out_dir / f"{names[i]}{FAILED}")
+            return i, None, _error_text(exc)
+        except BaseException:  # Ctrl-C: nothing of this run looks finished
+            running_csv.unlink(missing_ok=True)
+            running_nb.unlink(missing_ok=True)
+            raise
+        os.replace(running_csv, final_csv)
+        os.replace(running_nb, final_nb)
+        return i, with_grid_columns(i, table), None
 
     def write_table() -> pd.DataFrame:
         frames = [tables[i] for i in sorted(tables)]
@@ -221,23 +294,38 @@ def run_grid(
             table.to_csv(f, index=False)
         return table
 
+    def collect(i: int, table: pd.DataFrame | None, error: str | None) -> None:
+        if error is None:
+            tables[i] = table
+            write_table()
+        else:
+            failures[i] = error
+            print(f"[csa batch] run {names[i]} FAILED: {error}", file=sys.stderr, flush=True)
+        bar.update(1)
+
     bar = tqdm(total=len(points), desc=f"batch {notebook.name}", disable=not progress)
-    with ThreadPoolExecutor(max_workers=int(max_workers)) as pool:
-        for i, table, error in pool.map(run_one, range(len(points))):
-            if error is None:
-                tables[i] = table
-                write_table()
-            else:
-                failures[i] = error
-                print(f"[csa batch] run {names[i]} FAILED: {error}", file=sys.stderr, flush=True)
-            bar.update(1)
-    bar.close()
+    try:
+        if max_workers == 1:  # in this thread: Ctrl-C reaches the running notebook at once
+            for i in range(len(points)):
+                collect(*run_one(i))
+        else:
+            pool = ThreadPoolExecutor(max_workers=max_workers)
+            try:
+                for future in as_completed([pool.submit(run_one, i) for i in range(len(points))]):
+                    collect(*future.result())
+            finally:
+                pool.shutdown(wait=False, cancel_futures=True)
+    finally:
+        bar.close()
+        with contextlib.suppress(Exception):  # keep what finished, even when interrupted
+            write_table()
     final = write_table()
     return BatchResult(
         table=final,
         failures=[(names[i], failures[i]) for i in sorted(failures)],
         results_csv=results_csv,
         notebooks=[out_dir / f"{n}.ipynb" for n in names],
+        skipped=[names[i] for i in sorted(skipped)],
     )
 
 
@@ -256,27 +344,31 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-workers", type=int, default=1, help="runs executed at the same time (default 1)")
     parser.add_argument("--cwd", default=None, help="working directory of the runs (default: the notebook's folder, as in Jupyter)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--force", action="store_true",
+                        help="run every point again, even those whose notebook already finished")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (0 ok, 1 some run failed, 2 bad input)."""
+    """Command-line entry point; returns the exit status (0 ok, 1 some run failed, 2 bad input, 130 Ctrl-C)."""
     args = _build_parser().parse_args(argv)
-    try:
+
+    def batch() -> int:
         result = run_grid(args.notebook, parse_grid(args.grid), args.out, params=parse_params(args.param),
                           kernel=args.kernel, max_workers=args.max_workers, cwd=args.cwd,
-                          progress=not args.no_progress)
-    except CSAInputError as exc:
-        print(f"csa batch: error: {exc}", file=sys.stderr)
-        return 2
-    n_runs = len(result.notebooks)
-    print(f"[csa batch] {n_runs - len(result.failures)}/{n_runs} runs ok, {len(result.table)} rows -> {result.results_csv}")
-    if result.failures:
-        print(f"[csa batch] {len(result.failures)} run(s) failed:", file=sys.stderr)
-        for name, error in result.failures:
-            print(f"  {name}: {error}", file=sys.stderr)
-        return 1
-    return 0
+                          progress=not args.no_progress, force=args.force)
+        n_runs = len(result.notebooks)
+        done = f", {len(result.skipped)} already finished (skipped; --force runs them again)" if result.skipped else ""
+        print(f"[csa batch] {n_runs - len(result.failures)}/{n_runs} runs ok{done}, {len(result.table)} rows -> "
+              f"{result.results_csv}")
+        if result.failures:
+            print(f"[csa batch] {len(result.failures)} run(s) failed:", file=sys.stderr)
+            for name, error in result.failures:
+                print(f"  {name}: {error}", file=sys.stderr)
+            return 1
+        return 0
+
+    return run_command("csa batch", batch)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from csa.validation import CSAInputError
 
 Rule = type | tuple | Callable[[Any], bool] | None
 
-__all__ = ["ParameterGuard", "parse_pairs"]
+__all__ = ["ParameterGuard", "parse_pairs", "parse_names", "positive_int"]
 
 
 class ParameterGuard:
@@ -104,3 +104,18 @@ def parse_pairs(text: str) -> dict[str, str]:
                                 "e.g. 'roxford5k-mini:../runs/demo/rparis6k-mini-train/checkpoint.pth'")
         pairs[key] = value
     return pairs
+
+
+def parse_names(text: str, parameter: str) -> list[str]:
+    """``"a, b"`` -> ``['a', 'b']`` (a comma-separated list parameter); an empty list is refused,
+    since a notebook asked to process nothing would finish without doing anything."""
+    names = [part.strip() for part in str(text).split(",") if part.strip()]
+    if not names:
+        raise CSAInputError(f"parameter {parameter}={text!r} names nothing: give at least one name "
+                            f"(comma-separated)")
+    return names
+
+
+def positive_int(value: Any) -> bool:
+    """a positive integer"""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from csa.training.recipes import RECIPE_FIELDS, RECIPES, get_recipe
-from csa.validation import CSAInputError
+from csa.validation import CSAInputError, check_float, check_int
 
-__all__ = ["TrainConfig", "build_parser", "config_from_argv", "config_to_argv", "parse_overrides"]
+__all__ = ["TrainConfig", "build_parser", "config_from_argv", "config_to_argv", "parse_overrides",
+           "check_hyperparameters"]
 
 
 def _option(default: Any, help: str, **kw: Any) -> Any:
@@ -78,6 +80,7 @@ class TrainConfig:
     device: str = _option("auto", "auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)")
     output_dir: str = _option("runs/csa", "checkpoint.pth, history.csv/json, curves.png go here")
     resume: str | None = _option(None, "checkpoint to continue from, or 'auto' (<output_dir>/checkpoint.pth if present)")
+    overwrite: bool = _option(False, "start from scratch even when --output-dir already holds a run (replacing it)")
     save_every: int = _option(0, "also keep checkpoint-epochNNN.pth every N epochs (0: never)")
     progress: bool = _option(True, "tqdm progress bars (rank 0)")
 
@@ -96,7 +99,8 @@ class TrainConfig:
         return {k: getattr(self, k) for k in RECIPE_FIELDS if getattr(self, k) != base[k]}
 
     def check(self) -> None:
-        """Raise CSAInputError on inconsistent values."""
+        """Raise CSAInputError on out-of-range or inconsistent values."""
+        check_hyperparameters(self)
         if self.topk < 1 or self.anchor_len < 1:
             raise CSAInputError(f"--topk ({self.topk}) and --anchor-len ({self.anchor_len}) must be >= 1")
         if self.batch_size < 1 or self.num_epochs < 1 or not 0 <= self.warmup_epochs <= self.num_epochs:
@@ -107,6 +111,41 @@ class TrainConfig:
             raise CSAInputError(f"--embed-dim {self.embed_dim} must be divisible by --num-heads {self.num_heads}")
         if not self.feature_names:
             raise CSAInputError("give at least one --feature-names")
+
+
+#: Integer fields and their smallest allowed value.
+_INT_MINIMUM = {"topk": 1, "anchor_len": 1, "embed_dim": 1, "depth": 1, "num_heads": 1, "batch_size": 1,
+                "num_epochs": 1, "warmup_epochs": 0, "seed": 0, "num_workers": 0, "save_every": 0,
+                "neighbour_chunk": 1, "reference_gpus": 1}
+#: Float fields: (low, high, low excluded, high excluded); high None = unbounded.
+_FLOAT_RANGE = {"base_lr": (0.0, None, True, False), "warmup_lr": (0.0, None, True, False),
+                "final_lr": (0.0, None, False, False), "temperature": (0.0, None, True, False),
+                "alpha": (0.0, None, False, False), "mlp_ratio": (0.0, None, True, False),
+                "drop_rate": (0.0, 1.0, False, True), "attn_drop_rate": (0.0, 1.0, False, True),
+                "drop_path_rate": (0.0, 1.0, False, True), "momentum": (0.0, 1.0, False, True),
+                "weight_decay": (0.0, None, False, False), "clip_grad": (0.0, None, False, False)}
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def check_hyperparameters(config: TrainConfig) -> None:
+    """Refuse values no training run can use, naming the flag: learning rates and the temperature must
+    be finite and > 0, dropouts in [0, 1), counts >= their minimum (epochs >= 1, workers >= 0, ...),
+    the device one of auto | cpu | cuda | cuda:N."""
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    for name, low in _INT_MINIMUM.items():
+        check_int(flag(name), getattr(config, name), low)
+    if config.stop_at_epoch is not None:
+        check_int("--stop-at-epoch", config.stop_at_epoch, 1)
+    for name, (low, high, low_open, high_open) in _FLOAT_RANGE.items():
+        check_float(flag(name), getattr(config, name), low, high, low_open=low_open, high_open=high_open)
+    if not isinstance(config.device, str) or not _DEVICE.match(config.device):
+        raise CSAInputError(f"--device {config.device!r} is not supported; use auto, cpu, cuda or cuda:N")
+    if not str(config.output_dir).strip():
+        raise CSAInputError("--output-dir is empty; give the folder the run writes to")
+    if config.overwrite and config.resume not in (None, "", "None", "none"):
+        raise CSAInputError("--overwrite starts from scratch and --resume continues a run: give one of them")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,9 +12,16 @@ from tqdm import tqdm
 
 from csa.affinity import indexed_affinity
 from csa.model import unwrap
-from csa.validation import CSAInputError
+from csa.validation import CSAError, CSAInputError
 
-__all__ = ["build_optimizer", "WarmupCosineSchedule", "train_one_epoch"]
+__all__ = ["build_optimizer", "WarmupCosineSchedule", "train_one_epoch", "NonFiniteLossError", "MAX_NONFINITE_STREAK"]
+
+#: Consecutive iterations with a non-finite loss after which training stops with an error.
+MAX_NONFINITE_STREAK = 10
+
+
+class NonFiniteLossError(CSAError, RuntimeError):
+    """Training produced a run of non-finite losses: it is learning nothing, so it stops."""
 
 
 def _skips_decay(name: str, param: torch.Tensor, prefixes: Iterable[str]) -> bool:
@@ -97,6 +104,13 @@ class WarmupCosineSchedule:
         self.iteration = int(state["iteration"])
 
 
+def _stop_non_finite(desc: str, count: int, loss: torch.Tensor) -> None:
+    raise NonFiniteLossError(
+        f"{desc}: the loss was not finite in {count} iterations in a row (last: {float(loss.detach()):.4g}); "
+        f"training is learning nothing — lower --base-lr / --warmup-lr, keep --clip-grad on, or check the "
+        f"training features. The last saved checkpoint is kept")
+
+
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -105,7 +119,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader: Iterable[Map
                     optimizer: torch.optim.Optimizer, schedule: WarmupCosineSchedule | None,
                     device: str | torch.device, scaler: torch.amp.GradScaler | None = None, clip_grad: float = 1.0,
                     amp: bool = False, progress: bool = True, features: torch.Tensor | None = None,
-                    desc: str = "train", fp16_inputs: bool = False) -> dict[str, float]:
+                    desc: str = "train", fp16_inputs: bool = False,
+                    max_nonfinite_streak: int = MAX_NONFINITE_STREAK) -> dict[str, float]:
     """One pass over ``loader``; returns the mean ``loss``, ``contrastive`` and ``reconstruction`` over the
     finite iterations (averaged over processes under torch.distributed), plus ``lr`` (last),
     ``iterations`` and ``skipped``.
@@ -116,14 +131,17 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader: Iterable[Map
     runs the model under fp16 autocast with the ``scaler``; ``clip_grad`` > 0 clips the global
     gradient norm; ``fp16_inputs`` rounds the affinities to float16 first (as the official code does).
     A non-finite loss skips the update (on every process), warns and is counted; the
-    schedule still advances so the lr stays a function of the iteration number.
+    schedule still advances so the lr stays a function of the iteration number.  After
+    ``max_nonfinite_streak`` such iterations in a row, or an epoch without a finite one,
+    :class:`NonFiniteLossError` stops the run (skipped iterations change no weight, so the last
+    checkpoint stays valid).
     """
     device = torch.device(device)
     amp = bool(amp) and device.type == "cuda"
     distributed = _distributed()
     model.train()
     sums = torch.zeros(3, dtype=torch.float64, device=device)
-    n_ok, n_skipped, lr = 0, 0, float("nan")
+    n_ok, n_skipped, streak, lr = 0, 0, 0, float("nan")
     bar = tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     for it, batch in enumerate(bar):
         if schedule is not None:
@@ -147,10 +165,14 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader: Iterable[Map
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         if not bool(finite.item()):
             n_skipped += 1
+            streak += 1
+            if streak >= max_nonfinite_streak:
+                _stop_non_finite(desc, streak, loss)
             warnings.warn(f"{desc}: non-finite loss at iteration {it} (loss={float(loss.detach()):.4g}); skipping the update "
                           f"({n_skipped} skipped so far)", RuntimeWarning, stacklevel=2)
             optimizer.zero_grad(set_to_none=True)
             continue
+        streak = 0
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None and scaler.is_enabled():
             scaler.scale(loss).backward()
@@ -169,6 +191,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader: Iterable[Map
         if progress and (it % 10 == 0):
             bar.set_postfix(loss=f"{float(losses['loss'].detach()):.4f}", lr=f"{lr:.3g}")
     bar.close()
+    if n_skipped and not n_ok:  # a whole (short) epoch without one finite loss
+        _stop_non_finite(desc, n_skipped, loss)
     if distributed:
         dist.all_reduce(sums)
         sums /= dist.get_world_size()

@@ -22,6 +22,9 @@ from csa.validation import CSAInputError
 
 __all__ = ["torchrun_command", "launch_training"]
 
+#: How ``csa train`` reports an error (see :func:`csa.validation.run_command`).
+TRAIN_ERROR = "csa train: error:"
+
 
 def torchrun_command(config: TrainConfig, nproc_per_node: int = 1) -> list[str]:
     """The full single-node ``torchrun`` command line for ``config``."""
@@ -40,8 +43,11 @@ def launch_training(config: TrainConfig, nproc_per_node: int = 1, echo: Callable
     """Run ``config`` under torchrun, echoing its output; return ``{'history', 'checkpoint', 'output_dir'}``.
 
     ``threads_per_process`` sets OMP_NUM_THREADS for CPU runs (default: the cores divided evenly).
-    Raises ``RuntimeError`` with the last lines of output when the run fails.
+    The config is checked here first, so a bad value fails at once with :class:`CSAInputError`.
+    When the run fails, the ``RuntimeError`` carries the training's own one-line error
+    (``csa train: error: ...``) rather than torchrun's traceback.
     """
+    config.check()
     cmd = torchrun_command(config, nproc_per_node)
     env = dict(os.environ)
     threads = threads_per_process or max(1, (os.cpu_count() or 1) // nproc_per_node)
@@ -49,6 +55,7 @@ def launch_training(config: TrainConfig, nproc_per_node: int = 1, echo: Callable
     env["PYTHONUNBUFFERED"] = "1"
     echo("$ " + " ".join(cmd[1:]))
     tail: list[str] = []
+    errors: list[str] = []
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                           bufsize=1) as proc:
         assert proc.stdout is not None
@@ -56,9 +63,13 @@ def launch_training(config: TrainConfig, nproc_per_node: int = 1, echo: Callable
             # tqdm redraws with carriage returns: show only the final state of each line
             line = raw.rstrip("\n").split("\r")[-1]
             tail = (tail + [line])[-30:]
+            if line.startswith(TRAIN_ERROR) and not errors:
+                errors.append(line[len(TRAIN_ERROR):].strip())
             echo(line)
         code = proc.wait()
     if code != 0:
+        if errors:  # the training's own message, not torchrun's traceback
+            raise RuntimeError(f"training failed: {errors[0]}")
         raise RuntimeError(f"training exited with status {code}; last output:\n" + "\n".join(tail))
     out = Path(config.output_dir)
     history_file = out / "history.json"

@@ -49,8 +49,7 @@ GRID: Mapping[str, Mapping[str, Any]] = {
     "K=L=128": {"topk": 128, "anchor_len": 128},
     "120 epochs": {"num_epochs": 120, "warmup_epochs": 24},
     "lr x2": {"base_lr": 1.0, "warmup_lr": 0.01},
-    "t=0.5, K=L=128, 120 epochs": {"temperature": 0.5, "topk": 128, "anchor_len": 128, "num_epochs": 120,
-                                   "warmup_epochs": 24},
+    "t=0.5, K=L=128": {"temperature": 0.5, "topk": 128, "anchor_len": 128},
 }
 
 #: Training set -> the benchmark its model is tested on (the other city).

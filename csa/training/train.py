@@ -18,6 +18,14 @@ configuration.  Whatever the recipe:
   last iteration is not reproduced.
 * Checkpoints hold the optimizer, schedule, scaler and RNG states, and ``--resume`` continues
   exactly; files are written atomically.
+
+Safety: every hyper-parameter is checked before anything is loaded
+(:func:`csa.training.config.check_hyperparameters`); ``--output-dir`` must be writable and must not
+hold another run unless ``--resume`` (which refuses a stored config that differs in a field that
+changes the model or the data, :data:`RESUME_FIXED`) or ``--overwrite`` is given; training
+features must be finite (rows that are not unit-norm are renormalized with a warning, as test
+features are); a run of non-finite losses stops the run with an error instead of skipping
+updates forever; a model whose weights stopped being finite is never saved.
 """
 from __future__ import annotations
 
@@ -39,19 +47,22 @@ import torch.distributed as dist
 
 from csa.checkpoint import load_run_checkpoint, save_run_checkpoint
 from csa.data.layout import load_clusters, load_train_features
-from csa.fileio import atomic_write
+from csa.fileio import atomic_write, check_output_dir, remove_stale_temporaries
 from csa.losses import CSACriterion
 from csa.model import RerankTransformer, unwrap
 from csa.training.config import TrainConfig, config_from_argv
 from csa.training.recipes import effective_lrs
 from csa.training.engine import WarmupCosineSchedule, build_optimizer, train_one_epoch
 from csa.training.sampler import GlobalBatchSampler, NeighbourTable, TrainingSet, neighbour_cache_path
-from csa.validation import CSAInputError
+from csa.validation import CSAInputError, check_rows, run_command
 
-__all__ = ["main", "run_training", "build_optimization", "CHECKPOINT_NAME", "HISTORY_COLUMNS"]
+__all__ = ["main", "run_training", "build_optimization", "CHECKPOINT_NAME", "HISTORY_COLUMNS", "RESUME_FIXED"]
 
 CHECKPOINT_NAME = "checkpoint.pth"
 HISTORY_COLUMNS = ["epoch", "lr", "loss", "contrastive", "reconstruction", "skipped", "time"]
+#: Config fields that ``--resume`` must find unchanged: they define the model or the data it sees.
+RESUME_FIXED = ("trainset", "split", "feature_names", "topk", "anchor_len", "embed_dim", "depth", "num_heads",
+                "mlp_ratio", "qkv_bias", "batch_size", "seed")
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,6 +164,66 @@ def _resolve_resume(config: TrainConfig) -> Path | None:
     return path
 
 
+def _check_output_dir(config: TrainConfig, resuming: bool, main_process: bool) -> Path:
+    """``--output-dir`` before any work: writable, and not holding another run unless resuming or
+    ``--overwrite``.  Rank 0 then clears what an interrupted run left (temporary files) and, with
+    ``--overwrite``, the old run's per-epoch checkpoints."""
+    out = Path(config.output_dir)
+    existing = out / CHECKPOINT_NAME
+    if existing.is_file() and not resuming and not config.overwrite:
+        raise CSAInputError(f"--output-dir {out} already holds a training run ({existing}); continue it with "
+                            f"--resume auto, replace it with --overwrite, or choose another --output-dir")
+    if main_process:
+        check_output_dir(out, "--output-dir")
+        remove_stale_temporaries(out)
+        if config.overwrite:
+            for stale in out.glob("checkpoint-epoch*.pth"):
+                stale.unlink()
+    return out
+
+
+def _check_resume_matches(ckpt: dict[str, Any], config: TrainConfig, path: Path) -> None:
+    """Refuse to resume ``ckpt`` with a config that changes the model or the data (:data:`RESUME_FIXED`)."""
+    stored = ckpt.get("train_config") or {}
+    current = asdict(config)
+    changed = [f for f in RESUME_FIXED if f in stored and stored[f] != current[f]]
+    if changed:
+        diff = ", ".join(f"--{f.replace('_', '-')} {stored[f]!r} -> {current[f]!r}" for f in changed)
+        raise CSAInputError(f"--resume {path}: the run was trained with other settings ({diff}); resuming would "
+                            f"continue a different model or data. Use the stored values, or start a new run "
+                            f"(another --output-dir, or --overwrite)")
+
+
+def _neighbour_cache(config: TrainConfig, out: Path) -> Path:
+    """Cache file of the neighbour table: under ``--cache-dir`` (default ``<data_root>/cache``); when the
+    default is read-only and holds no table yet, under ``<output_dir>/cache`` (with a warning)."""
+    def cache_in(folder: Path) -> Path:
+        return neighbour_cache_path(folder, config.trainset, config.split, config.topk, config.anchor_len,
+                                    config.feature_names)
+
+    folder = Path(config.cache_dir) if config.cache_dir else Path(config.data_root) / "cache"
+    if cache_in(folder).is_file():
+        return cache_in(folder)
+    try:
+        check_output_dir(folder, "--cache-dir")
+    except CSAInputError:
+        if config.cache_dir:
+            raise
+        warnings.warn(f"{folder} cannot be written (read-only data root?): the neighbour table is cached in "
+                      f"{out / 'cache'} instead; choose the place with --cache-dir", stacklevel=2)
+        return cache_in(out / "cache")
+    return cache_in(folder)
+
+
+def _load_training_features(config: TrainConfig, n_rows: int) -> list[np.ndarray]:
+    """Every feature set of the run: finite rows (renormalized with a warning when not unit-norm)."""
+    feats = []
+    for name in config.feature_names:
+        x = load_train_features(config.data_root, config.trainset, name, config.split, n_rows=n_rows)
+        feats.append(check_rows(x, f"training features '{name}' of '{config.trainset}' (split '{config.split}')"))
+    return feats
+
+
 # --------------------------------------------------------------------------------------------
 # the run
 # --------------------------------------------------------------------------------------------
@@ -188,17 +259,16 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> 
     if config.batch_size % world:
         raise CSAInputError(f"--batch-size {config.batch_size} (global) is not divisible by the {world} processes; "
                             f"choose a multiple of {world}")
-    out = Path(config.output_dir)
-    if main_process:
-        out.mkdir(parents=True, exist_ok=True)
+    resume = _resolve_resume(config)
+    out = _check_output_dir(config, resume is not None, main_process)
+    ckpt = load_run_checkpoint(resume) if resume is not None else None
+    if ckpt is not None:
+        _check_resume_matches(ckpt, config, resume)
 
     # data: descriptors, clusters, neighbours (rank 0 builds the cache, the others read it)
     clusters = load_clusters(config.data_root, config.trainset, config.split)
-    feats = [load_train_features(config.data_root, config.trainset, name, config.split, n_rows=len(clusters))
-             for name in config.feature_names]
-    cache_dir = Path(config.cache_dir) if config.cache_dir else Path(config.data_root) / "cache"
-    cache = neighbour_cache_path(cache_dir, config.trainset, config.split, config.topk, config.anchor_len,
-                                 config.feature_names)
+    feats = _load_training_features(config, len(clusters))
+    cache = _neighbour_cache(config, out)
     table = None
     if main_process:
         table = NeighbourTable(feats, config.topk, config.anchor_len, cache, config.neighbour_chunk, device,
@@ -228,9 +298,7 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> 
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
 
     start_epoch, history = 0, []
-    resume = _resolve_resume(config)
-    if resume is not None:
-        ckpt = load_run_checkpoint(resume)
+    if ckpt is not None:
         model.load_state_dict(ckpt["state_dict"])
         optimizer.load_state_dict(ckpt["optimizer"])
         schedule.load_state_dict(ckpt["schedule"])
@@ -287,7 +355,7 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point (``csa train``, ``python -m csa.training``, ``torchrun -m csa.training``)."""
-    try:
+    def train() -> int:
         config, dry_run = config_from_argv(argv)
         if dry_run:
             config.check()
@@ -295,10 +363,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                               "effective_lrs": effective_lrs(asdict(config))}, indent=1))
             return 0
         run_training(config)
-    except CSAInputError as exc:
-        print(f"csa train: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return run_command("csa train", train)
 
 
 if __name__ == "__main__":
