@@ -7,7 +7,12 @@ table differs from what the package gives (the tests run it).
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import platform
+import subprocess
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 from csa.compare.published import FIRST_STAGE, PUBLISHED, published_table
@@ -71,10 +76,43 @@ def tables() -> dict[str, str]:
             "recipes.md": HEADER + recipes_markdown()}
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def build_times_markdown(executed: Path) -> str:
+    """Per-notebook run time from papermill's metadata of the executed notebooks, with the machine."""
+    rows, total = [], 0.0
+    for path in sorted(executed.glob("*.ipynb")):
+        meta = json.loads(path.read_text()).get("metadata", {}).get("papermill", {})
+        seconds = float(meta.get("duration") or 0.0)
+        total += seconds
+        rows.append(f"| {path.stem} | {seconds:.0f} |")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    import torch
+
+    machine = (f"{_cpu_model()}, {os.cpu_count()} cores, no GPU" if not torch.cuda.is_available()
+               else f"{_cpu_model()}, {os.cpu_count()} cores, {torch.cuda.get_device_name(0)}")
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    return (HEADER + f"Measured by `scripts/run_all.sh` on {when}, commit `{commit}`: {machine}; torch "
+            f"{torch.__version__}.\n\n| notebook | seconds |\n|---|---|\n" + "\n".join(rows)
+            + f"\n| **all notebooks** | **{total:.0f}** |\n")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="compare with the committed files, write nothing")
+    parser.add_argument("--build-times", type=Path, default=None, metavar="DIR",
+                        help="also write generated/build_times.md from the executed notebooks in DIR")
     args = parser.parse_args(argv)
+    if args.build_times is not None:
+        GENERATED.mkdir(parents=True, exist_ok=True)
+        (GENERATED / "build_times.md").write_text(build_times_markdown(args.build_times))
     stale = []
     for name, text in tables().items():
         path = GENERATED / name

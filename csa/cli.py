@@ -162,9 +162,27 @@ def _cmd_demo_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo_release(args: argparse.Namespace) -> int:
+    from csa.checkpoint import load_checkpoint
+    from csa.training.config import TrainConfig, config_to_argv
+    from csa.training.release import release
+    from csa.training.selection import TRAIN_TO_TEST
+
+    for trainset in TRAIN_TO_TEST:
+        checkpoint = Path(args.runs, trainset, "checkpoint.pth")
+        config = TrainConfig(**load_checkpoint(checkpoint)["train_config"])
+        command = (f"torchrun --standalone --nproc_per_node={args.nproc_per_node} -m csa.training "
+                   + " ".join(config_to_argv(config)))
+        out = release(checkpoint, args.root, trainset, config.recipe, command, TRAIN_TO_TEST[trainset])
+        print(f"released {checkpoint} -> {out}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     if args.demo_command in ("select", "seeds", "curve"):
         return _cmd_demo_experiment(args)
+    if args.demo_command == "release":
+        return _cmd_demo_release(args)
     if args.demo_command == "build":
         import json
 
@@ -258,6 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--force", action="store_true", help="re-extract even when outputs are up to date")
     e.add_argument("--no-report", action="store_true", help="skip the first-stage evaluation")
     e.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    r = demo.add_parser("release", help="copy the trained demo models to <root>/weights with their manifest",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    r.add_argument("--runs", default="runs/demo", help="folder with <trainset>/checkpoint.pth of both cities")
+    r.add_argument("--root", default="data/demo")
+    r.add_argument("--nproc-per-node", type=int, default=2, help="processes the runs used (recorded)")
     for name, text in (("select", "choose the demo recipe on held-out landmarks of the training city"),
                        ("seeds", "train with several seeds and measure the test-city gains"),
                        ("curve", "learning curve: test-city gains against the share of training landmarks")):

@@ -70,7 +70,8 @@ def test_toc_chapters_exist_and_notebook_pages_are_planned():
     assert not missing, f"toc lists prose pages that do not exist: {missing}"
     assert [f for f in files if f.startswith("notebooks/")] == [
         "notebooks/00_inference_in_a_few_lines", "notebooks/01_data_preparation", "notebooks/02_training",
-        "notebooks/03_reranking", "notebooks/06_ablation", "notebooks/04_qualitative_top10",
+        "notebooks/03_reranking", "notebooks/07_recipe_selection", "notebooks/06_ablation",
+        "notebooks/04_qualitative_top10",
         "notebooks/05_comparison",
     ]
     config = yaml.safe_load((BOOK / "_config.yml").read_text())
@@ -124,6 +125,13 @@ def test_book_builds_without_warnings_and_renders_results_page(executed_notebook
         assert "<table" in dom.stdout, "no <table> in the rendered results page"
         assert re.search(r"<img[^>]+src=", dom.stdout), "no <img> in the rendered results page"
         assert "<h1" in dom.stdout
+        # equations render from the built site itself (MathJax in _static/, no network needed)
+        model = subprocess.run([chromium, *flags, "--dump-dom", (html / "csa_model.html").as_uri()],
+                               capture_output=True, text=True, timeout=120)
+        assert model.returncode == 0, model.stderr[-2000:]
+        assert model.stdout.count("<mjx-container") >= 10, "equations of the model page are not rendered"
+        assert "\\[" not in model.stdout and "$$" not in model.stdout, "raw TeX left on the model page"
+        assert (html / "_static" / "mathjax" / "tex-chtml.js").is_file()
         ARTIFACTS.mkdir(exist_ok=True)
         shot = ARTIFACTS / "book_results_page.png"
         shot.unlink(missing_ok=True)

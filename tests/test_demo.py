@@ -120,3 +120,44 @@ def test_committed_demo_size_under_55mb():
     committed = [p for sub in ("jpg", "annotations") for p in (DEMO / sub).rglob("*") if p.is_file()]
     total = sum(p.stat().st_size for p in committed) + (DEMO.parent / "README.md").stat().st_size
     assert 1500 < len(committed) and total < 55e6
+
+
+def test_image_categories_majority_and_landmark_junk():
+    from csa.data.demo import image_categories
+
+    gnd = [{"easy": [0, 1], "hard": [2], "junk": [3, 0]},        # landmark 0
+           {"easy": [1], "hard": [0, 2], "junk": [4]},           # landmark 0
+           {"easy": [5], "hard": [], "junk": [1]}]               # landmark 1
+    image_landmark = np.array([0, 0, 0, -1, -1, 1])
+    category, junk = image_categories(gnd, image_landmark, np.array([0, 0, 1]))
+    assert category.tolist() == ["easy", "easy", "hard", "", "", "easy"]    # image 0: 1 easy vs 1 hard -> easy
+    assert junk == {0: {3, 4}, 1: {1}}                                       # a landmark's own photos are never its junk
+
+
+def test_leave_one_out_gnd_queries_every_landmark_photo_against_the_rest():
+    from csa.data.demo import leave_one_out_gnd
+
+    imlist = ["a", "b", "c", "d", "e"]
+    landmark = np.array([0, 0, 0, -1, 1])                     # e is alone in its landmark: not a query
+    category = np.array(["easy", "hard", "easy", "", "easy"], dtype=object)
+    sizes = {n: (40, 30) for n in imlist}
+    out = leave_one_out_gnd(imlist, landmark, category, {0: {3}}, sizes)
+    assert out["imlist"] == imlist and out["qimlist"] == ["a", "b", "c"]
+    assert out["gnd"][0] == {"bbx": [0.0, 0.0, 40.0, 30.0], "easy": [2], "hard": [1], "junk": [0, 3]}
+    assert out["gnd"][1] == {"bbx": [0.0, 0.0, 40.0, 30.0], "easy": [0, 2], "hard": [], "junk": [1, 3]}
+
+
+@needs_shared
+def test_committed_loo_benchmarks_match_a_rebuild(tmp_path):
+    from csa.data.demo import build_demo
+    from csa.data.layout import load_gnd
+
+    build_demo(SHARED, tmp_path, progress=False)
+    for dataset in ("roxford5k-mini-loo", "rparis6k-mini-loo"):
+        committed, rebuilt = load_gnd(DEMO, dataset), load_gnd(tmp_path, dataset)
+        assert committed == rebuilt
+        base = load_gnd(DEMO, dataset.replace("-loo", ""))
+        assert committed["imlist"] == base["imlist"] and set(committed["qimlist"]) <= set(base["imlist"])
+        for name, g in zip(committed["qimlist"], committed["gnd"]):
+            own = committed["imlist"].index(name)
+            assert own in g["junk"] and own not in g["easy"] + g["hard"] and g["easy"] + g["hard"]

@@ -147,3 +147,21 @@ def test_parse_overrides():
     assert parse_overrides("") == {}
     with pytest.raises(CSAInputError, match="bad override"):
         parse_overrides("epochs=3")
+
+
+def test_selected_demo_recipes_are_the_committed_selection():
+    """Each demo recipe is the demo centre plus the grid setting that won on its own training city."""
+    from pathlib import Path
+
+    import pandas as pd
+
+    from csa.training.recipes import DEMO_SELECTED
+    from csa.training.selection import GRID, choose
+
+    results = Path(__file__).resolve().parents[1] / "data" / "demo" / "results"
+    for trainset, chosen in DEMO_SELECTED.items():
+        table = pd.read_csv(results / f"selection_{trainset}.csv")
+        assert set(table["trainset"]) == {trainset} and set(table["setting"]) == set(GRID)
+        assert table.groupby("setting").size().eq(3).all()                      # three folds each
+        assert choose(table) == chosen["setting"]
+        assert dict(get_recipe(chosen["recipe"]).values) == {**RECIPES["demo"].values, **GRID[chosen["setting"]]}

@@ -119,19 +119,22 @@ def plot_topk_grid(
     k: int = 10,
     title: str | None = None,
     row_titles: tuple[str, str] = ("before re-ranking", "after re-ranking"),
-    thumb_inches: float = 1.45,
+    thumb_inches: float = 1.9,
+    per_row: int = 5,
 ) -> Figure:
-    """Query (left, with an orange box) and its top-``k`` results before (top row) and after (bottom row).
+    """Query (left, with an orange box) and its top-``k`` results before (upper block) and after (lower block).
 
-    ``query_image`` and whatever ``image_loader(name)`` returns may be a PIL image or an array
-    accepted by ``imshow``.  ``query_bbx`` is ``[x1, y1, x2, y2]`` in the pixels of ``query_image``
-    (scale the ground truth's box if the image was resized) or None.  ``labels_*`` come from
-    :func:`label_ranked`; each result gets a green (positive), red (false positive) or grey (junk)
-    border and its rank as title.
+    Each ranking is laid out ``per_row`` thumbnails to a row (two rows of five for k = 10), so the
+    thumbnails stay legible at a page's width.  ``query_image`` and whatever ``image_loader(name)``
+    returns may be a PIL image or an array accepted by ``imshow``.  ``query_bbx`` is ``[x1, y1, x2, y2]``
+    in the pixels of ``query_image`` (scale the ground truth's box if the image was resized) or None.
+    ``labels_*`` come from :func:`label_ranked`; each result gets a green (positive), red (false
+    positive) or grey (junk) border and its rank as title.
     """
     k = int(k)
     if k < 1:
         raise CSAInputError(f"k must be >= 1, got {k}")
+    per_row = max(1, min(int(per_row), k))
     for what, names, labels in (("before", before_names, labels_before), ("after", after_names, labels_after)):
         if len(names) < k or len(labels) < k:
             raise CSAInputError(
@@ -142,35 +145,39 @@ def plot_topk_grid(
         if bad:
             raise CSAInputError(f"unknown label(s) {bad} in labels_{what}: use 'pos', 'neg' or 'junk' (see label_ranked)")
 
-    query_cols = 2  # the query takes two thumbnail columns and both rows
-    fig = Figure(figsize=(thumb_inches * (k + query_cols + 0.3), thumb_inches * 2 + (0.75 if title else 0.45)))
-    grid = fig.add_gridspec(2, k + query_cols + 1, width_ratios=[1.0] * query_cols + [0.25] + [1.0] * k,
-                            wspace=0.08, hspace=0.28)
+    rows = -(-k // per_row)            # grid rows per ranking
+    query_cols = 2                     # the query takes two thumbnail columns and every row
+    height_ratios = [1.0] * rows + [0.18] + [1.0] * rows
+    fig = Figure(figsize=(thumb_inches * (per_row + query_cols + 0.3),
+                          thumb_inches * (2 * rows + 0.18) + (0.9 if title else 0.6)))
+    grid = fig.add_gridspec(2 * rows + 1, per_row + query_cols + 1, width_ratios=[1.0] * query_cols + [0.3] + [1.0] * per_row,
+                            height_ratios=height_ratios, wspace=0.08, hspace=0.3)
     ax_query = fig.add_subplot(grid[:, :query_cols])
     ax_query.imshow(query_image)
     if query_bbx is not None:
         x1, y1, x2, y2 = (float(v) for v in query_bbx)
         ax_query.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=QUERY_COLOR, linewidth=3.0))
     _frame_axes(ax_query, QUERY_COLOR, width=1.5)
-    ax_query.set_title("query", fontsize=12, fontweight="bold", color=QUERY_COLOR)
+    ax_query.set_title("query", fontsize=13, fontweight="bold", color=QUERY_COLOR)
 
-    for row, (names, labels, row_title) in enumerate(
+    for block, (names, labels, row_title) in enumerate(
         ((before_names, labels_before, row_titles[0]), (after_names, labels_after, row_titles[1]))
     ):
         n_pos = sum(1 for lab in list(labels)[:k] if lab == "pos")
         for rank in range(k):
-            ax = fig.add_subplot(grid[row, query_cols + 1 + rank])
+            r = block * (rows + 1) + rank // per_row
+            ax = fig.add_subplot(grid[r, query_cols + 1 + rank % per_row])
             ax.imshow(image_loader(names[rank]))
             _frame_axes(ax, _LABEL_COLORS[str(labels[rank])])
-            ax.set_title(str(rank + 1), fontsize=10, pad=3)
-            if rank == 0:
-                ax.set_ylabel(f"{row_title}\n{n_pos}/{k} positive", fontsize=10, labelpad=6)
+            ax.set_title(str(rank + 1), fontsize=11, pad=3)
+            if rank % per_row == 0:
+                ax.set_ylabel(f"{row_title}\n{n_pos}/{k} positive" if rank == 0 else "", fontsize=11, labelpad=6)
     legend = [Patch(facecolor="none", edgecolor=c, linewidth=2.5, label=name)
               for name, c in (("positive", POSITIVE_COLOR), ("false positive", NEGATIVE_COLOR), ("junk", JUNK_COLOR))]
-    fig.legend(handles=legend, loc="upper right", ncol=3, fontsize=9, frameon=False, borderaxespad=0.2)
+    fig.legend(handles=legend, loc="upper right", ncol=3, fontsize=10, frameon=False, borderaxespad=0.2)
     if title:
         fig.suptitle(title, fontsize=13, fontweight="bold", x=0.02, ha="left")
-    fig.subplots_adjust(left=0.01, right=0.995, bottom=0.02, top=0.80 if title else 0.88)
+    fig.subplots_adjust(left=0.01, right=0.995, bottom=0.02, top=0.88 if title else 0.93)
     return fig
 
 
@@ -250,8 +257,9 @@ def plot_map_vs_time(
 
 
 def plot_ablation(df: Any, x: str, y: str, hue: str | None = None, title: str | None = None,
-                  ci: tuple[str, str] | None = None) -> Figure:
-    """Line plot of ``y`` against ``x``, one line per value of ``hue``; ``ci=(low_col, high_col)`` shades an interval."""
+                  ci: tuple[str, str] | None = None, xlabel: str | None = None, ylabel: str | None = None) -> Figure:
+    """Line plot of ``y`` against ``x``, one line per value of ``hue``; ``ci=(low_col, high_col)`` shades an
+    interval; ``xlabel`` / ``ylabel`` name the axes with their units (default: the column names)."""
     for col in [x, y] + ([hue] if hue else []) + (list(ci) if ci else []):
         if col not in df.columns:
             raise CSAInputError(f"column {col!r} not in the table (columns: {list(df.columns)})")
@@ -263,8 +271,8 @@ def plot_ablation(df: Any, x: str, y: str, hue: str | None = None, title: str | 
         ax.plot(part[x], part[y], marker="o", color=f"C{i}", label=None if key is None else f"{hue} = {key}")
         if ci:
             ax.fill_between(part[x], part[ci[0]], part[ci[1]], color=f"C{i}", alpha=0.15, linewidth=0)
-    ax.set_xlabel(x.replace("_", " "))
-    ax.set_ylabel(y.replace("_", " "))
+    ax.set_xlabel(xlabel or x.replace("_", " "))
+    ax.set_ylabel(ylabel or y.replace("_", " "))
     ax.set_title(title or f"{y.replace('_', ' ')} vs. {x.replace('_', ' ')}", fontsize=12, fontweight="bold")
     ax.grid(alpha=0.3)
     if hue is not None:

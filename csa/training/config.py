@@ -73,6 +73,9 @@ class TrainConfig:
                                 "permutation for every epoch, padded, last partial batch kept)",
                                 choices=["reshuffle", "fixed"])
     fp16_inputs: bool = _option(False, "round affinities to float16 before the model (the official code)")
+    samples: str = _option("all", "training queries: every image ('all') or only those whose cluster has another "
+                           "image ('with-positives'; the others stay tokens and anchors)",
+                           choices=["all", "with-positives"])
     amp: str = _option("auto", "fp16 mixed precision: auto (on with CUDA) | on | off", choices=["auto", "on", "off"])
     # run
     seed: int = _option(0, "random seed (model init, sample order, permutations, dropout)")

@@ -45,17 +45,18 @@ def plot_training_curves(history: Any) -> Figure:
     fig = Figure(figsize=(10.0, 6.4), layout="constrained")
     axes = fig.subplots(2, 2, sharex=True)
     panels = [
-        ("loss", "total loss", "#1f77b4"),
-        ("contrastive", "contrastive loss", "#9467bd"),
-        ("reconstruction", "reconstruction loss", "#8c564b"),
-        ("lr", "learning rate", "#ff7f0e"),
+        ("loss", "total loss", "#1f77b4", "loss (nats + alpha x distance)"),
+        ("contrastive", "contrastive loss", "#9467bd", "-log p(relevant) (nats)"),
+        ("reconstruction", "reconstruction loss", "#8c564b", "distance of unit rows"),
+        ("lr", "learning rate", "#ff7f0e", "learning rate (after scaling)"),
     ]
-    for ax, (key, label, color) in zip(axes.ravel(), panels):
+    for ax, (key, label, color, unit) in zip(axes.ravel(), panels):
         ax.plot(epoch, cols[key], color=color, marker="o" if n <= 30 else None, markersize=3, label="train")
         if f"val_{key}" in cols:
             ax.plot(epoch, cols[f"val_{key}"], color=color, linestyle="--", label="validation")
             ax.legend(fontsize=9, frameon=False)
         ax.set_title(label, fontsize=11)
+        ax.set_ylabel(unit, fontsize=9)
         ax.grid(alpha=0.3)
         if key == "lr":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))

@@ -11,7 +11,11 @@
   512 rows counting the query (K = 511 candidates), affinities rounded to float16 before the model.
   Kept fixed, not reproduced: the scheduler's IndexError on its last iteration, and an unseeded run
   (seed 0 here).
-* ``demo`` — the small model of the embedded demo (CPU, minutes): K = L = 64, C = 128, 4 heads.
+* ``demo`` — the small model of the embedded demo (CPU, minutes): K = L = 64, C = 128, 4 heads, and
+  only the photos of a landmark as training queries (the demo trainsets also hold hundreds of photos
+  without one, which stay as neighbours; rSfM120k has no such images).  ``demo-paris`` and
+  ``demo-oxford`` are the variants chosen on each training city's own held-out landmarks
+  (:data:`DEMO_SELECTED`, :mod:`csa.training.selection`).
 
 :meth:`csa.training.config.TrainConfig.from_recipe` builds a configuration from a recipe plus single-field
 overrides; :data:`DEPARTURES` says, field by field, where ``official`` differs from ``paper`` and why.
@@ -24,14 +28,14 @@ from typing import Any, Mapping
 
 from csa.validation import CSAInputError
 
-__all__ = ["Recipe", "RECIPES", "RECIPE_FIELDS", "DEPARTURES", "get_recipe", "effective_lrs"]
+__all__ = ["Recipe", "RECIPES", "RECIPE_FIELDS", "DEPARTURES", "DEMO_SELECTED", "get_recipe", "effective_lrs"]
 
 #: The hyper-parameters a recipe fixes (everything else of TrainConfig is about data, devices and files).
 RECIPE_FIELDS = (
     "topk", "anchor_len", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "drop_rate",
     "attn_drop_rate", "drop_path_rate", "alpha", "temperature", "batch_size", "num_epochs", "warmup_epochs",
     "warmup_lr", "base_lr", "final_lr", "lr_scaling", "reference_gpus", "momentum", "weight_decay",
-    "feature_align_decay", "clip_grad", "sample_order", "fp16_inputs", "seed",
+    "feature_align_decay", "clip_grad", "sample_order", "fp16_inputs", "samples", "seed",
 )
 
 
@@ -56,7 +60,7 @@ _PAPER = dict(
     attn_drop_rate=0.1, drop_path_rate=0.1, alpha=0.2, temperature=2.0, batch_size=256, num_epochs=100,
     warmup_epochs=20, warmup_lr=0.001, base_lr=0.1, final_lr=0.0, lr_scaling="global", reference_gpus=4,
     momentum=0.9, weight_decay=1e-6, feature_align_decay=False, clip_grad=1.0, sample_order="reshuffle",
-    fp16_inputs=False, seed=0,
+    fp16_inputs=False, samples="all", seed=0,
 )
 
 #: Where ``official`` departs from ``paper``: field -> (official value's meaning, source).
@@ -73,14 +77,27 @@ DEPARTURES: Mapping[str, str] = MappingProxyType({
     "fp16_inputs": "train.py feeds `sim_list.half()`: affinities are rounded to float16 before the model",
 })
 
+_DEMO = {**_PAPER, "topk": 64, "anchor_len": 64, "embed_dim": 128, "num_heads": 4, "batch_size": 32,
+         "num_epochs": 40, "warmup_epochs": 8, "warmup_lr": 0.005, "base_lr": 0.5, "samples": "with-positives"}
+
+#: The demo recipe of each training set, chosen by ``csa demo select`` on that city's own held-out
+#: landmarks (``data/demo/results/selection_<trainset>.csv``; the setting names are those of
+#: :data:`csa.training.selection.GRID`).  The test city played no part in either choice.
+DEMO_SELECTED: Mapping[str, Mapping[str, str]] = MappingProxyType({
+    "rparis6k-mini-train": MappingProxyType({"setting": "t=0.5, K=L=128", "recipe": "demo-paris"}),
+    "roxford5k-mini-train": MappingProxyType({"setting": "120 epochs", "recipe": "demo-oxford"}),
+})
+
 RECIPES: Mapping[str, Recipe] = MappingProxyType({
     "paper": Recipe("paper", "the paper's and README's stated recipe (global-batch lr scaling)", _PAPER),
     "official": Recipe("official", "what the public code does on 4 GPUs (experiment_rSfm120k.sh)",
                        {**_PAPER, "topk": 511, "lr_scaling": "per-gpu", "clip_grad": 0.0,
                         "feature_align_decay": True, "sample_order": "fixed", "fp16_inputs": True}),
-    "demo": Recipe("demo", "the embedded demo's small CPU model (minutes on 2 cores)",
-                   {**_PAPER, "topk": 64, "anchor_len": 64, "embed_dim": 128, "num_heads": 4, "batch_size": 32,
-                    "num_epochs": 40, "warmup_epochs": 8, "warmup_lr": 0.005, "base_lr": 0.5}),
+    "demo": Recipe("demo", "the embedded demo's small CPU model, the centre of the selection grid", _DEMO),
+    "demo-paris": Recipe("demo-paris", "demo recipe chosen on Paris landmarks (trains the model tested on Oxford)",
+                         {**_DEMO, "temperature": 0.5, "topk": 128, "anchor_len": 128}),
+    "demo-oxford": Recipe("demo-oxford", "demo recipe chosen on Oxford landmarks (trains the model tested on Paris)",
+                          {**_DEMO, "num_epochs": 120, "warmup_epochs": 24}),
 })
 
 

@@ -155,23 +155,38 @@ class TrainingSet(torch.utils.data.Dataset):
     :meth:`set_epoch` every epoch). ``targets[j] = 1.0`` when token j has the query's cluster
     (``targets[0] == 1``).  ``anchors`` keep their similarity order (self first).  No descriptor
     arithmetic happens here: :func:`csa.affinity.indexed_affinity` builds the batch on the device.
+
+    ``samples='with-positives'`` keeps as queries only the images whose cluster has another image (as
+    in rSfM120k, where every image lies in a multi-image 3D model); the others still serve as tokens
+    and anchors.  ``'all'`` (default) makes every image a query.
     """
 
-    def __init__(self, table: NeighbourTable, clusters: Any, seed: int = 0, permute: bool = True) -> None:
+    def __init__(self, table: NeighbourTable, clusters: Any, seed: int = 0, permute: bool = True,
+                 samples: str = "all") -> None:
         clusters = np.asarray(clusters).astype(np.int64).ravel()
         if len(clusters) != len(table):
             raise CSAInputError(f"{len(clusters)} cluster labels for {len(table)} training samples; with several "
                                 f"feature sets pass the labels repeated once per set")
+        if samples not in ("all", "with-positives"):
+            raise CSAInputError(f"samples must be 'all' or 'with-positives', got {samples!r}")
         self.table, self.clusters = table, clusters
         self.seed, self.permute, self.epoch = int(seed), bool(permute), 0
+        if samples == "all":
+            self.queries = np.arange(len(clusters))
+        else:
+            _, inverse, counts = np.unique(clusters, return_inverse=True, return_counts=True)
+            self.queries = np.flatnonzero(counts[inverse] > 1)
+            if len(self.queries) == 0:
+                raise CSAInputError("no training image shares its cluster with another one; use samples='all'")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        return len(self.table)
+        return len(self.queries)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
+        index = int(self.queries[item])
         tokens = self.table.tokens(index).astype(np.int64)
         if self.permute:
             tokens = tokens[sample_permutation(self.seed, self.epoch, index, len(tokens) - 1)]

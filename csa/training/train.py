@@ -278,7 +278,8 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> 
     if table is None:
         table = NeighbourTable(feats, config.topk, config.anchor_len, cache, config.neighbour_chunk, device,
                                progress=False)
-    dataset = TrainingSet(table, np.tile(clusters, len(feats)), seed=config.seed, permute=True)
+    dataset = TrainingSet(table, np.tile(clusters, len(feats)), seed=config.seed, permute=True,
+                          samples=config.samples)
     features = torch.from_numpy(np.concatenate(feats, axis=0)).to(device)
     del feats
     sampler = GlobalBatchSampler(len(dataset), config.batch_size, rank, world, seed=config.seed,
