@@ -75,11 +75,18 @@ def landmark_folds(clusters: Sequence[int], n_folds: int = 3) -> list[set[int]]:
     return folds
 
 
-def _subset_trainset(root: Path, trainset: str, keep: np.ndarray, out_root: Path, name: str) -> None:
-    """Write trainset ``name`` under ``out_root``: the rows ``keep`` of ``trainset``'s train split."""
+def _subset_trainset(root: Path, trainset: str, keep: np.ndarray, out_root: Path, name: str,
+                     unlabel: np.ndarray | None = None) -> None:
+    """Write trainset ``name`` under ``out_root``: the rows ``keep`` of ``trainset``'s train split, with the
+    rows ``unlabel`` (if given) made clusters of their own (photos without a landmark: neighbours, never
+    training queries under ``samples='with-positives'``)."""
     ann = load_pickle(Path(root, "annotations", f"{trainset}.pkl"))
     feats = load_train_features(root, trainset, FEATURE_NAME, "train")
-    split = {k: [v[i] for i in np.flatnonzero(keep)] for k, v in ann["train"].items()}
+    clusters = np.asarray(ann["train"]["cluster"])
+    if unlabel is not None:
+        clusters = clusters.copy()
+        clusters[unlabel] = clusters.max() + 1 + np.arange(int(unlabel.sum()))
+    split = {k: [v[i] for i in np.flatnonzero(keep)] for k, v in {**ann["train"], "cluster": clusters.tolist()}.items()}
     save_clusters(out_root, name, {"train": split, "val": ann["val"]})
     save_train_features(out_root, name, FEATURE_NAME, feats[keep], load_train_features(root, trainset, FEATURE_NAME,
                                                                                           "val"))
@@ -173,8 +180,10 @@ def seed_sweep(root: str | os.PathLike, trainset: str, overrides: Mapping[str, A
 def learning_curve(root: str | os.PathLike, trainset: str, overrides: Mapping[str, Any],
                    fractions: Sequence[float] = (0.25, 0.5, 1.0), seeds: Sequence[int] = (0,),
                    progress: bool = True) -> pd.DataFrame:
-    """Train on a growing share of the training city's landmark photos (whole landmarks, drawn at random per
-    seed; the photos without landmark always kept) and measure the CSA gains on the test city."""
+    """Train on a growing share of the training city's landmarks (whole landmarks, drawn at random per seed)
+    and measure the CSA gains on the test city.  The photos of the landmarks left out stay in the trainset
+    without their label (neighbours and distractors, as the photos without a landmark), so only the
+    supervision grows along the curve, not the pool of images."""
     root = Path(root)
     clusters = load_clusters(root, trainset, "train")
     ids, counts = np.unique(clusters, return_counts=True)
@@ -191,9 +200,9 @@ def learning_curve(root: str | os.PathLike, trainset: str, overrides: Mapping[st
                     break
                 chosen.append(int(lm))
                 count += int((clusters == lm).sum())
-            keep = np.isin(clusters, chosen) | ~np.isin(clusters, landmarks)
+            unlabel = np.isin(clusters, landmarks) & ~np.isin(clusters, chosen)
             name = f"{trainset}-{int(round(100 * fraction))}pct-s{seed}"
-            _subset_trainset(root, trainset, keep, Path(tmp), name)
+            _subset_trainset(root, trainset, np.ones(len(clusters), dtype=bool), Path(tmp), name, unlabel=unlabel)
             model, seconds = _train(Path(tmp), name, Path(tmp, "runs", name), seed, overrides)
             rows += [{"trainset": trainset, "fraction": fraction, "seed": seed, "landmarks": len(chosen),
                       "landmark_images": count, **r, "train_seconds": seconds}
