@@ -1,18 +1,25 @@
-"""First-stage search and Revisited evaluation at the 1M scale, without the full (N, Q) argsort.
+"""First stage, re-ranking and Revisited evaluation at the 1M scale, without the full (N, Q) argsort and
+without loading the database.
 
-With the R1M distractors the database has about a million rows; sorting all N scores of every query
-(and then searching every positive in the sorted lists, as revisitop's ``compute_map`` does) costs far
-more than the matrix product itself. :func:`evaluate_large` streams the database in chunks and
+With the R1M distractors the database has about a million rows (4 GB as a float16 memory map); sorting
+all N scores of every query (and then searching every positive in the sorted lists, as revisitop's
+``compute_map`` does) costs far more than the matrix product itself. :func:`first_stage_large` streams
+the database in chunks and
 
-* keeps a running top-K per query (``torch.topk`` per chunk, then a stable merge), which is the
-  ranking re-rankers consume, and
+* keeps a running top-K per query (``torch.topk`` per chunk, then a stable merge), the short list
+  re-rankers consume, and
 * finds the exact position of every positive and junk image in the *full* ranking by counting, for
   each such image, the database rows that score higher (or equal with a lower index).
 
 The ordering is the one :func:`csa.search.first_stage` defines: descending inner product, ties broken
 by the lower database index. From those positions the average precision and mP@k follow the revisitop
 protocol exactly (junk images are removed and the later positions shift up), so the results equal
-``evaluate_revisited(full_ranks, gnd)``.
+``evaluate_revisited(full_ranks, gnd)`` (:meth:`ShortList.evaluate`, :func:`evaluate_large`).
+
+A re-ranker such as CSA only re-orders the top of each list; everything below keeps its first-stage
+position. :func:`rerank_large` runs it block by block of queries on the database rows the lists name
+(read from the memory map), and :meth:`ShortList.evaluate` turns the re-ordered lists plus the counted
+positions into exact results: the +R1M path never holds more than one chunk of the database.
 
 Scores are computed in float32 chunk by chunk (float16 storage is upcast per chunk into one reused
 buffer). The score of a positive / junk image is taken from the same chunk product that the counting
@@ -33,7 +40,7 @@ from csa.evaluate import PROTOCOLS, protocol_gnd, protocol_summary, query_scores
 from csa.search import merge_topk, stable_topk
 from csa.validation import CSAInputError, as_tensor, check_gnd
 
-__all__ = ["ShortList", "evaluate_large", "first_stage_large", "gather_rows", "iter_chunk_scores", "rank_positions",
+__all__ = ["ShortList", "as_cpu_tensor", "evaluate_large", "first_stage_large", "gather_rows", "iter_chunk_scores", "rank_positions",
            "rerank_large", "topk_and_positions"]
 
 
@@ -49,6 +56,16 @@ def _as_query_tensor(qvecs: Any) -> torch.Tensor:
     if not bool(torch.isfinite(q).all()):
         raise CSAInputError("qvecs holds NaN or inf values; fix or drop those queries")
     return q
+
+
+def as_cpu_tensor(rows: Any) -> torch.Tensor:
+    """``rows`` (numpy array, memory map or tensor) as a CPU tensor, sharing memory when it can. Read-only
+    memory maps are shared too (they are only read), without torch's warning about them."""
+    if isinstance(rows, torch.Tensor):
+        return rows.detach().cpu()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.asarray(rows))
 
 
 def _db_reader(db: Any, d: int, chunk_size: int) -> tuple[int, Callable[[int, int], torch.Tensor]]:
@@ -85,13 +102,7 @@ def _db_reader(db: Any, d: int, chunk_size: int) -> tuple[int, Callable[[int, in
             out = buffered(stop - start)
             read_into(start, stop, out.numpy())
             return out
-        rows = db[start:stop]
-        if isinstance(rows, torch.Tensor):
-            t = rows.detach().cpu()
-        else:
-            with warnings.catch_warnings():  # read-only memory maps: the rows are only read
-                warnings.simplefilter("ignore", UserWarning)
-                t = torch.from_numpy(np.asarray(rows))
+        t = as_cpu_tensor(db[start:stop])
         if not t.is_floating_point():
             raise CSAInputError(f"db must hold floating-point descriptors, got dtype {t.dtype}")
         if t.dtype == torch.float32:
