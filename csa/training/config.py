@@ -55,8 +55,7 @@ class TrainConfig:
     momentum: float = _option(0.9, "SGD momentum")
     weight_decay: float = _option(1e-6, "weight decay (none on biases, norms, feature_align)")
     clip_grad: float = _option(1.0, "max gradient norm; 0 disables clipping")
-    amp: str = _option("auto", "mixed precision: auto (fp16 with CUDA, none on the CPU) | on (fp16, CUDA) | bf16 "
-                       "(bfloat16 autocast, CUDA or CPUs with native bf16) | off", choices=["auto", "on", "bf16", "off"])
+    amp: str = _option("auto", "fp16 mixed precision: auto (on with CUDA) | on | off", choices=["auto", "on", "off"])
     # run
     seed: int = _option(0, "random seed (model init, sample order, permutations, dropout)")
     num_workers: int = _option(2, "DataLoader workers per process")

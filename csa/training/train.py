@@ -40,7 +40,6 @@ import torch.distributed as dist
 
 from csa.checkpoint import load_run_checkpoint, save_run_checkpoint
 from csa.data.layout import load_clusters, load_train_features
-from csa.device import cpu_has_native_bf16
 from csa.fileio import atomic_write
 from csa.losses import CSACriterion
 from csa.model import RerankTransformer, unwrap
@@ -166,12 +165,9 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
 def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> dict[str, Any]:
     main_process = rank == 0
     log = print if main_process else (lambda *a, **k: None)
-    amp = config.amp == "bf16" or (device.type == "cuda" and config.amp in ("auto", "on"))
-    amp_dtype = torch.bfloat16 if config.amp == "bf16" else torch.float16
+    amp = device.type == "cuda" and config.amp in ("auto", "on")
     if config.amp == "on" and device.type != "cuda":
-        warnings.warn("--amp on needs CUDA; training in float32 on the CPU (--amp bf16 runs on the CPU)", stacklevel=2)
-    if config.amp == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
-        warnings.warn("--amp bf16 on a CPU without native bf16 instructions is emulated and slow", stacklevel=2)
+        warnings.warn("--amp on needs CUDA; training in float32 on the CPU", stacklevel=2)
     if config.batch_size % world:
         raise CSAInputError(f"--batch-size {config.batch_size} (global) is not divisible by the {world} processes; "
                             f"choose a multiple of {world}")
@@ -213,7 +209,7 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> 
     optimizer = build_optimizer(model, config.base_lr * scale, config.momentum, config.weight_decay)
     schedule = WarmupCosineSchedule(optimizer, config.base_lr * scale, config.warmup_lr * scale,
                                     config.final_lr * scale, config.warmup_epochs, config.num_epochs, len(sampler))
-    scaler = torch.amp.GradScaler("cuda", enabled=amp and amp_dtype == torch.float16)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
 
     start_epoch, history = 0, []
     resume = _resolve_resume(config)
@@ -238,7 +234,7 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> 
     n_params = sum(p.numel() for p in model.parameters())
     log(f">> {len(dataset)} samples ({len(config.feature_names)} feature set(s)), {len(sampler)} iterations/epoch "
         f"of {config.batch_size} ({world} process(es) x {config.batch_size // world}), {n_params / 1e6:.2f}M params, "
-        f"device {device}, amp {str(amp_dtype).replace('torch.', '') if amp else False}, lr peak {config.base_lr * scale:.4g}")
+        f"device {device}, amp {amp}, lr peak {config.base_lr * scale:.4g}")
 
     stop = config.stop_at_epoch or config.num_epochs
     for epoch in range(start_epoch, stop):
@@ -247,8 +243,7 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> 
         torch.manual_seed(_derived_seed(config.seed, 2, epoch, rank))  # dropout: a function of (seed, epoch, rank)
         t0 = time.time()
         stats = train_one_epoch(net, criterion, loader, optimizer, schedule, device, scaler=scaler,
-                                clip_grad=config.clip_grad, amp=amp, amp_dtype=amp_dtype,
-                                progress=config.progress and main_process,
+                                clip_grad=config.clip_grad, amp=amp, progress=config.progress and main_process,
                                 features=features, desc=f"epoch {epoch + 1}/{config.num_epochs}")
         row = {"epoch": epoch + 1, "lr": stats["lr"], "loss": stats["loss"], "contrastive": stats["contrastive"],
                "reconstruction": stats["reconstruction"], "skipped": stats["skipped"], "time": time.time() - t0}
