@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 __all__ = ["OfficialStyleModel", "official_rerank", "OfficialTrainingSet", "official_collate",
-           "official_train_steps", "TimedBatches"]
+           "official_train_steps"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,29 +262,3 @@ def official_train_steps(model: OfficialStyleModel, dataset: OfficialTrainingSet
 def _sync(device: str | torch.device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
-
-
-class TimedBatches:
-    """Wrap an iterable of batches; time the batches from index ``skip`` on (clock started after a sync).
-
-    After iteration, ``samples`` (``len(batch[key])`` summed over the timed batches) and
-    ``seconds`` hold the measurement.
-    """
-
-    def __init__(self, batches, skip: int, steps: int, device: str | torch.device, key: str = "tokens") -> None:
-        self.batches, self.skip, self.steps, self.device, self.key = batches, skip, steps, device, key
-        self.samples, self.seconds = 0, 0.0
-
-    def __iter__(self):
-        t0 = time.perf_counter()
-        for i, batch in enumerate(self.batches):
-            if i == self.skip:
-                _sync(self.device)
-                t0 = time.perf_counter()
-            yield batch
-            if i >= self.skip:
-                self.samples += len(batch[self.key])
-            if i + 1 >= self.skip + self.steps:
-                break
-        _sync(self.device)
-        self.seconds = time.perf_counter() - t0

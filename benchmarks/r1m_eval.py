@@ -23,8 +23,8 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 import tempfile
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -32,60 +32,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from csa.evaluate import evaluate_revisited
-from csa.largescale import evaluate_large, iter_chunk_scores
-from csa.data.r1m import save_distractors, simulate_distractors
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import PeakAnonRSS, synthetic_queries  # noqa: E402
 
-
-class PeakAnonRSS:
-    """Sample this process's anonymous resident memory (RssAnon) and keep the peak above the start."""
-
-    def __init__(self, interval: float = 0.01):
-        self.interval = interval
-
-    @staticmethod
-    def current() -> int:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-        return 0
-
-    def __enter__(self):
-        self.start = self.peak = self.current()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.current())
-            time.sleep(self.interval)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.current())
-
-    @property
-    def above_start_gb(self) -> float:
-        return (self.peak - self.start) / 2**30
+from csa.evaluate import evaluate_revisited  # noqa: E402
+from csa.largescale import evaluate_large, iter_chunk_scores  # noqa: E402
+from csa.data.r1m import save_distractors, simulate_distractors  # noqa: E402
 
 
 def make_problem(path: Path, n: int, d: int, nq: int, n_test: int, seed: int, chunk: int):
     db = simulate_distractors(n, d, seed=seed, dtype="float32", path=path, chunk=chunk, progress=False)
-    rng = np.random.default_rng(seed + 1)
-    gnd, queries = [], []
-    for _ in range(nq):
-        ne, nh, nj = rng.integers(5, 60), rng.integers(5, 60), rng.integers(5, 40)
-        idx = rng.permutation(min(n_test, n))[: ne + nh + nj]
-        easy, hard, junk = np.sort(idx[:ne]), np.sort(idx[ne:ne + nh]), np.sort(idx[ne + nh:])
-        v = (np.asarray(db[easy], np.float64).sum(0) + 0.3 * np.asarray(db[hard], np.float64).sum(0)
-             + 0.02 * rng.standard_normal(d))
-        queries.append(v / np.linalg.norm(v))
-        gnd.append({"easy": easy.tolist(), "hard": hard.tolist(), "junk": junk.tolist()})
-    return db, np.stack(queries).astype(np.float32), gnd
+    q, gnd = synthetic_queries(db, min(n_test, n), nq, np.random.default_rng(seed + 1))
+    return db, q, gnd
 
 
 def full_argsort_path(q: np.ndarray, db: np.ndarray, gnd, chunk: int):

@@ -23,7 +23,9 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", required=True, type=Path, help="data root (see data/README.md for the layout)")
     p.add_argument("--dataset", required=True, help="test dataset, e.g. roxford5k, rparis6k, roxford5k-mini")
     p.add_argument("--features", required=True, help="feature name: reads test/<dataset>/<features>.pkl")
-    p.add_argument("--r1m", type=Path, default=None, help="optional distractor descriptors (.npy) appended to the database")
+    p.add_argument("--r1m", type=Path, default=None,
+                   help="optional distractor descriptors (.npy) appended to the database; read from the memory map "
+                        "chunk by chunk (csa.largescale), never loaded whole")
 
 
 def _load_eval_inputs(args: argparse.Namespace):
@@ -35,16 +37,17 @@ def _load_eval_inputs(args: argparse.Namespace):
     if args.r1m is not None:
         from csa.data.r1m import append_distractors
 
-        dbvecs = np.asarray(append_distractors(dbvecs, args.r1m, dtype="float32"))
+        dbvecs = append_distractors(dbvecs, args.r1m, dtype="float32")  # a view: rows read on demand
     return qvecs, dbvecs, gt["gnd"]
 
 
 def _cmd_rerank(args: argparse.Namespace) -> int:
+    from functools import partial
+
     from csa.checkpoint import load_model
     from csa.device import resolve_device, resolve_precision
     from csa.evaluate import evaluate_revisited, format_revisited
     from csa.rerank import rerank
-    from csa.search import first_stage
 
     if args.output is not None:  # before any work: a bad location fails now, not after the re-ranking
         from csa.fileio import check_output_file
@@ -56,15 +59,29 @@ def _cmd_rerank(args: argparse.Namespace) -> int:
                  if value is not None}
     model = load_model(args.checkpoint, device=device, **overrides)
     qvecs, dbvecs, gnd = _load_eval_inputs(args)
-    ranks = first_stage(qvecs, dbvecs)
-    print(format_revisited(args.dataset, evaluate_revisited(ranks, gnd, n_db=len(dbvecs)), method="first stage"))
     anchor_len = model.config["anchor_len"]
-    start = time.perf_counter()
-    reranked = rerank(model, qvecs, dbvecs, ranks, topk=args.topk, anchor_len=anchor_len,
-                      batch_size=args.batch_size, device=device, precision=args.precision)
-    elapsed = time.perf_counter() - start
-    print(format_revisited(args.dataset, evaluate_revisited(reranked, gnd, n_db=len(dbvecs)),
-                           method=f"CSA top-{args.topk}"))
+    run = partial(rerank, model, topk=args.topk, anchor_len=anchor_len, batch_size=args.batch_size, device=device,
+                  precision=args.precision)
+    if args.r1m is None:
+        from csa.search import first_stage
+
+        ranks = first_stage(qvecs, dbvecs)
+        print(format_revisited(args.dataset, evaluate_revisited(ranks, gnd, n_db=len(dbvecs)), method="first stage"))
+        start = time.perf_counter()
+        reranked = run(qvecs, dbvecs, ranks)
+        elapsed = time.perf_counter() - start
+        results = evaluate_revisited(reranked, gnd, n_db=len(dbvecs))
+    else:  # +R1M: a streamed first stage, re-ranking from the rows of the short lists only
+        from csa.largescale import first_stage_large, rerank_large
+
+        shortlist = first_stage_large(qvecs, dbvecs, gnd, depth=max(args.topk, anchor_len - 1))
+        print(format_revisited(args.dataset, shortlist.evaluate(), method="first stage"))
+        start = time.perf_counter()
+        reranked = rerank_large(partial(run, progress=False), qvecs, dbvecs, shortlist.ranks,
+                                batch_size=args.batch_size)
+        elapsed = time.perf_counter() - start
+        results = shortlist.evaluate(reranked)
+    print(format_revisited(args.dataset, results, method=f"CSA top-{args.topk}"))
     print(f">> re-ranking took {elapsed:.2f} s ({1000 * elapsed / len(qvecs):.1f} ms per query, {device}, {args.precision})")
     if args.output is not None:
         from csa.fileio import atomic_write
@@ -103,12 +120,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     ranks = _load_ranks(args.ranks) if args.ranks is not None else None
     qvecs, dbvecs, gnd = _load_eval_inputs(args)
-    if ranks is not None:
-        method = str(args.ranks)
-    else:
-        ranks = first_stage(qvecs, dbvecs)
-        method = "first stage"
-    print(format_revisited(args.dataset, evaluate_revisited(ranks, gnd, n_db=len(dbvecs)), method=method))
+    method = "first stage" if ranks is None else str(args.ranks)
+    if args.r1m is None or (ranks is not None and ranks.shape[0] == dbvecs.shape[0]):
+        results = evaluate_revisited(first_stage(qvecs, dbvecs) if ranks is None else ranks, gnd,
+                                     n_db=len(dbvecs))
+    else:  # +R1M: the first stage streamed; saved ranks are the re-ordered top of its lists
+        from csa.largescale import first_stage_large
+
+        shortlist = first_stage_large(qvecs, dbvecs, gnd, depth=1 if ranks is None else ranks.shape[0])
+        results = shortlist.evaluate(ranks)
+    print(format_revisited(args.dataset, results, method=method))
     return 0
 
 
@@ -234,13 +255,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="queries per forward pass")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"])
-    p.add_argument("--output", type=Path, default=None, help="save the re-ranked (N, Q) ranks as .npy")
+    p.add_argument("--output", type=Path, default=None,
+                   help="save the re-ranked (N, Q) ranks as .npy (with --r1m: the re-ranked top max(K, L-1) rows)")
     p.set_defaults(func=_cmd_rerank)
 
     p = sub.add_parser("evaluate", help="revisited E/M/H evaluation of saved ranks (default: the first stage)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_data_args(p)
-    p.add_argument("--ranks", type=Path, default=None, help="(N, Q) ranks as .npy; default: first-stage ranking")
+    p.add_argument("--ranks", type=Path, default=None,
+                   help="(N, Q) ranks as .npy (with --r1m also the top rows saved by `csa rerank --r1m`); "
+                        "default: first-stage ranking")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("extract", help="descriptors of a dataset: demo | roxford5k | rparis6k | rsfm120k | r1m",

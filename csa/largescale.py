@@ -1,18 +1,25 @@
-"""First-stage search and Revisited evaluation at the 1M scale, without the full (N, Q) argsort.
+"""First stage, re-ranking and Revisited evaluation at the 1M scale, without the full (N, Q) argsort and
+without loading the database.
 
-With the R1M distractors the database has about a million rows; sorting all N scores of every query
-(and then searching every positive in the sorted lists, as revisitop's ``compute_map`` does) costs far
-more than the matrix product itself. :func:`evaluate_large` streams the database in chunks and
+With the R1M distractors the database has about a million rows (4 GB as a float16 memory map); sorting
+all N scores of every query (and then searching every positive in the sorted lists, as revisitop's
+``compute_map`` does) costs far more than the matrix product itself. :func:`first_stage_large` streams
+the database in chunks and
 
-* keeps a running top-K per query (``torch.topk`` per chunk, then a stable merge), which is the
-  ranking re-rankers consume, and
+* keeps a running top-K per query (``torch.topk`` per chunk, then a stable merge), the short list
+  re-rankers consume, and
 * finds the exact position of every positive and junk image in the *full* ranking by counting, for
   each such image, the database rows that score higher (or equal with a lower index).
 
 The ordering is the one :func:`csa.search.first_stage` defines: descending inner product, ties broken
 by the lower database index. From those positions the average precision and mP@k follow the revisitop
 protocol exactly (junk images are removed and the later positions shift up), so the results equal
-``evaluate_revisited(full_ranks, gnd)``.
+``evaluate_revisited(full_ranks, gnd)`` (:meth:`ShortList.evaluate`, :func:`evaluate_large`).
+
+A re-ranker such as CSA only re-orders the top of each list; everything below keeps its first-stage
+position. :func:`rerank_large` runs it block by block of queries on the database rows the lists name
+(read from the memory map), and :meth:`ShortList.evaluate` turns the re-ordered lists plus the counted
+positions into exact results: the +R1M path never holds more than one chunk of the database.
 
 Scores are computed in float32 chunk by chunk (float16 storage is upcast per chunk into one reused
 buffer). The score of a positive / junk image is taken from the same chunk product that the counting
@@ -22,6 +29,7 @@ pass compares it with, so an image never competes with a re-rounded copy of itse
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -32,7 +40,8 @@ from csa.evaluate import PROTOCOLS, protocol_gnd, protocol_summary, query_scores
 from csa.search import merge_topk, stable_topk
 from csa.validation import CSAInputError, as_tensor, check_gnd
 
-__all__ = ["evaluate_large", "iter_chunk_scores", "rank_positions", "topk_and_positions"]
+__all__ = ["ShortList", "as_cpu_tensor", "evaluate_large", "first_stage_large", "gather_rows", "iter_chunk_scores", "rank_positions",
+           "rerank_large", "topk_and_positions"]
 
 
 def _as_query_tensor(qvecs: Any) -> torch.Tensor:
@@ -49,13 +58,24 @@ def _as_query_tensor(qvecs: Any) -> torch.Tensor:
     return q
 
 
+def as_cpu_tensor(rows: Any) -> torch.Tensor:
+    """``rows`` (numpy array, memory map or tensor) as a CPU tensor, sharing memory when it can. Read-only
+    memory maps are shared too (they are only read), without torch's warning about them."""
+    if isinstance(rows, torch.Tensor):
+        return rows.detach().cpu()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.asarray(rows))
+
+
 def _db_reader(db: Any, d: int, chunk_size: int) -> tuple[int, Callable[[int, int], torch.Tensor]]:
     """Row count and ``read(start, stop)`` giving rows ``start..stop-1`` (at most ``chunk_size``) as float32.
 
     Float32 rows are used in place. Other floating types are converted into one float32 buffer
     allocated once and reused: a fresh ``chunk_size x D`` float32 tensor per chunk would be a new
     memory mapping each time (64 MB at 8192 x 2048) whose page faults cost more than the conversion.
-    The returned tensor is only valid until the next call.
+    Objects with a ``read_into(start, stop, out)`` method (:class:`csa.data.r1m.StackedDescriptors`)
+    write their rows into that buffer directly. The returned tensor is only valid until the next call.
     """
     shape = tuple(getattr(db, "shape", ()))
     if len(shape) != 2:
@@ -68,24 +88,26 @@ def _db_reader(db: Any, d: int, chunk_size: int) -> tuple[int, Callable[[int, in
         raise CSAInputError("db is empty; pass at least one database descriptor")
     rows_max = min(int(chunk_size), int(shape[0]))
     buffer: list[torch.Tensor] = []  # the float32 conversion buffer, created on first use
+    read_into = getattr(db, "read_into", None)
+
+    def buffered(count: int) -> torch.Tensor:
+        if count > rows_max:
+            raise ValueError(f"a read of {count} rows asks for more than chunk_size={rows_max} rows")
+        if not buffer:
+            buffer.append(torch.empty((rows_max, d), dtype=torch.float32))
+        return buffer[0][:count]
 
     def read(start: int, stop: int) -> torch.Tensor:
-        rows = db[start:stop]
-        if isinstance(rows, torch.Tensor):
-            t = rows.detach().cpu()
-        else:
-            with warnings.catch_warnings():  # read-only memory maps: the rows are only read
-                warnings.simplefilter("ignore", UserWarning)
-                t = torch.from_numpy(np.asarray(rows))
+        if read_into is not None:  # e.g. StackedDescriptors: rows written straight into the buffer
+            out = buffered(stop - start)
+            read_into(start, stop, out.numpy())
+            return out
+        t = as_cpu_tensor(db[start:stop])
         if not t.is_floating_point():
             raise CSAInputError(f"db must hold floating-point descriptors, got dtype {t.dtype}")
         if t.dtype == torch.float32:
             return t
-        if t.shape[0] > rows_max:
-            raise ValueError(f"read({start}, {stop}) asks for more than chunk_size={rows_max} rows")
-        if not buffer:
-            buffer.append(torch.empty((rows_max, d), dtype=torch.float32))
-        out = buffer[0][:t.shape[0]]
+        out = buffered(t.shape[0])
         out.copy_(t)  # same rounding as t.to(torch.float32); exact for float16 / bfloat16
         return out
 
@@ -247,40 +269,169 @@ def _protocol_scores(pos_of: dict[int, int], ok: np.ndarray, junk: np.ndarray,
     return query_scores(pos, ok.size, kappas)
 
 
+def _checked_kappas(kappas: Sequence[int]) -> list[int]:
+    kappas = [int(kq) for kq in kappas]
+    if any(kq < 1 for kq in kappas):
+        raise CSAInputError(f"kappas must be positive ranks, got {kappas}")
+    return kappas
+
+
+def _raw_gnd(gnd: Any, n_queries: int) -> list[dict]:
+    gnd = check_gnd(gnd)
+    if any(not all(key in g for key in ("easy", "hard", "junk")) for g in gnd):
+        raise CSAInputError("large-scale evaluation needs the raw revisitop ground truth (every query with 'easy', "
+                            "'hard' and 'junk'), not a single-protocol 'ok' list")
+    if len(gnd) != n_queries:
+        raise CSAInputError(f"gnd has {len(gnd)} queries but qvecs has {n_queries} rows")
+    return list(gnd)
+
+
+@dataclass
+class ShortList:
+    """A first-stage search over a huge database, kept small enough to hold in memory.
+
+    ``ranks`` (depth, Q) int64: the top ``depth`` of each query's ranking (descending score, ties by
+    lower index); ``targets[q]``: the ground-truth images of query ``q`` (easy, hard and junk, unique,
+    ascending); ``positions[q]``: their 0-based positions in the query's *full* ranking of all N rows.
+    A re-ranker that re-orders the top of each list leaves every position below it unchanged, so
+    :meth:`evaluate` scores the first stage and any such re-ranking exactly, as
+    :func:`csa.evaluate.evaluate_revisited` would on the full (N, Q) ranking.
+    """
+
+    ranks: np.ndarray
+    targets: list[np.ndarray]
+    positions: list[np.ndarray]
+    gnd: list[dict]
+
+    @property
+    def depth(self) -> int:
+        return int(self.ranks.shape[0])
+
+    def positions_after(self, ranks: Any = None) -> list[np.ndarray]:
+        """Full-ranking positions of ``targets`` once the top ``len(ranks)`` rows of every list are
+        replaced by ``ranks`` (a re-ordering of those rows; ``None``: the first stage itself)."""
+        if ranks is None:
+            return [p.copy() for p in self.positions]
+        r = ranks.detach().cpu().numpy() if isinstance(ranks, torch.Tensor) else np.asarray(ranks)
+        if r.ndim != 2 or r.shape[1] != self.ranks.shape[1] or not 1 <= r.shape[0] <= self.depth \
+                or not np.issubdtype(r.dtype, np.integer):
+            raise CSAInputError(f"ranks must be integer (M, Q) with 1 <= M <= {self.depth} rows and Q = "
+                                f"{self.ranks.shape[1]} columns (the re-ordered top of the short list), got "
+                                f"{r.dtype} {r.shape}")
+        m = r.shape[0]
+        if not np.array_equal(np.sort(r, axis=0), np.sort(self.ranks[:m], axis=0)):
+            raise CSAInputError(f"ranks must re-order the first-stage top-{m} of every query (the same images, "
+                                f"another order): below it the first-stage order is assumed; this ranking brings "
+                                f"in other images, so evaluate it on the full (N, Q) ranking instead")
+        out = []
+        for qi, (t, p) in enumerate(zip(self.targets, self.positions)):
+            p = p.copy()
+            inside = p < m
+            if inside.any():
+                col = r[:, qi]
+                order = np.argsort(col, kind="stable")
+                p[inside] = order[np.searchsorted(col[order], t[inside])]
+            out.append(p)
+        return out
+
+    def evaluate(self, ranks: Any = None, kappas: Sequence[int] = (1, 5, 10)) -> dict[str, dict]:
+        """Revisited Easy / Medium / Hard results (layout and values of
+        :func:`csa.evaluate.evaluate_revisited`) of the first stage, or of ``ranks``: the top of every
+        list re-ordered (see :meth:`positions_after`)."""
+        kappas = _checked_kappas(kappas)
+        pos_of = [dict(zip(t.tolist(), p.tolist())) for t, p in zip(self.targets, self.positions_after(ranks))]
+        results = {}
+        nq = len(self.gnd)
+        for proto in PROTOCOLS:
+            aps = np.zeros(nq)
+            prs = np.zeros((nq, len(kappas)))
+            for qi, g in enumerate(protocol_gnd(self.gnd, proto)):
+                ok = np.asarray(g["ok"], dtype=np.int64).ravel()
+                junk = np.asarray(g["junk"], dtype=np.int64).ravel()
+                aps[qi], prs[qi] = _protocol_scores(pos_of[qi], ok, junk, kappas)
+            results[proto] = protocol_summary(aps, prs, kappas)  # the reductions of evaluate_revisited
+        return results
+
+
+def first_stage_large(qvecs: Any, db: Any, gnd: Any, depth: int = 1024, chunk_size: int = 8192,
+                      progress: bool = True) -> ShortList:
+    """First stage over a huge database in one streaming pass: a :class:`ShortList` of depth ``depth``.
+
+    ``qvecs`` (Q, D); ``db`` (N, D) numpy array / memory map (float32 or float16), torch tensor or
+    :class:`csa.data.r1m.StackedDescriptors`, used as stored (rows are not re-normalized at this
+    scale); ``gnd`` the raw revisitop ground truth. Memory beyond the descriptors: one chunk of
+    ``chunk_size`` rows in float32 plus ``O(Q * (depth + positives))``.
+    """
+    nq = _as_query_tensor(qvecs).shape[0]
+    gnd = _raw_gnd(gnd, nq)
+    targets = [np.unique(np.concatenate([np.asarray(g[key], dtype=np.int64).ravel()
+                                         for key in ("easy", "hard", "junk")])) for g in gnd]
+    ranks, positions = topk_and_positions(qvecs, db, targets, topk=depth, chunk_size=chunk_size, progress=progress)
+    return ShortList(ranks=ranks, targets=targets, positions=positions, gnd=gnd)
+
+
 def evaluate_large(qvecs: Any, db: Any, gnd: Sequence[dict], kappas: Sequence[int] = (1, 5, 10),
                    topk: int = 1024, chunk_size: int = 8192, progress: bool = True) -> tuple[dict, np.ndarray]:
     """Revisited Easy / Medium / Hard evaluation of the first-stage ranking over a huge database.
 
-    ``qvecs`` (Q, D); ``db`` (N, D) numpy array / memory map (float32 or float16), torch tensor or
-    :class:`csa.data.r1m.StackedDescriptors`; ``gnd`` the revisitop list (raw 'easy' / 'hard' / 'junk').
-    Returns ``(results, ranks)``: ``results`` has the layout of :func:`csa.evaluate.evaluate_revisited`
+    Arguments as :func:`first_stage_large` (``topk`` = its ``depth``). Returns ``(results, ranks)``:
+    ``results`` has the layout of :func:`csa.evaluate.evaluate_revisited`
     (``{'easy'|'medium'|'hard': {'map', 'mp@k', 'aps'}}``, percent) and equals it on the full argsort;
     ``ranks`` is the top-``topk`` first-stage ranking ``(topk, Q)`` (ties by lower index).
-    Memory beyond the descriptors: one chunk (``chunk_size * D`` floats) plus ``O(Q * topk)``.
     """
-    gnd = check_gnd(gnd)
-    raw = [g for g in gnd if not all(key in g for key in ("easy", "hard", "junk"))]
-    if raw:
-        raise CSAInputError("evaluate_large needs the raw revisitop ground truth (every query with 'easy', "
-                            "'hard' and 'junk'), not a single-protocol 'ok' list")
-    nq = _as_query_tensor(qvecs).shape[0]
-    if len(gnd) != nq:
-        raise CSAInputError(f"gnd has {len(gnd)} queries but qvecs has {nq} rows")
-    kappas = [int(kq) for kq in kappas]
-    if any(kq < 1 for kq in kappas):
-        raise CSAInputError(f"kappas must be positive ranks, got {kappas}")
-    targets = [np.concatenate([np.asarray(g[key], dtype=np.int64).ravel() for key in ("easy", "hard", "junk")])
-               for g in gnd]
-    ranks, positions = topk_and_positions(qvecs, db, targets, topk=topk, chunk_size=chunk_size, progress=progress)
+    kappas = _checked_kappas(kappas)
+    shortlist = first_stage_large(qvecs, db, gnd, depth=topk, chunk_size=chunk_size, progress=progress)
+    return shortlist.evaluate(kappas=kappas), shortlist.ranks
 
-    pos_of = [dict(zip(t.tolist(), p.tolist())) for t, p in zip(targets, positions)]
-    results = {}
-    for proto in PROTOCOLS:
-        aps = np.zeros(nq)
-        prs = np.zeros((nq, len(kappas)))
-        for qi, g in enumerate(protocol_gnd(gnd, proto)):
-            ok = np.asarray(g["ok"], dtype=np.int64).ravel()
-            junk = np.asarray(g["junk"], dtype=np.int64).ravel()
-            aps[qi], prs[qi] = _protocol_scores(pos_of[qi], ok, junk, kappas)
-        results[proto] = protocol_summary(aps, prs, kappas)  # the reductions of evaluate_revisited
-    return results, ranks
+
+def gather_rows(db: Any, rows: Any) -> torch.Tensor:
+    """The database rows at the 1-D indices ``rows`` as a float32 CPU tensor (len(rows), D), reading only
+    those rows (a memory map touches just their pages)."""
+    idx = np.asarray(rows, dtype=np.int64).ravel()
+    if isinstance(db, torch.Tensor):
+        return db.index_select(0, torch.from_numpy(idx).to(db.device)).detach().to("cpu", torch.float32)
+    got = np.asarray(db[idx])
+    if not np.issubdtype(got.dtype, np.floating):
+        raise CSAInputError(f"db must hold floating-point descriptors, got dtype {got.dtype}")
+    return torch.from_numpy(got.astype(np.float32, copy=False))
+
+
+def rerank_large(method: Callable[[Any, Any, Any], Any], qvecs: Any, db: Any, ranks: Any, batch_size: int = 8,
+                 progress: bool = True) -> np.ndarray:
+    """Apply a re-ranker of the top of each list to a huge database, reading only the listed rows.
+
+    ``method(qvecs, dbvecs, ranks) -> ranks`` re-orders the top rows of ``ranks`` using only the
+    database rows they list, e.g. ``functools.partial(csa.rerank.rerank, model, topk=K, anchor_len=L,
+    batch_size=8)`` or a baseline of :mod:`csa.compare`. ``ranks`` (M, Q): the short list (e.g.
+    :attr:`ShortList.ranks`, M >= what the method needs). For every block of ``batch_size`` queries
+    the rows its lists name are read (:func:`gather_rows`) into a small database, the lists are
+    re-indexed into it, ``method`` runs on that and its result is mapped back to database indices.
+    Returns the re-ranked (M, Q) int64 list; evaluate it with :meth:`ShortList.evaluate`.
+
+    The result equals ``method(qvecs, full_db, ranks)`` when the method handles queries in
+    independent batches of ``batch_size`` (``csa.rerank.rerank`` with the same ``batch_size``, the
+    affinity baselines). Memory: ``batch_size * M`` database rows in float32 (8 x 1024 x 2048: 64 MB)
+    plus what the method needs for one block.
+    """
+    q = _as_query_tensor(qvecs)
+    r = ranks.detach().cpu().numpy() if isinstance(ranks, torch.Tensor) else np.asarray(ranks)
+    if r.ndim != 2 or r.shape[1] != q.shape[0] or r.shape[0] < 1 or not np.issubdtype(r.dtype, np.integer):
+        raise CSAInputError(f"ranks must be an integer (M, Q) short list with Q = {q.shape[0]} columns, got "
+                            f"{r.dtype} {r.shape}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise CSAInputError(f"batch_size must be a positive integer, got {batch_size!r}")
+    n = int(tuple(getattr(db, "shape", (0,)))[0])
+    if r.size and (r.min() < 0 or r.max() >= n):
+        raise CSAInputError(f"ranks holds indices from {r.min()} to {r.max()}, outside the database [0, {n - 1}]")
+    out = np.empty(r.shape, dtype=np.int64)
+    for s in tqdm(range(0, r.shape[1], batch_size), desc="re-ranking the short lists", unit="block",
+                  disable=not progress):
+        e = min(s + batch_size, r.shape[1])
+        used, local = np.unique(r[:, s:e], return_inverse=True)
+        local = local.reshape(r.shape[0], e - s)
+        new_local = np.asarray(method(q[s:e].numpy(), gather_rows(db, used).numpy(), local))
+        if new_local.shape != local.shape:
+            raise CSAInputError(f"the re-ranker returned shape {new_local.shape} for a short list of shape "
+                                f"{local.shape}; it must return the re-ordered list")
+        out[:, s:e] = used[new_local]
+    return out

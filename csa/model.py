@@ -26,7 +26,66 @@ import torch.nn.functional as F
 
 from csa.validation import CSAInputError
 
-__all__ = ["RerankTransformer", "DropPath", "Attention", "Mlp", "Block", "FeatureAlign", "token_cosine", "unwrap"]
+__all__ = ["RerankTransformer", "Dropout", "DropPath", "Attention", "Mlp", "Block", "FeatureAlign", "token_cosine", "unwrap"]
+
+
+class _CPUDropout(torch.autograd.Function):
+    """Inverted dropout for CPU training: keep each entry with probability 1 - p (a uniform draw >= p) and
+    scale it by 1 / (1 - p). The distribution of ``F.dropout``; the mask comes from ``torch.rand``, several
+    times faster on the CPU than the ``bernoulli_`` sampler ``F.dropout`` uses there (another random stream)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, p: float) -> torch.Tensor:
+        mask = torch.rand(x.shape).ge_(p).mul_(1.0 / (1.0 - p)).to(x.dtype)
+        ctx.save_for_backward(mask)
+        return x * mask
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` with the faster CPU training mask of :class:`_CPUDropout` (other devices: ``F.dropout``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and 0.0 < self.p < 1.0 and x.device.type == "cpu" and not self.inplace:
+            return _CPUDropout.apply(x, self.p)
+        return super().forward(x)
+
+
+class _CPUDropoutAttention(torch.autograd.Function):
+    """``softmax(q k^T * scale)`` with dropout ``p`` on the probabilities, times ``v``, for CPU training.
+
+    The arithmetic of ``F.scaled_dot_product_attention`` with ``dropout_p > 0`` (which on the CPU falls back
+    to its unfused math path: safe-softmax checks, a ``bernoulli_`` mask, autograd through every step) written
+    as one function with a hand-written backward. The products run in the inputs' dtype (bfloat16 under
+    autocast: the fast path of CPUs with native bf16), softmax and the mask in float32.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float, scale: float) -> torch.Tensor:
+        with torch.autocast("cpu", enabled=False):
+            qs = q * scale
+            probs = torch.softmax(torch.matmul(qs, k.transpose(-2, -1)), dim=-1, dtype=torch.float32)
+            mask = torch.rand(probs.shape).ge_(p).mul_(1.0 / (1.0 - p))
+            out = torch.matmul((probs * mask).to(v.dtype), v)
+        ctx.save_for_backward(qs, k, v, probs, mask)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None]:
+        qs, k, v, probs, mask = ctx.saved_tensors
+        with torch.autocast("cpu", enabled=False):
+            grad = grad.to(v.dtype)
+            d_dropped = torch.matmul(grad, v.transpose(-2, -1)).float()          # d(probs * mask)
+            dv = torch.matmul((probs * mask).to(v.dtype).transpose(-2, -1), grad)
+            d_scores = torch._softmax_backward_data(d_dropped.mul_(mask), probs, -1, torch.float32).to(qs.dtype)
+            dq = torch.matmul(d_scores, k).mul_(ctx.scale)
+            dk = torch.matmul(d_scores.transpose(-2, -1), qs)
+        return dq, dk, dv, None, None
 
 
 class DropPath(nn.Module):
@@ -62,14 +121,17 @@ class Attention(nn.Module):
         self.attn_drop = float(attn_drop)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
+        self.proj_drop = Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
         # (B, N, 3C) -> (3, B, heads, N, head_dim): channel layout is [q | k | v], each split by head.
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0,
-                                             scale=self.scale)
+        if self.training and self.attn_drop > 0.0 and x.device.type == "cpu":
+            out = _CPUDropoutAttention.apply(q, k, v, self.attn_drop, self.scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0,
+                                                 scale=self.scale)
         out = out.transpose(1, 2).reshape(b, n, c)
         return self.proj_drop(self.proj(out))
 
@@ -81,7 +143,7 @@ class Mlp(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
-        self.drop = nn.Dropout(drop)
+        self.drop = Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
@@ -157,8 +219,8 @@ class RerankTransformer(nn.Module):
         self.anchor_len = int(anchor_len)
         self.embed_dim = int(embed_dim)
         # Registration order follows the official module so state_dict keys come out in the same order.
-        self.pos_drop = nn.Dropout(drop_rate)
-        self.sim_drop = nn.Dropout(drop_rate)
+        self.pos_drop = Dropout(drop_rate)
+        self.sim_drop = Dropout(drop_rate)
         self.topk_proj = nn.Linear(anchor_len, embed_dim)
         self.feature_align = FeatureAlign(embed_dim, anchor_len)
         rates = torch.linspace(0, drop_path_rate, depth).tolist() if depth > 0 else []

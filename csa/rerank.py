@@ -84,7 +84,9 @@ def _score_topk(model, qvecs, dbvecs, ranks, topk, anchor_len, batch_size, devic
     # Only database rows used as tokens/anchors go to the device; neighbours are re-indexed into them.
     used, local = torch.unique(r[:m].to(dev), return_inverse=True)      # local: (M, Q)
     db = as_tensor(dbvecs)
-    db_used = db.index_select(0, used.to(db.device)).to(dev, torch.float32)
+    if used.numel() < db.shape[0]:
+        db = db.index_select(0, used.to(db.device))
+    db_used = db.to(dev, torch.float32)  # no copy when a compact database (every row used) is already there
     q = as_tensor(qvecs).to(dev, torch.float32)
     neighbours = local.T.contiguous()                                     # (Q, M)
 

@@ -100,14 +100,21 @@ def first_stage(qvecs: Any, dbvecs: Any, topk: int | None = None, chunk_size: in
 
 
 def _full_ranking(q: torch.Tensor, db: torch.Tensor, dev: torch.device, chunk_size: int) -> torch.Tensor:
-    """Full stable descending sort; queries processed in blocks to bound the score matrix."""
-    n_db = db.shape[0]
-    dbd = db.to(dev, torch.float32)
+    """Full stable descending sort of every query's scores.
+
+    The scores are the products of the top-k path (``chunk_size`` database rows against all queries
+    at a time), so both paths rank the very same floats: a matrix product's rounding can depend on
+    how many queries it holds, not on how the database rows are chunked. The sort then runs over
+    blocks of queries to bound its temporary memory.
+    """
+    n_db, n_q = db.shape[0], q.shape[0]
+    scores = torch.empty((n_db, n_q), dtype=torch.float32, device=dev)
+    for start in range(0, n_db, chunk_size):
+        torch.mm(db[start:start + chunk_size].to(dev, torch.float32), q.T, out=scores[start:start + chunk_size])
     step = max(1, (chunk_size * 64) // max(n_db, 1))
-    out = torch.empty((n_db, q.shape[0]), dtype=torch.int64, device=dev)
-    for s in range(0, q.shape[0], step):
-        scores = dbd @ q[s:s + step].T                                   # (N, q)
-        out[:, s:s + step] = torch.sort(scores, dim=0, descending=True, stable=True).indices
+    out = torch.empty((n_db, n_q), dtype=torch.int64, device=dev)
+    for s in range(0, n_q, step):
+        out[:, s:s + step] = torch.sort(scores[:, s:s + step], dim=0, descending=True, stable=True).indices
     return out
 
 

@@ -18,3 +18,12 @@ def brute_force_neighbours(x: np.ndarray, width: int) -> np.ndarray:
         others = [j for j in np.lexsort((np.arange(len(x)), -sim[i])) if j != i]
         out[i] = [i] + others[: width - 1]
     return out
+
+
+def unit_quarter_rows(rng: np.random.Generator, n: int, d: int = 32) -> np.ndarray:
+    """Unit rows with 16 entries of +-1/4: every score is a multiple of 1/16, exact in float16 and float32
+    whatever the summation order, and many scores tie."""
+    x = np.zeros((n, d), np.float32)
+    for row in x:
+        row[rng.choice(d, 16, replace=False)] = rng.choice([-0.25, 0.25], 16)
+    return x

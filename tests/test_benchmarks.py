@@ -54,18 +54,51 @@ def test_precision_quick_reports_speed_quality_and_verdict():
     assert re.search(r"verdict: 'auto' should pick (bf16|fp32) on this CPU", out), out
 
 
-def test_train_throughput_quick_reports_both_pipelines():
-    out = run_script("train_throughput.py", "--quick")
-    assert re.search(r"official pipeline : \d+\.\d+ samples/s", out), out
-    assert re.search(r"csa engine\s+: \d+\.\d+ samples/s", out), out
+def test_train_throughput_quick_reports_both_pipelines_and_the_floor():
+    out = run_script("train_throughput.py", "--quick", "--precision", "fp32,bf16")
+    assert re.search(r"official pipeline\s+: \d+\.\d+ samples/s", out), out
+    for p in ("fp32", "bf16"):
+        assert re.search(rf"csa engine {p}\s+: \d+\.\d+ samples/s", out), out
+        assert re.search(rf"{p} matmul floor\s+: \d+\.\d+ s per step", out), out
+        for clock in ("wall", "CPU"):
+            assert re.search(rf"csa {p} / {p} floor, {clock}\s*: \d+\.\d+x best/best; per repeat", out), out
+    assert re.search(r"official / fp32 floor, wall\s*: \d+\.\d+x", out), out
     assert re.search(r"speed-up\s+: \d+\.\d+x", out), out
+
+
+def test_training_gemms_count_every_product_of_forward_and_backward():
+    sys.path.insert(0, str(BENCH))
+    try:
+        from train_throughput import training_gemms
+    finally:
+        sys.path.remove(str(BENCH))
+    # batch 2, K=1 (T=2), L=3, D=5, C=4 (2 heads of 2), depth 1, hidden 16: hand-counted 2*m*k*n per product
+    g = {gm.name: gm.flops for gm in training_gemms(2, topk=1, anchor_len=3, dim=5, embed_dim=4, depth=1, heads=2)}
+    rows = 2 * 2
+    assert g["affinity bmm"] == 2 * 2 * (2 * 5 * 3)
+    assert g["topk_proj fwd"] == g["topk_proj dW"] == 2 * rows * 3 * 4 and "topk_proj dX" not in g
+    for name, fan_in, fan_out in (("qkv", 4, 12), ("proj", 4, 4), ("fc1", 4, 16), ("fc2", 16, 4),
+                                  ("feature_align", 4, 3)):
+        assert g[f"{name} fwd"] == g[f"{name} dW"] == g[f"{name} dX"] == 2 * rows * fan_in * fan_out, name
+    for name in ("QK^T fwd", "AV fwd", "dP bwd", "dV bwd", "dQ bwd", "dK bwd"):
+        assert g[name] == 2 * (2 * 2) * 2 * 2 * 2, name  # batch x heads products of (T x T x head_dim)
+    assert len(g) == 1 + 2 + 4 * 3 + 6 + 3
 
 
 def test_gpu_dry_run_runs_every_path_on_cpu():
     out = run_script("gpu.py", "--dry-run")
     for pattern in (r"csa\.rerank fp32: \d", r"csa\.rerank bf16: \d", r"official per-query loop .*identical top-10",
-                    r"csa engine: \d+\.\d+ samples/s, projected rSfM120k epoch", r"official pipeline .*speed-up"):
+                    r"csa engine, one epoch: 15 iterations x 8 = 120 samples in \d+\.\d s \(\d+\.\d samples/s",
+                    r"paper: 9\.4 min per epoch .* target <= 30 s per epoch", r"official pipeline .*speed-up"):
         assert re.search(pattern, out), (pattern, out)
+
+
+def test_r1m_rerank_quick_runs_both_paths_with_identical_results():
+    out = run_script("r1m_rerank.py", "--quick")
+    for label in ("(a) in memory", "(b) memory map"):
+        assert re.search(rf"^{re.escape(label)}.* \d+\.\d+s +\d+\.\d+G", out, re.M), (label, out)
+    assert "identical first-stage APs, mAPs and mP@k: True; re-ranked: True; identical re-ranked top-32 lists: True" in out
+    assert re.search(r"memory-map path peak beyond the memory map: .*target <= 1\.5 GB: met", out), out
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA device is present")

@@ -5,6 +5,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from csa.compare.methods import default_methods
 from csa.compare.published import FIRST_STAGE, PUBLISHED
@@ -200,3 +201,35 @@ def test_run_comparison_settings_become_columns(hand_case):
     assert list(table.columns[:3]) == ["method", "K", "L"]
     assert table["K"].tolist()[1:] == [4, 5] and table["K"].isna().tolist()[0]
     assert table["L"].isna().tolist() == [True, False, True]
+
+
+def test_run_comparison_large_equals_run_comparison_in_memory(tmp_path):
+    """The +R1M table (memory-mapped float16 distractors, short lists) is the in-memory table, number for number."""
+    from functools import partial
+
+    from _arrays import unit_quarter_rows
+    from csa.compare.affinity_baseline import affinity_cosine
+    from csa.compare.runner import run_comparison_large
+    from csa.data.r1m import append_distractors, save_distractors
+    from csa.model import RerankTransformer
+    from csa.rerank import rerank
+
+    rng = np.random.default_rng(2)
+    db, dis = unit_quarter_rows(rng, 200, 32), unit_quarter_rows(rng, 1500, 32)
+    q = db[:5].copy()
+    q[:, :] = np.where(rng.random(q.shape) < 0.1, -q, q)  # a few signs flipped: near, not on, a database row
+    gnd = [{"easy": list(range(10 * i + 1, 10 * i + 5)), "hard": [10 * i + 5, 150 + i], "junk": [10 * i + 6]}
+           for i in range(5)]
+    torch.manual_seed(1)
+    model = RerankTransformer(anchor_len=12, embed_dim=16, num_heads=2).eval()
+    methods = {"affinity cosine": partial(affinity_cosine, topk=30, anchor_len=12),
+               "CSA": partial(rerank, model, topk=30, anchor_len=12, batch_size=2, progress=False)}
+    full = np.concatenate([db, dis])
+    expected = run_comparison(q, full, gnd, methods, n_boot=200, progress=False)
+    view = append_distractors(db, save_distractors(dis, tmp_path / "dis.npy", dtype="float16"))
+    got = run_comparison_large(q, view, gnd, methods, depth=30, batch_size=2, n_boot=200, progress=False)
+    numbers = [c for c in COLUMNS if c != "ms_per_query"]
+    assert got[numbers].equals(expected[numbers]), (got[numbers], expected[numbers])
+    assert got["medium_map"].nunique() > 1  # the methods do change the ranking
+    with pytest.raises(CSAInputError, match="reserved"):
+        run_comparison_large(q, view, gnd, {FIRST_STAGE: methods["CSA"]}, depth=30, progress=False)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from _arrays import unit_quarter_rows
 from csa.largescale import evaluate_large, iter_chunk_scores, rank_positions, topk_and_positions
 from csa.data.r1m import StackedDescriptors
 from csa.validation import CSAInputError
@@ -176,3 +177,106 @@ def test_bad_inputs_raise_clear_errors(problem):
     bad[5, 0] = np.nan
     with pytest.raises(CSAInputError, match="non-finite"):
         evaluate_large(q, bad, gnd, progress=False)
+
+
+# --------------------------------------------------------------------------------------------
+# +R1M re-ranking from the short lists: equal to the in-memory path, reads bounded
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def r1m_problem(tmp_path_factory):
+    """A 300-row test database, 3,000 float16 memory-mapped distractors, 6 queries, a small random CSA model."""
+    from csa.data.r1m import append_distractors, save_distractors
+    from csa.model import RerankTransformer
+
+    rng = np.random.default_rng(5)
+    db, dis = unit_quarter_rows(rng, 300), unit_quarter_rows(rng, 3000)
+    q = db[rng.choice(300, 6, replace=False)].copy()
+    for row in q:  # close to a database row, not equal: two of its entries flip sign (still exact, unit)
+        row[rng.choice(np.flatnonzero(row), 2, replace=False)] *= -1
+    gnd = []
+    for i in range(6):
+        idx = rng.permutation(300)
+        ne, nh, nj = [(4, 6, 3), (8, 0, 2), (0, 5, 5), (3, 3, 0), (10, 10, 10), (2, 1, 1)][i]
+        gnd.append({"easy": idx[:ne].tolist(), "hard": idx[ne:ne + nh].tolist(), "junk": idx[ne + nh:ne + nh + nj].tolist()})
+    path = save_distractors(dis, tmp_path_factory.mktemp("r1m") / "dis.npy", dtype="float16")
+    torch.manual_seed(0)
+    model = RerankTransformer(anchor_len=16, embed_dim=32, depth=2, num_heads=4).eval()
+    return q, db, dis, append_distractors(db, path), gnd, model
+
+
+def _assert_same_results(a, b):
+    for proto in ("easy", "medium", "hard"):
+        np.testing.assert_array_equal(a[proto]["aps"], b[proto]["aps"])
+        assert a[proto]["map"] == b[proto]["map"] and a[proto]["mp@k"] == b[proto]["mp@k"]
+
+
+def test_rerank_from_memory_mapped_short_lists_equals_the_in_memory_path(r1m_problem):
+    from functools import partial
+
+    from csa.evaluate import evaluate_revisited
+    from csa.largescale import first_stage_large, rerank_large
+    from csa.rerank import rerank
+    from csa.search import first_stage
+
+    q, db, dis, view, gnd, model = r1m_problem
+    K, L, B = 40, 16, 4
+    full = np.concatenate([db, dis])                          # the in-memory path: everything as float32
+    ranks = first_stage(q, full)
+    reranked_full = rerank(model, q, full, ranks, topk=K, anchor_len=L, batch_size=B, progress=False)
+    assert not np.array_equal(reranked_full[:K], ranks[:K])  # the model does re-order
+
+    shortlist = first_stage_large(q, view, gnd, depth=K, chunk_size=500, progress=False)
+    np.testing.assert_array_equal(shortlist.ranks, ranks[:K])
+    assert any((p >= K).any() for p in shortlist.positions)  # positives below the short list count too
+    _assert_same_results(shortlist.evaluate(), evaluate_revisited(ranks, gnd))
+
+    run = partial(rerank, model, topk=K, anchor_len=L, batch_size=B, progress=False)
+    reranked = rerank_large(run, q, view, shortlist.ranks, batch_size=B, progress=False)
+    np.testing.assert_array_equal(reranked, reranked_full[:K])
+    result = shortlist.evaluate(reranked)
+    _assert_same_results(result, evaluate_revisited(reranked_full, gnd))
+    expected = _reference_revisited(reranked_full, gnd, (1, 5, 10))   # the protocol written out
+    for proto in expected:
+        np.testing.assert_allclose(result[proto]["aps"], expected[proto]["aps"], rtol=0, atol=1e-9)
+
+
+class _RecordedRows:
+    """A database that records how many rows every read asks for (slices and integer indices)."""
+
+    def __init__(self, rows: np.ndarray):
+        self.rows, self.shape, self.reads = rows, rows.shape, []
+
+    def __getitem__(self, item):
+        out = self.rows[item]
+        self.reads.append(len(out))
+        return out
+
+
+def test_large_path_reads_one_chunk_or_one_block_of_short_lists_at_a_time(r1m_problem):
+    from csa.largescale import first_stage_large, rerank_large
+
+    q, db, dis, _, gnd, _ = r1m_problem
+    recorded = _RecordedRows(np.concatenate([db, dis]).astype(np.float16))
+    shortlist = first_stage_large(q, recorded, gnd, depth=30, chunk_size=256, progress=False)
+    assert max(recorded.reads) == 256 and sum(recorded.reads) < 2 * len(recorded.rows)
+    recorded.reads.clear()
+    seen = []
+    out = rerank_large(lambda qq, rows, r: (seen.append(rows.shape), r[::-1])[1], q, recorded, shortlist.ranks,
+                       batch_size=4, progress=False)
+    assert recorded.reads == [shape[0] for shape in seen] and len(seen) == 2  # blocks of 4 + 2 queries
+    assert all(n <= 4 * 30 and d == 32 for n, d in seen)
+    np.testing.assert_array_equal(out, shortlist.ranks[::-1])
+
+
+def test_short_list_evaluation_refuses_rankings_that_bring_in_other_images(r1m_problem):
+    from csa.largescale import first_stage_large
+
+    q, db, _, view, gnd, _ = r1m_problem
+    shortlist = first_stage_large(q, view, gnd, depth=20, chunk_size=1000, progress=False)
+    _assert_same_results(shortlist.evaluate(shortlist.ranks[:10]), shortlist.evaluate())
+    other = shortlist.ranks.copy()
+    other[0, 0] = shortlist.ranks[-1, 0] + 1 if shortlist.ranks[-1, 0] + 1 not in shortlist.ranks[:, 0] else 3299
+    with pytest.raises(CSAInputError, match="re-order the first-stage top-20"):
+        shortlist.evaluate(other)
+    with pytest.raises(CSAInputError, match="rows"):
+        shortlist.evaluate(np.vstack([shortlist.ranks, shortlist.ranks]))

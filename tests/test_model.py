@@ -171,3 +171,49 @@ def test_wrong_anchor_len_is_rejected():
     m = RerankTransformer(**SMALL)
     with pytest.raises(CSAInputError, match="anchor_len=16"):
         m(torch.rand(1, 4, 15))
+
+
+def test_cpu_training_attention_with_dropout_equals_the_formula_and_its_gradients():
+    """The CPU training attention (hand-written backward) against autograd through the float64 formula
+    softmax(q k^T s) * mask @ v, with the very mask it drew (same seed)."""
+    from csa.model import _CPUDropoutAttention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 9, 4, generator=g, requires_grad=True) for _ in range(3))
+    grad_out = torch.randn(2, 3, 9, 4, generator=g)
+    p, scale = 0.3, 0.5
+    torch.manual_seed(7)
+    out = _CPUDropoutAttention.apply(q, k, v, p, scale)
+    out.backward(grad_out)
+    torch.manual_seed(7)
+    mask = (torch.rand(2, 3, 9, 9) >= p).double() / (1 - p)
+    assert 0 < int((mask == 0).sum()) < mask.numel()  # some probabilities dropped, not all
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = (torch.softmax(q64 @ k64.transpose(-2, -1) * scale, dim=-1) * mask) @ v64
+    ref.backward(grad_out.double())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+    for ours, theirs in ((q, q64), (k, k64), (v, v64)):
+        torch.testing.assert_close(ours.grad.double(), theirs.grad, rtol=1e-4, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 products, float32 softmax
+        torch.manual_seed(7)
+        out16 = _CPUDropoutAttention.apply(q.bfloat16(), k.bfloat16(), v.bfloat16(), p, scale)
+    assert out16.dtype == torch.bfloat16
+    torch.testing.assert_close(out16.double(), ref.detach(), rtol=5e-2, atol=5e-2)
+
+
+def test_cpu_training_dropout_keeps_1_minus_p_scaled_and_routes_gradients_through_the_mask():
+    from csa.model import Dropout
+
+    drop = Dropout(0.1)
+    x = torch.ones(400, 500, requires_grad=True)
+    y = drop(x)
+    kept = y != 0
+    n = kept.numel()
+    assert abs(int(kept.sum()) - 0.9 * n) < 5 * (0.09 * n) ** 0.5          # binomial(n, 0.9), 5 sigma
+    torch.testing.assert_close(y[kept], torch.full((int(kept.sum()),), 1 / 0.9))
+    y.backward(torch.full_like(y, 2.0))
+    torch.testing.assert_close(x.grad, torch.where(kept, 2 / 0.9, 0.0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert drop(x.bfloat16()).dtype == torch.bfloat16
+    drop.eval()
+    assert drop(x) is x

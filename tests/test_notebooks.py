@@ -12,7 +12,7 @@ import nbformat
 import papermill as pm
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, _tiny_parameters
 
 pytestmark = pytest.mark.slow
 
@@ -119,7 +119,7 @@ def test_unknown_parameter_fails_fast_with_a_clear_message(tmp_path):
 
 
 @pytest.mark.parametrize("parameters, fact", [
-    ({"epochs": -1}, r"epochs=-1 is invalid: expected a positive integer"),
+    ({"overrides": "num_epochs=-1"}, r"--num-epochs must be >= 1"),
     ({"trainsets": ""}, r"trainsets='' names nothing"),
 ])
 def test_training_notebook_refuses_bad_parameters_before_torchrun(tmp_path, parameters, fact):
@@ -129,3 +129,34 @@ def test_training_notebook_refuses_bad_parameters_before_torchrun(tmp_path, para
                             kernel_name="python3", cwd=str(REPO_ROOT / "notebooks"), progress_bar=False)
     assert err.value.ename == "CSAInputError"          # the notebook's own error, not a torchrun trace
     assert not (tmp_path / "runs").exists()             # nothing trained, nothing written
+
+
+def test_reranking_notebook_streams_r1m_distractors_from_the_memory_map(executed_notebooks, tmp_path):
+    """Notebook 3 with `r1m`: the distractors stay a float16 memory map (csa.largescale); its first-stage mAPs
+    equal the in-memory ranking of the concatenated database, and distractors can only lower them."""
+    import numpy as np
+    import pandas as pd
+
+    from csa.data.layout import load_gnd, load_test_features
+    from csa.data.r1m import simulate_distractors
+    from csa.evaluate import evaluate_revisited
+    from csa.search import first_stage
+
+    feats = {d: load_test_features(str(REPO_ROOT / "data" / "demo"), d, "lite0-gem")
+             for d in ("roxford5k-mini", "rparis6k-mini")}
+    dim = feats["roxford5k-mini"].db.shape[1]
+    dis = simulate_distractors(3000, dim, seed=1, dtype="float16", path=tmp_path / "r1m.npy", progress=False)
+    params = {**_tiny_parameters(executed_notebooks)["03_reranking"], "r1m": str(tmp_path / "r1m.npy"),
+              "results_csv": str(tmp_path / "r1m.csv")}
+    pm.execute_notebook(str(REPO_ROOT / "notebooks" / "03_reranking.ipynb"), str(tmp_path / "out.ipynb"),
+                        parameters=params, kernel_name="python3", cwd=str(REPO_ROOT / "notebooks"), progress_bar=False)
+    table = pd.read_csv(tmp_path / "r1m.csv").set_index(["dataset", "method"])
+    without = pd.read_csv(executed_notebooks.csv["03_reranking"]).set_index(["dataset", "method"])
+    for dataset, f in feats.items():
+        full = np.concatenate([f.db, np.asarray(dis, dtype=np.float32)])
+        expected = evaluate_revisited(first_stage(f.query, full), load_gnd(str(REPO_ROOT / "data" / "demo"), dataset))
+        row = table.loc[(dataset, "first stage")]
+        for proto in ("easy", "medium", "hard"):
+            assert row[f"{proto}_map"] == pytest.approx(expected[proto]["map"], abs=1e-9)
+            assert row[f"{proto}_map"] <= without.loc[(dataset, "first stage"), f"{proto}_map"] + 1e-9
+        assert set(table.loc[dataset].index) == {"first stage", "affinity cosine", "affinity cosine, centred", "CSA"}

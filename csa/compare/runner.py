@@ -17,11 +17,12 @@ from tqdm import tqdm
 
 from csa.compare.published import FIRST_STAGE
 from csa.evaluate import evaluate_revisited, format_revisited, random_ranking_map, PROTOCOLS
+from csa.largescale import first_stage_large, rerank_large
 from csa.search import first_stage
 from csa.stats import bootstrap_map_ci, paired_bootstrap_gain
 from csa.validation import CSAInputError, check_descriptors, check_gnd, check_ranks, descriptors_checked
 
-__all__ = ["run_comparison", "summary_table", "first_stage_report", "COLUMNS"]
+__all__ = ["run_comparison", "run_comparison_large", "summary_table", "first_stage_report", "COLUMNS"]
 
 #: Columns of the table returned by :func:`run_comparison` (mAP / mP@10 / gains in percent points).
 COLUMNS = ["method", "easy_map", "medium_map", "hard_map", "medium_mp@10", "ms_per_query",
@@ -57,13 +58,7 @@ def run_comparison(qvecs: Any, dbvecs: Any, gnd: Sequence[dict], methods: Mappin
     if len(gnd) != n_q:
         raise CSAInputError(f"gnd has {len(gnd)} queries but qvecs has {n_q} rows; they must describe the "
                             f"same queries in the same order")
-    if not isinstance(methods, Mapping) or not methods:
-        raise CSAInputError("methods must be a non-empty dict {name: f(qvecs, dbvecs, ranks) -> ranks}")
-    for name, method in methods.items():
-        if name == FIRST_STAGE:
-            raise CSAInputError(f"the method name {FIRST_STAGE!r} is reserved for the baseline row; rename it")
-        if not callable(method):
-            raise CSAInputError(f"methods[{name!r}] is not callable: {method!r}")
+    _check_methods(methods)
     first_ms = float("nan")
     if first_stage_ranks is None:
         start = time.perf_counter()
@@ -71,21 +66,73 @@ def run_comparison(qvecs: Any, dbvecs: Any, gnd: Sequence[dict], methods: Mappin
         first_ms = 1000.0 * (time.perf_counter() - start) / n_q
     check_ranks(first_stage_ranks, n_db, n_q)
 
-    base = evaluate_revisited(first_stage_ranks, gnd)
+    def run(method: Method) -> Any:
+        with descriptors_checked():  # checked once above; the methods skip the full pass
+            return method(qvecs, dbvecs, first_stage_ranks)
+
+    def prepare(method: Any) -> Any:
+        with descriptors_checked():
+            return method.offline(dbvecs)
+
+    return _comparison_table(methods, run, lambda ranks: evaluate_revisited(ranks, gnd),
+                             evaluate_revisited(first_stage_ranks, gnd), first_ms, n_q, n_boot, seed, level,
+                             progress, settings, prepare)
+
+
+def run_comparison_large(qvecs: Any, db: Any, gnd: Sequence[dict], methods: Mapping[str, Method], depth: int,
+                         n_boot: int = 10000, seed: int = 0, level: float = 0.95, chunk_size: int = 8192,
+                         batch_size: int = 8, progress: bool = True,
+                         settings: Mapping[str, Mapping[str, Any]] | None = None) -> pd.DataFrame:
+    """:func:`run_comparison` over a database too large for memory (e.g. +R1M distractors, memory-mapped).
+
+    The first stage streams ``db`` once (:func:`csa.largescale.first_stage_large`) and keeps the top
+    ``depth`` of every query plus the full-ranking positions of its ground truth; each method re-ranks
+    those short lists from their rows only (:func:`csa.largescale.rerank_large`, blocks of
+    ``batch_size`` queries), so ``depth`` must cover what every method reads (CSA: max(K, L-1)).
+    The evaluation is exact (positions below the re-ranked top are the first stage's). Same table as
+    :func:`run_comparison`; the first-stage ``ms_per_query`` is the streaming search.
+    """
+    _check_methods(methods)
+    start = time.perf_counter()
+    shortlist = first_stage_large(qvecs, db, gnd, depth=depth, chunk_size=chunk_size, progress=progress)
+    n_q = shortlist.ranks.shape[1]
+    first_ms = 1000.0 * (time.perf_counter() - start) / n_q
+    return _comparison_table(methods, lambda m: rerank_large(m, qvecs, db, shortlist.ranks, batch_size, False),
+                             shortlist.evaluate, shortlist.evaluate(), first_ms, n_q, n_boot, seed, level,
+                             progress, settings)
+
+
+def _check_methods(methods: Mapping[str, Method]) -> None:
+    if not isinstance(methods, Mapping) or not methods:
+        raise CSAInputError("methods must be a non-empty dict {name: f(qvecs, dbvecs, ranks) -> ranks}")
+    for name, method in methods.items():
+        if name == FIRST_STAGE:
+            raise CSAInputError(f"the method name {FIRST_STAGE!r} is reserved for the baseline row; rename it")
+        if not callable(method):
+            raise CSAInputError(f"methods[{name!r}] is not callable: {method!r}")
+
+
+def _comparison_table(methods: Mapping[str, Method], run: Callable[[Method], Any], evaluate: Callable[[Any], dict],
+                      base: dict, first_ms: float, n_q: int, n_boot: int, seed: int, level: float, progress: bool,
+                      settings: Mapping[str, Mapping[str, Any]] | None,
+                      prepare: Callable[[Any], Any] | None = None) -> pd.DataFrame:
+    """The rows of a comparison: the first stage (``base``), then each method run, timed and evaluated.
+
+    With ``prepare``, a method that has an ``offline`` step (database-side work done once before any
+    query, e.g. αDBA's augmentation) is prepared first and that time reported apart (``offline_s``).
+    """
     rows = [_row(FIRST_STAGE, base, base, first_ms, n_boot, seed, level, float("nan"))]
     for name, method in tqdm(list(methods.items()), desc="methods", disable=not progress):
         offline_s = float("nan")
-        with descriptors_checked():  # checked once above; the methods skip the full pass
-            offline = getattr(method, "offline", None)
-            if callable(offline):  # database-side work done once, before any query (αDBA)
-                start = time.perf_counter()
-                prepared = offline(dbvecs)
-                if prepared is not None:
-                    offline_s, method = time.perf_counter() - start, prepared
+        if prepare is not None and callable(getattr(method, "offline", None)):
             start = time.perf_counter()
-            ranks = method(qvecs, dbvecs, first_stage_ranks)
+            prepared = prepare(method)
+            if prepared is not None:
+                offline_s, method = time.perf_counter() - start, prepared
+        start = time.perf_counter()
+        ranks = run(method)
         ms = 1000.0 * (time.perf_counter() - start) / n_q
-        rows.append(_row(name, evaluate_revisited(ranks, gnd), base, ms, n_boot, seed, level, offline_s))
+        rows.append(_row(name, evaluate(ranks), base, ms, n_boot, seed, level, offline_s))
     table = pd.DataFrame(rows, columns=COLUMNS)
     extra = list(dict.fromkeys(key for values in (settings or {}).values() for key in values))
     for position, key in enumerate(extra, start=1):

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from csa.largescale import as_cpu_tensor
 from csa.validation import CSAInputError
 
 __all__ = [
@@ -147,12 +148,19 @@ def _rows_numpy(x: Any, start: int, stop: int) -> np.ndarray:
     return np.asarray(x[start:stop])
 
 
+def _copy_rows(out: np.ndarray, rows: Any) -> None:
+    """``out[:] = rows`` for a contiguous ``out``, converted by torch: about 5x faster than numpy's float16 ->
+    float32 cast, which would dominate reading a memory-mapped float16 database."""
+    torch.from_numpy(out).copy_(as_cpu_tensor(rows))
+
+
 class StackedDescriptors:
     """Read-only row-wise concatenation of descriptor arrays (no copy).
 
-    ``view[a:b]`` returns the rows ``a..b-1`` as one numpy array of ``dtype`` (only those rows are
-    read); ``len``, ``shape`` and ``dtype`` behave like an array's. Parts may be numpy arrays,
-    memory maps or torch tensors.
+    ``view[a:b]`` returns the rows ``a..b-1`` and ``view[rows]`` (1-D integer indices) the listed rows,
+    as one numpy array of ``dtype`` (only those rows are read); :meth:`read_into` fills a caller's
+    buffer instead. ``len``, ``shape`` and ``dtype`` behave like an array's. Parts may be numpy
+    arrays, memory maps or torch tensors.
     """
 
     def __init__(self, parts: Sequence[Any], dtype: Any = np.float32):
@@ -174,17 +182,46 @@ class StackedDescriptors:
         return self.shape[0]
 
     def __getitem__(self, item: Any) -> np.ndarray:
-        if not isinstance(item, slice):
-            raise CSAInputError("StackedDescriptors supports row slices only (view[a:b])")
-        start, stop, step = item.indices(self.shape[0])
-        if step != 1:
-            raise CSAInputError("StackedDescriptors supports contiguous row slices only (step 1)")
-        stop = max(stop, start)
-        out = np.empty((stop - start, self.shape[1]), dtype=self.dtype)
+        if isinstance(item, slice):
+            start, stop, step = item.indices(self.shape[0])
+            if step != 1:
+                raise CSAInputError("StackedDescriptors supports contiguous row slices only (step 1)")
+            stop = max(stop, start)
+            out = np.empty((stop - start, self.shape[1]), dtype=self.dtype)
+            self.read_into(start, stop, out)
+            return out
+        rows = np.asarray(item)
+        if rows.ndim == 1 and (rows.size == 0 or np.issubdtype(rows.dtype, np.integer)):
+            return self.take(rows)
+        raise CSAInputError("StackedDescriptors supports row slices (view[a:b]) and 1-D integer row indices "
+                            "(view[rows]) only")
+
+    def read_into(self, start: int, stop: int, out: np.ndarray) -> None:
+        """Write rows ``start..stop-1`` into ``out`` (``stop - start`` rows; any float dtype, converted on the way).
+
+        Lets a reader reuse one buffer for every chunk instead of a fresh array per slice.
+        """
+        if not 0 <= start <= stop <= self.shape[0] or out.shape != (stop - start, self.shape[1]):
+            raise CSAInputError(f"read_into({start}, {stop}) needs 0 <= start <= stop <= {self.shape[0]} and out of "
+                                f"shape ({stop - start}, {self.shape[1]}), got {out.shape}")
         for p, (lo, hi) in zip(self.parts, zip(self.offsets[:-1], self.offsets[1:])):
             a, b = max(start, lo), min(stop, hi)
             if a < b:
-                out[a - start:b - start] = _rows_numpy(p, a - lo, b - lo)
+                _copy_rows(out[a - start:b - start], p[a - lo:b - lo])
+
+    def take(self, rows: Any) -> np.ndarray:
+        """The rows at the integer indices ``rows`` (any order, repeats allowed) as one ``dtype`` array;
+        only those rows are read (a memory map reads just their pages)."""
+        rows = np.asarray(rows, dtype=np.int64).ravel()
+        if rows.size and (rows.min() < 0 or rows.max() >= self.shape[0]):
+            raise CSAInputError(f"row indices from {rows.min()} to {rows.max()} are outside [0, {self.shape[0] - 1}]")
+        out = np.empty((rows.size, self.shape[1]), dtype=self.dtype)
+        part = np.searchsorted(self.offsets, rows, side="right") - 1
+        for i, p in enumerate(self.parts):
+            sel = np.flatnonzero(part == i)
+            if sel.size:
+                local = rows[sel] - self.offsets[i]
+                out[sel] = p[torch.from_numpy(local)].detach().cpu().numpy() if isinstance(p, torch.Tensor) else p[local]
         return out
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:

@@ -120,16 +120,18 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader: Iterable[Map
                     device: str | torch.device, scaler: torch.amp.GradScaler | None = None, clip_grad: float = 1.0,
                     amp: bool = False, progress: bool = True, features: torch.Tensor | None = None,
                     desc: str = "train", fp16_inputs: bool = False,
-                    max_nonfinite_streak: int = MAX_NONFINITE_STREAK) -> dict[str, float]:
+                    max_nonfinite_streak: int = MAX_NONFINITE_STREAK,
+                    amp_dtype: torch.dtype = torch.float16) -> dict[str, float]:
     """One pass over ``loader``; returns the mean ``loss``, ``contrastive`` and ``reconstruction`` over the
     finite iterations (averaged over processes under torch.distributed), plus ``lr`` (last),
     ``iterations`` and ``skipped``.
 
     Batches are dicts from :class:`csa.training.sampler.TrainingSet` (``tokens``, ``anchors``, ``targets``),
     turned into affinities on ``device`` by :func:`csa.affinity.indexed_affinity` with ``features`` (N, D) already
-    on the device; a batch may also carry a ready ``affinity`` (B, K+1, L).  ``amp`` (CUDA only)
-    runs the model under fp16 autocast with the ``scaler``; ``clip_grad`` > 0 clips the global
-    gradient norm; ``fp16_inputs`` rounds the affinities to float16 first (as the official code does).
+    on the device; a batch may also carry a ready ``affinity`` (B, K+1, L).  ``amp`` runs the model under
+    autocast to ``amp_dtype``: float16 (CUDA only, with the ``scaler``) or bfloat16 (CUDA or CPU; the
+    losses stay float32, no scaler needed); ``clip_grad`` > 0 clips the global gradient norm;
+    ``fp16_inputs`` rounds the affinities to float16 first (as the official code does).
     A non-finite loss skips the update (on every process), warns and is counted; the
     schedule still advances so the lr stays a function of the iteration number.  After
     ``max_nonfinite_streak`` such iterations in a row, or an epoch without a finite one,
@@ -137,7 +139,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader: Iterable[Map
     checkpoint stays valid).
     """
     device = torch.device(device)
-    amp = bool(amp) and device.type == "cuda"
+    amp = bool(amp) and (device.type == "cuda" or amp_dtype == torch.bfloat16)
     distributed = _distributed()
     model.train()
     sums = torch.zeros(3, dtype=torch.float64, device=device)
@@ -156,7 +158,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader: Iterable[Map
                 raise CSAInputError("train_one_epoch needs features=(N, D) tensor to build affinities from indices")
             affinity = indexed_affinity(features, batch["tokens"], batch["anchors"])
         affinity = affinity.half().float() if fp16_inputs else affinity.float()
-        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
+        with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp):
             tokens, reconstruction = model(affinity)
             losses = criterion(tokens, reconstruction, affinity, targets)
         loss = losses["loss"]
