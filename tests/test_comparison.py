@@ -233,3 +233,36 @@ def test_run_comparison_large_equals_run_comparison_in_memory(tmp_path):
     assert got["medium_map"].nunique() > 1  # the methods do change the ranking
     with pytest.raises(CSAInputError, match="reserved"):
         run_comparison_large(q, view, gnd, {FIRST_STAGE: methods["CSA"]}, depth=30, progress=False)
+
+
+def test_gain_between_two_methods_is_the_paired_mean_of_their_per_query_aps(hand_case):
+    from csa.compare.runner import gain_between
+    q, db, gnd, ranks = hand_case
+    perfect = np.array([[0, 1, 2, 3, 4, 5], [4, 0, 1, 2, 3, 5]]).T
+    methods = {"perfect": lambda qq, dd, rr: perfect, "reversed": lambda qq, dd, rr: rr[::-1].copy()}
+    df = run_comparison(q, db, gnd, methods, first_stage_ranks=ranks, n_boot=200, progress=False)
+    # over the first stage it is the table's own gain
+    assert gain_between(df, "perfect", FIRST_STAGE, n_boot=200) == pytest.approx(
+        tuple(df.set_index("method").loc["perfect", ["medium_gain", "medium_gain_low", "medium_gain_high"]]))
+    # Hard: only query 0 has a positive (1). perfect ranks it 1st (AP 1); reversed ranks 5, 4, 1, 3, 2, 0, which
+    # is 5, 4, 1, 3 once junk {0, 2} is dropped: 3rd place -> AP = (0/2 + 1/3) / 2 = 1/6. One query: no spread.
+    gain, low, high = gain_between(df, "perfect", "reversed", protocol="hard", n_boot=200)
+    assert gain == low == high == pytest.approx(100 * (1 - 1 / 6))
+    assert gain_between(df, "reversed", "perfect", protocol="hard", n_boot=200)[0] == pytest.approx(-100 * 5 / 6)
+    with pytest.raises(CSAInputError, match="no method 'CSA'"):
+        gain_between(df, "CSA", FIRST_STAGE)
+    with pytest.raises(CSAInputError, match="protocol"):
+        gain_between(df, "perfect", FIRST_STAGE, protocol="Medium")
+    stripped = df.copy()
+    stripped.attrs = {}
+    with pytest.raises(CSAInputError, match="per-query APs"):
+        gain_between(stripped, "perfect", FIRST_STAGE)
+
+
+def test_comparison_tables_of_different_benchmarks_still_concatenate(hand_case):
+    import pandas as pd
+    q, db, gnd, ranks = hand_case
+    one = run_comparison(q, db, gnd, {"same": lambda qq, dd, rr: rr}, first_stage_ranks=ranks, n_boot=20, progress=False)
+    two = run_comparison(q[:1], db, gnd[:1], {"same": lambda qq, dd, rr: rr}, first_stage_ranks=ranks[:, :1],
+                         n_boot=20, progress=False)
+    assert len(pd.concat([one, two], ignore_index=True)) == 4

@@ -4,7 +4,8 @@
 Easy / Medium / Hard mAP, Medium mP@10, CPU time per query and the paired-bootstrap interval of
 each method's Medium and Hard gain over the first stage (queries resampled jointly, so the
 interval is about the *difference*, not two independent noises).  :func:`summary_table` makes it
-readable; :func:`first_stage_report` gives one dataset's first stage with intervals and chance level.
+readable; :func:`gain_between` measures one method against another (not the first stage) on the same
+queries; :func:`first_stage_report` gives one dataset's first stage with intervals and chance level.
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from csa.search import first_stage
 from csa.stats import bootstrap_map_ci, paired_bootstrap_gain
 from csa.validation import CSAInputError, check_descriptors, check_gnd, check_ranks, descriptors_checked
 
-__all__ = ["run_comparison", "run_comparison_large", "summary_table", "first_stage_report", "COLUMNS"]
+__all__ = ["run_comparison", "run_comparison_large", "summary_table", "gain_between", "format_gain",
+           "first_stage_report", "COLUMNS"]
 
 #: Columns of the table returned by :func:`run_comparison` (mAP / mP@10 / gains in percent points).
 COLUMNS = ["method", "easy_map", "medium_map", "hard_map", "medium_mp@10", "ms_per_query",
@@ -51,6 +53,8 @@ def run_comparison(qvecs: Any, dbvecs: Any, gnd: Sequence[dict], methods: Mappin
     method, queries without positives excluded).  The first-stage row has gain 0 [0, 0].
     ``settings`` (method name -> {column: value}, e.g. ``{'CSA': {'topk': 128, 'anchor_len': 64}}``)
     adds those values as columns after ``method`` (empty for the other rows).
+    ``table.attrs["aps"]`` keeps every row's per-query APs ({method: {protocol: array}}) for
+    :func:`gain_between`.
     """
     qvecs, dbvecs = check_descriptors(qvecs, dbvecs, normalize="warn")
     n_q, n_db = qvecs.shape[0], dbvecs.shape[0]
@@ -122,6 +126,7 @@ def _comparison_table(methods: Mapping[str, Method], run: Callable[[Method], Any
     query, e.g. αDBA's augmentation) is prepared first and that time reported apart (``offline_s``).
     """
     rows = [_row(FIRST_STAGE, base, base, first_ms, n_boot, seed, level, float("nan"))]
+    aps = {FIRST_STAGE: _per_query_aps(base)}
     for name, method in tqdm(list(methods.items()), desc="methods", disable=not progress):
         offline_s = float("nan")
         if prepare is not None and callable(getattr(method, "offline", None)):
@@ -132,12 +137,40 @@ def _comparison_table(methods: Mapping[str, Method], run: Callable[[Method], Any
         start = time.perf_counter()
         ranks = run(method)
         ms = 1000.0 * (time.perf_counter() - start) / n_q
-        rows.append(_row(name, evaluate(ranks), base, ms, n_boot, seed, level, offline_s))
+        result = evaluate(ranks)
+        rows.append(_row(name, result, base, ms, n_boot, seed, level, offline_s))
+        aps[name] = _per_query_aps(result)
     table = pd.DataFrame(rows, columns=COLUMNS)
+    table.attrs["aps"] = aps
     extra = list(dict.fromkeys(key for values in (settings or {}).values() for key in values))
     for position, key in enumerate(extra, start=1):
         table.insert(position, key, [(settings or {}).get(name, {}).get(key) for name in table["method"]])
     return table
+
+
+def _per_query_aps(result: dict) -> dict:
+    # plain lists: pandas compares the attrs of concatenated frames, which numpy arrays cannot answer
+    return {proto: [float(ap) for ap in result[proto]["aps"]] for proto in PROTOCOLS}
+
+
+def gain_between(table: pd.DataFrame, new: str, base: str, protocol: str = "medium", n_boot: int = 10000,
+                 seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+    """(gain, lower, upper) in mAP points of method ``new`` over method ``base`` of one comparison table.
+
+    Both rows come from the same :func:`run_comparison` call, so their queries are the same and the
+    interval is a paired bootstrap (:func:`csa.stats.paired_bootstrap_gain`), e.g. whether CSA beats an
+    untrained re-ranker rather than the first stage.
+    """
+    aps = table.attrs.get("aps")
+    if not aps:
+        raise CSAInputError("this table has no per-query APs (table.attrs['aps']); pass a table returned by "
+                            "run_comparison or run_comparison_large, before any concat or copy that drops attrs")
+    for name in (new, base):
+        if name not in aps:
+            raise CSAInputError(f"no method {name!r} in this table; it has {sorted(aps)}")
+    if protocol not in PROTOCOLS:
+        raise CSAInputError(f"protocol must be one of {list(PROTOCOLS)}, not {protocol!r}")
+    return paired_bootstrap_gain(aps[new][protocol], aps[base][protocol], n_boot=n_boot, seed=seed, level=level)
 
 
 def _row(name: str, result: dict, base: dict, ms: float, n_boot: int, seed: int, level: float,
@@ -152,11 +185,15 @@ def _row(name: str, result: dict, base: dict, ms: float, n_boot: int, seed: int,
     return row
 
 
+def format_gain(gain: float, low: float, high: float) -> str:
+    """``+g [low, high]`` to 0.1 point, with `` *`` when the interval excludes 0 (beyond bootstrap noise)."""
+    return f"{gain:+.1f} [{low:+.1f}, {high:+.1f}]" + (" *" if low > 0 or high < 0 else "")
+
+
 def _gain_text(row: Mapping[str, Any], protocol: str) -> str:
     if row["method"] == FIRST_STAGE:
         return ""
-    gain, low, high = (row[f"{protocol}_gain{s}"] for s in ("", "_low", "_high"))
-    return f"{gain:+.1f} [{low:+.1f}, {high:+.1f}]" + (" *" if low > 0 or high < 0 else "")
+    return format_gain(*(row[f"{protocol}_gain{s}"] for s in ("", "_low", "_high")))
 
 
 def summary_table(results: pd.DataFrame) -> pd.DataFrame:
