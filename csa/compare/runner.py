@@ -186,7 +186,7 @@ def _row(name: str, result: dict, base: dict, ms: float, n_boot: int, seed: int,
 
 
 def format_gain(gain: float, low: float, high: float) -> str:
-    """``+g [low, high]`` to 0.1 point, with `` *`` when the interval excludes 0 (beyond bootstrap noise)."""
+    """``+g [low, high]`` to 0.1 point, ending in an asterisk when the interval excludes 0 (beyond bootstrap noise)."""
     return f"{gain:+.1f} [{low:+.1f}, {high:+.1f}]" + (" *" if low > 0 or high < 0 else "")
 
 
