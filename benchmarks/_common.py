@@ -1,4 +1,4 @@
-"""Command-line options shared by the benchmark scripts."""
+"""What the benchmark scripts share: command-line options, synthetic data, result comparison and memory probes."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import threading
 import time
 
 import numpy as np
+import torch
 
 
 def add_rerank_size_args(parser: argparse.ArgumentParser, queries: int) -> None:
@@ -20,6 +21,12 @@ def add_rerank_size_args(parser: argparse.ArgumentParser, queries: int) -> None:
     parser.add_argument("--embed-dim", type=int, default=768)
     parser.add_argument("--depth", type=int, default=2)
     parser.add_argument("--heads", type=int, default=12)
+
+
+def sync(device: str | torch.device) -> None:
+    """Wait for the device's queued work (CUDA only), so that wall times cover it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def synthetic_queries(db, n_test: int, n_queries: int, rng: np.random.Generator) -> tuple[np.ndarray, list[dict]]:
@@ -39,6 +46,33 @@ def synthetic_queries(db, n_test: int, n_queries: int, rng: np.random.Generator)
     return np.stack(queries).astype(np.float32), gnd
 
 
+def synthetic_training_data(n: int, dim: int, n_clusters: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Unit rows around ``n_clusters`` random centres, and their cluster ids."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((n_clusters, dim))
+    labels = rng.integers(0, n_clusters, n)
+    x = centres[labels] / np.sqrt(dim) + 1.0 * rng.standard_normal((n, dim)) / np.sqrt(dim)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), labels
+
+
+def identical(a: dict, b: dict) -> bool:
+    """Whether two :func:`csa.evaluate.evaluate_revisited` results have the same APs, mAPs and mP@k."""
+    return all(np.array_equal(a[p]["aps"], b[p]["aps"], equal_nan=True) and a[p]["map"] == b[p]["map"]
+               and a[p]["mp@k"] == b[p]["mp@k"] for p in ("easy", "medium", "hard"))
+
+
+def proc_status_bytes(field: str, default: int | None = None) -> int:
+    """A kB field of /proc/self/status (``RssAnon``, ``VmHWM``...) in bytes; ``default`` when it is absent
+    (KeyError without one)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    if default is None:
+        raise KeyError(f"{field} not in /proc/self/status")
+    return default
+
+
 class PeakAnonRSS:
     """Sample this process's anonymous resident memory (RssAnon) and keep the peak above the start."""
 
@@ -47,11 +81,7 @@ class PeakAnonRSS:
 
     @staticmethod
     def current() -> int:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-        return 0
+        return proc_status_bytes("RssAnon", default=0)
 
     def __enter__(self):
         self.start = self.peak = self.current()

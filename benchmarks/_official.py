@@ -36,6 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from _common import sync
+
 __all__ = ["OfficialStyleModel", "official_rerank", "OfficialTrainingSet", "official_collate",
            "official_train_steps"]
 
@@ -235,7 +237,7 @@ def official_train_steps(model: OfficialStyleModel, dataset: OfficialTrainingSet
     batches = iter(loader)
     for it in range(skip + steps):
         if it == skip:
-            _sync(device)
+            sync(device)
             seen, t0 = 0, time.perf_counter()
         try:
             sims, targets = next(batches)
@@ -255,10 +257,5 @@ def official_train_steps(model: OfficialStyleModel, dataset: OfficialTrainingSet
         optimizer.step()
         optimizer.zero_grad()
         seen += sims.shape[0]
-    _sync(device)
+    sync(device)
     return seen, time.perf_counter() - t0
-
-
-def _sync(device: str | torch.device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)

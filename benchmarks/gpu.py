@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_rerank_size_args  # noqa: E402
+from _common import add_rerank_size_args, sync, synthetic_training_data  # noqa: E402
 from _official import (OfficialStyleModel, OfficialTrainingSet, official_rerank,  # noqa: E402
                        official_train_steps)
 
@@ -45,11 +45,6 @@ from csa.search import first_stage  # noqa: E402
 RSFM120K_TRAIN = 91_642
 PAPER_MIN_PER_EPOCH = 9.4
 TARGET_EPOCH_S = 30.0
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def reset_peak(device: torch.device) -> None:
@@ -113,11 +108,7 @@ def bench_rerank(args, device: torch.device) -> None:
 
 
 def bench_train(args, device: torch.device) -> None:
-    rng = np.random.default_rng(args.seed)
-    centres = rng.standard_normal((args.clusters, args.dim))
-    labels = rng.integers(0, args.clusters, args.samples)
-    x = centres[labels] / np.sqrt(args.dim) + rng.standard_normal((args.samples, args.dim)) / np.sqrt(args.dim)
-    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    x, labels = synthetic_training_data(args.samples, args.dim, args.clusters, args.seed)
     t0 = time.perf_counter()
     table = NeighbourTable([x], args.train_topk, args.train_anchor_len, device=device, progress=False)
     amp = device.type == "cuda" and args.amp != "off"

@@ -107,8 +107,8 @@ def demo_quality(checkpoint_dir: Path, data_root: Path, feature: str, topk: int)
     results = []
     for trainset, dataset in pairs:
         model = load_model(checkpoint_dir / trainset / "checkpoint.pth")
-        feats = load_test_features(data_root, dataset, feature)
         gnd = load_gnd(data_root, dataset)
+        feats = load_test_features(data_root, dataset, feature, gnd=gnd)
         results.append(compare_quality(f"{trainset} -> {dataset}", model, feats.query, feats.db, gnd, topk))
     return results
 

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import PeakAnonRSS, synthetic_queries  # noqa: E402
+from _common import PeakAnonRSS, identical, synthetic_queries  # noqa: E402
 
 from csa.evaluate import evaluate_revisited  # noqa: E402
 from csa.largescale import evaluate_large, iter_chunk_scores  # noqa: E402
@@ -59,11 +59,6 @@ def full_argsort_path(q: np.ndarray, db: np.ndarray, gnd, chunk: int):
     res = evaluate_revisited(ranks_np, gnd)
     t3 = time.perf_counter()
     return res, ranks_np, {"matmul": t1 - t0, "argsort": t2 - t1, "compute_map": t3 - t2, "total": t3 - t0}
-
-
-def identical(a: dict, b: dict) -> bool:
-    return all(np.array_equal(a[p]["aps"], b[p]["aps"], equal_nan=True) and a[p]["map"] == b[p]["map"]
-               and a[p]["mp@k"] == b[p]["mp@k"] for p in ("easy", "medium", "hard"))
 
 
 def fmt(res: dict) -> str:

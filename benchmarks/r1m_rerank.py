@@ -44,7 +44,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import PeakAnonRSS, add_rerank_size_args, synthetic_queries  # noqa: E402
+from _common import (PeakAnonRSS, add_rerank_size_args, identical, proc_status_bytes,  # noqa: E402
+                     synthetic_queries)
 
 from csa.data.r1m import append_distractors, simulate_distractors  # noqa: E402
 from csa.evaluate import evaluate_revisited  # noqa: E402
@@ -82,11 +83,6 @@ def _model(args: argparse.Namespace) -> RerankTransformer:
     torch.manual_seed(args.seed)
     return RerankTransformer(anchor_len=args.anchor_len, embed_dim=args.embed_dim, depth=args.depth,
                              num_heads=args.heads).eval()
-
-
-def _vm_hwm() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def run_path(args: argparse.Namespace) -> None:
@@ -135,14 +131,9 @@ def run_path(args: argparse.Namespace) -> None:
             lap("re-rank")
             after = shortlist.evaluate(top)
             lap("evaluate again")
-    out = {"times": times, "peak_above_start": mem.peak - mem.start, "start": mem.start, "vm_hwm": _vm_hwm(),
-           "first": first, "after": after, "top": top}
+    out = {"times": times, "peak_above_start": mem.peak - mem.start, "start": mem.start,
+           "vm_hwm": proc_status_bytes("VmHWM"), "first": first, "after": after, "top": top}
     (args.work / f"{args.child}.pkl").write_bytes(pickle.dumps(out))
-
-
-def identical(a: dict, b: dict) -> bool:
-    return all(np.array_equal(a[p]["aps"], b[p]["aps"], equal_nan=True) and a[p]["map"] == b[p]["map"]
-               and a[p]["mp@k"] == b[p]["mp@k"] for p in ("easy", "medium", "hard"))
 
 
 def fmt_map(res: dict) -> str:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import synthetic_training_data  # noqa: E402
 from _official import OfficialStyleModel, OfficialTrainingSet, official_train_steps  # noqa: E402
 
 from csa.training.sampler import GlobalBatchSampler, NeighbourTable, TrainingSet  # noqa: E402
@@ -36,15 +37,6 @@ from csa.training.engine import build_optimizer, train_one_epoch  # noqa: E402
 from csa.device import cpu_has_native_bf16  # noqa: E402
 from csa.losses import CSACriterion  # noqa: E402
 from csa.model import RerankTransformer  # noqa: E402
-
-
-def synthetic_training_data(n: int, dim: int, n_clusters: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Unit rows around ``n_clusters`` random centres, and their cluster ids."""
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((n_clusters, dim))
-    labels = rng.integers(0, n_clusters, n)
-    x = centres[labels] / np.sqrt(dim) + 1.0 * rng.standard_normal((n, dim)) / np.sqrt(dim)
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), labels
 
 
 class Gemm(NamedTuple):

@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from csa.compare.published import FIRST_STAGE, PUBLISHED, published_table
+from csa.fileio import atomic_write
 from csa.training.recipes import DEPARTURES, RECIPE_FIELDS, RECIPES, effective_lrs
 
 GENERATED = Path(__file__).resolve().parent / "generated"
@@ -104,6 +105,11 @@ def build_times_markdown(executed: Path) -> str:
             + f"\n| **all notebooks** | **{total:.0f}** |\n")
 
 
+def _write(path: Path, text: str) -> None:
+    with atomic_write(path, "w") as f:   # creates book/generated/ when missing
+        f.write(text)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="compare with the committed files, write nothing")
@@ -111,8 +117,7 @@ def main(argv=None) -> int:
                         help="also write generated/build_times.md from the executed notebooks in DIR")
     args = parser.parse_args(argv)
     if args.build_times is not None:
-        GENERATED.mkdir(parents=True, exist_ok=True)
-        (GENERATED / "build_times.md").write_text(build_times_markdown(args.build_times))
+        _write(GENERATED / "build_times.md", build_times_markdown(args.build_times))
     stale = []
     for name, text in tables().items():
         path = GENERATED / name
@@ -120,8 +125,7 @@ def main(argv=None) -> int:
             if not path.is_file() or path.read_text() != text:
                 stale.append(name)
             continue
-        GENERATED.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+        _write(path, text)
         print(f"wrote {path}")
     if stale:
         print(f"out of date: {stale}; run python book/make_tables.py", file=sys.stderr)

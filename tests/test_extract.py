@@ -130,3 +130,36 @@ def test_reextraction_reproduces_stored_demo_descriptors():
                             bbxs=[g["bbx"] for g in gnd["gnd"][:2]], progress=False)
     np.testing.assert_allclose(db, feats.db[:3], atol=1e-4)
     np.testing.assert_allclose(q, feats.query[:2], atol=1e-4)
+
+
+def test_demo_derived_outputs_are_rewritten_identically_and_only_when_stale(demo_features, tmp_path, monkeypatch):
+    """Leave-one-out benchmarks and trainsets are cut from the city's database rows: a stale one is rewritten
+    byte for byte, the database descriptors are read once per city and only when something is stale."""
+    import shutil
+
+    import csa.descriptors.prepare as prepare
+
+    for part in ("annotations", "test", "train"):
+        shutil.copytree(demo_features / part, tmp_path / part)
+    (tmp_path / "jpg").symlink_to(demo_features / "jpg")
+    stale = [tmp_path / "test" / "roxford5k-mini-loo" / "lite0-gem.pkl.fingerprint",
+             tmp_path / "train" / "roxford5k-mini-train" / "lite0-gem.pkl",
+             tmp_path / "train" / "rparis6k-mini-train" / "lite0-gem.pkl.fingerprint"]
+    for path in stale:
+        path.unlink()
+    loads = []
+    real = prepare.load_test_features
+    monkeypatch.setattr(prepare, "load_test_features", lambda *a, **kw: loads.append(a[1]) or real(*a, **kw))
+    written = prepare.prepare_demo_features(tmp_path, device="cpu", progress=False)
+    assert list(written) == ["roxford5k-mini", "roxford5k-mini-loo", "roxford5k-mini-train",
+                             "rparis6k-mini", "rparis6k-mini-loo", "rparis6k-mini-train"]
+    assert sorted(loads) == ["roxford5k-mini", "rparis6k-mini"]
+    for key, path in written.items():
+        rel = path.relative_to(tmp_path)
+        for name in (rel, rel.with_name(rel.name + ".fingerprint")):
+            assert (tmp_path / name).read_bytes() == (demo_features / name).read_bytes(), name
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.glob("t*/*/*")}
+    loads.clear()
+    assert prepare.prepare_demo_features(tmp_path, device="cpu", progress=False) == written
+    assert loads == []
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("t*/*/*")} == stamps

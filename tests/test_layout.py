@@ -51,6 +51,25 @@ def test_test_features_round_trip_and_cirtorch_transpose(tmp_path):
         load_test_features(tmp_path, "toy5k", "missing")
 
 
+def test_test_features_row_counts_come_from_a_given_ground_truth(tmp_path):
+    db, q = unit_rows(40, 8, 0), unit_rows(5, 8, 1)
+    save_test_features(tmp_path, "toy5k", "net", query=q, db=db)
+    gnd = {"imlist": [f"d{i}" for i in range(40)], "qimlist": [f"q{i}" for i in range(5)],
+           "gnd": [{"easy": [0], "hard": [], "junk": [], "bbx": [0, 0, 1, 1]}] * 5}
+    got = load_test_features(tmp_path, "toy5k", "net", gnd=gnd)   # no gnd file needed
+    np.testing.assert_array_equal(got.db, db)
+    np.testing.assert_array_equal(got.query, q)
+    with pytest.raises(CSAInputError, match=r"net\.pkl.*40 rows but 39"):
+        load_test_features(tmp_path, "toy5k", "net", gnd={**gnd, "imlist": gnd["imlist"][:39]})
+    with pytest.raises(CSAInputError, match=r"net\.pkl.*5 rows but 6"):
+        load_test_features(tmp_path, "toy5k", "net", gnd={**gnd, "qimlist": gnd["qimlist"] + ["q5"]})
+    # the given ground truth is used, not the file's
+    save_gnd(tmp_path, "toy5k", {**gnd, "imlist": gnd["imlist"][:39]})
+    assert load_test_features(tmp_path, "toy5k", "net", gnd=gnd).db.shape == (40, 8)
+    with pytest.raises(CSAInputError, match="40 rows but 39"):
+        load_test_features(tmp_path, "toy5k", "net")
+
+
 def test_train_features_round_trip_flat_reference_layout_and_transpose(tmp_path):
     tr, va = unit_rows(30, 8, 2), unit_rows(7, 8, 3)
     path = save_train_features(tmp_path, "toyset", "net", train=tr, val=va)

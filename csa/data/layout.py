@@ -176,11 +176,14 @@ class TestFeatures(NamedTuple):
     db: np.ndarray
 
 
-def load_test_features(data_root: str | os.PathLike, dataset: str, name: str) -> TestFeatures:
+def load_test_features(data_root: str | os.PathLike, dataset: str, name: str,
+                       gnd: dict | None = None) -> TestFeatures:
     """Load ``test/<dataset>/<name>.pkl``; return ``TestFeatures(query (Q, D), db (N, D))``.
 
-    When ``annotations/<dataset>/gnd_<dataset>.pkl`` exists, the row counts must match its
-    ``imlist`` and ``qimlist`` (features of another dataset or version are refused).
+    The row counts must match the ``imlist`` and ``qimlist`` of ``gnd`` (``dataset``'s ground truth as
+    :func:`load_gnd` returns it, for a caller that has it already) or, without it, of
+    ``annotations/<dataset>/gnd_<dataset>.pkl`` when that exists (features of another dataset or version
+    are refused).
     """
     path = _require(test_features_path(data_root, dataset, name), f"test features '{name}' of '{dataset}'")
     obj = _load(path, "test features")
@@ -194,9 +197,10 @@ def load_test_features(data_root: str | os.PathLike, dataset: str, name: str) ->
         elif db.shape[0] == q.shape[0] and db.shape[1] != q.shape[1]:
             dim = db.shape[0]
     n_db = n_q = None
-    if gnd_path(data_root, dataset).is_file():
-        gt = load_gnd(data_root, dataset)
-        n_db, n_q = len(gt["imlist"]), len(gt["qimlist"])
+    if gnd is None and gnd_path(data_root, dataset).is_file():
+        gnd = load_gnd(data_root, dataset)
+    if gnd is not None:
+        n_db, n_q = len(gnd["imlist"]), len(gnd["qimlist"])
     db = _as_rows(db, "'db'", path, n_rows=n_db, dim=dim)
     q = _as_rows(q, "'query'", path, n_rows=n_q, dim=db.shape[1])
     return TestFeatures(query=q, db=db)

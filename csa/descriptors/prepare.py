@@ -22,8 +22,9 @@ from __future__ import annotations
 import math
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from csa.data.demo import CITIES, FEATURE_NAME
@@ -145,50 +146,62 @@ def prepare_demo_features(root: str | os.PathLike = "data/demo", image_size: int
         written[dataset] = prepare_test_features(root, dataset, LITE0, image_size=image_size, scales=scales,
                                                  device=device, batch_size=batch_size, num_workers=num_workers,
                                                  feature_name=feature_name, force=force, progress=progress)
-        written[city["loo"]] = _loo_from_database(root, dataset, city["loo"], feature_name, force)
-        written[city["trainset"]] = _trainset_from_database(root, dataset, city["trainset"], feature_name, force)
+        written.update(_derive_from_database(root, dataset, feature_name, _derived_outputs(root, city, feature_name),
+                                             force))
     return written
 
 
-def _rows_by_name(root: Path, dataset: str, name: str, names: dict[str, list[str]], what: str) -> dict:
-    """``{key: rows of dataset's database descriptors for the image names names[key]}``."""
-    db = load_test_features(root, dataset, name).db
-    index = {n: i for i, n in enumerate(load_gnd(root, dataset)["imlist"])}
-    try:
-        return {key: db[[index[n] for n in wanted]] for key, wanted in names.items()}
-    except KeyError as exc:
-        raise CSAInputError(f"{what} lists image {exc} that is not in {dataset}'s database; rebuild the demo "
-                            f"with `csa demo build`") from exc
+class _Derived(NamedTuple):
+    """An output cut from a city's database descriptors: ``write`` gets ``{key: rows of names[key]}``."""
+
+    key: str                                # the leave-one-out benchmark or trainset
+    out: Path
+    digest: dict[str, list[str]]            # fingerprinted with the test file's fingerprint
+    names: dict[str, list[str]]             # image names of the rows each part takes
+    what: str                               # for error messages
+    write: Callable[[dict[str, np.ndarray]], Path]
 
 
-def _loo_from_database(root: Path, dataset: str, loo: str, name: str, force: bool) -> Path:
-    """Write ``test/<loo>/<name>.pkl``: the base database, and as queries the rows of its landmark photos."""
+def _derived_outputs(root: Path, city: dict[str, str], name: str) -> Iterator[_Derived]:
+    """A city's leave-one-out benchmark, then its trainset (lazily: each annotation file is read in turn)."""
+    loo, trainset = city["loo"], city["trainset"]
     gt = load_gnd(root, loo)
-    out = test_features_path(root, loo, name)
-    digest = fingerprint({"test": _sidecar(test_features_path(root, dataset, name)).read_text().strip(),
-                          "imlist": gt["imlist"], "qimlist": gt["qimlist"]})
-    if not force and _up_to_date(out, digest):
-        return out
-    rows = _rows_by_name(root, dataset, name, {"db": gt["imlist"], "query": gt["qimlist"]}, f"benchmark {loo}")
-    save_test_features(root, loo, name, query=rows["query"], db=rows["db"])
-    _write_sidecar(out, digest)
-    return out
-
-
-def _trainset_from_database(root: Path, dataset: str, trainset: str, name: str, force: bool) -> Path:
-    """Write ``train/<trainset>/<name>.pkl`` from the rows of ``dataset``'s database descriptors."""
+    yield _Derived(loo, test_features_path(root, loo, name), {"imlist": gt["imlist"], "qimlist": gt["qimlist"]},
+                   {"db": gt["imlist"], "query": gt["qimlist"]}, f"benchmark {loo}",
+                   lambda rows: save_test_features(root, loo, name, query=rows["query"], db=rows["db"]))
     splits = load_pickle(clusters_path(root, trainset))
-    test_file = test_features_path(root, dataset, name)
-    out = train_features_path(root, trainset, name)
-    digest = fingerprint({"test": _sidecar(test_file).read_text().strip(), "train": splits["train"]["images"],
-                          "val": splits["val"]["images"]})
-    if not force and _up_to_date(out, digest):
-        return out
-    rows = _rows_by_name(root, dataset, name, {s: splits[s]["images"] for s in ("train", "val")},
-                         f"trainset {trainset}")
-    save_train_features(root, trainset, name, rows["train"], rows["val"])
-    _write_sidecar(out, digest)
-    return out
+    images = {s: splits[s]["images"] for s in ("train", "val")}
+    yield _Derived(trainset, train_features_path(root, trainset, name), images, images, f"trainset {trainset}",
+                   lambda rows: save_train_features(root, trainset, name, rows["train"], rows["val"]))
+
+
+def _derive_from_database(root: Path, dataset: str, name: str, outputs: Iterable[_Derived],
+                          force: bool) -> dict[str, Path]:
+    """Write each of ``outputs`` from rows of ``dataset``'s database descriptors, picked by image name;
+    return ``{key: path}``.
+
+    An output is up to date when its fingerprint (the test file's fingerprint and its ``digest`` lists) is
+    unchanged; the database descriptors and their name index are loaded once, and only if one is stale.
+    """
+    test_digest = _sidecar(test_features_path(root, dataset, name)).read_text().strip()
+    db = index = None
+    written: dict[str, Path] = {}
+    for d in outputs:
+        digest = fingerprint({"test": test_digest, **d.digest})
+        if force or not _up_to_date(d.out, digest):
+            if db is None:
+                gt = load_gnd(root, dataset)
+                db = load_test_features(root, dataset, name, gnd=gt).db
+                index = {n: i for i, n in enumerate(gt["imlist"])}
+            try:
+                rows = {k: db[[index[n] for n in wanted]] for k, wanted in d.names.items()}
+            except KeyError as exc:
+                raise CSAInputError(f"{d.what} lists image {exc} that is not in {dataset}'s database; rebuild "
+                                    f"the demo with `csa demo build`") from exc
+            d.write(rows)
+            _write_sidecar(d.out, digest)
+        written[d.key] = d.out
+    return written
 
 
 # --------------------------------------------------------------------------------------------
