@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from csa.validation import CSAInputError, check_gnd, check_kappas, check_ranks
+from csa.validation import CSAInputError, as_numpy, check_gnd, check_kappas, check_ranks
 
 __all__ = ["compute_ap", "compute_map", "protocol_gnd", "evaluate_revisited", "format_revisited",
            "print_revisited", "query_scores", "protocol_summary", "random_ranking_map", "PROTOCOLS",
@@ -93,7 +93,7 @@ def compute_map(ranks: Any, gnd: Sequence[dict], kappas: Sequence[int] = (), n_d
     ``n_db``: the database size, when known (then indices must be below it).
     """
     gnd = check_gnd(gnd, n_db=n_db)
-    ranks = _checked_ranks(ranks, len(gnd), n_db)
+    ranks = check_ranks(as_numpy(ranks), n_db, len(gnd))
     return _compute_map(ranks, gnd, check_kappas(kappas))
 
 
@@ -113,18 +113,6 @@ def _compute_map(ranks: np.ndarray, gnd: Sequence[dict], kappas: list[int]
         aps[i], prs[i] = query_scores(_positions(ranks[:, i], ok, junk), ok.size, kappas)
     mean_ap, mean_pr = _means(aps, prs)
     return mean_ap, aps, mean_pr, prs
-
-
-def _checked_ranks(ranks: Any, n_q: int, n_db: int | None) -> np.ndarray:
-    """``ranks`` as a numpy (N or K, Q) integer array after :func:`csa.validation.check_ranks`."""
-    if hasattr(ranks, "detach"):
-        ranks = ranks.detach().cpu().numpy()
-    ranks = np.asarray(ranks)
-    if ranks.ndim != 2 or ranks.shape[1] != n_q:
-        hint = " (it looks transposed: use ranks.T)" if ranks.ndim == 2 and ranks.shape[0] == n_q else ""
-        raise CSAInputError(f"ranks must have shape (N or K, Q) with Q={n_q} columns (one per query in gnd), "
-                            f"got {ranks.shape}{hint}")
-    return check_ranks(ranks, n_db, n_q)
 
 
 def protocol_gnd(gnd: Sequence[dict], protocol: str) -> list[dict]:
@@ -161,7 +149,7 @@ def evaluate_revisited(ranks: Any, gnd: Any, kappas: Sequence[int] = (1, 5, 10),
     if any("ok" in g for g in gnd):
         raise CSAInputError("evaluate_revisited needs the raw revisitop gnd (easy/hard/junk per query); for a "
                             "single ok/junk protocol call compute_map")
-    ranks = _checked_ranks(ranks, len(gnd), n_db)
+    ranks = check_ranks(as_numpy(ranks), n_db, len(gnd))
     kappas = check_kappas(kappas)
     results = {}
     for proto in PROTOCOLS:

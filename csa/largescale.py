@@ -28,7 +28,6 @@ pass compares it with, so an image never competes with a re-rounded copy of itse
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
@@ -38,9 +37,9 @@ from tqdm import tqdm
 
 from csa.evaluate import PROTOCOLS, protocol_gnd, protocol_summary, query_scores
 from csa.search import merge_topk, stable_topk
-from csa.validation import CSAInputError, as_tensor, check_gnd
+from csa.validation import CSAInputError, as_cpu_tensor, as_numpy, as_tensor, check_gnd, check_int, check_kappas
 
-__all__ = ["ShortList", "as_cpu_tensor", "evaluate_large", "first_stage_large", "gather_rows", "iter_chunk_scores", "rank_positions",
+__all__ = ["ShortList", "evaluate_large", "first_stage_large", "gather_rows", "iter_chunk_scores", "rank_positions",
            "rerank_large", "topk_and_positions"]
 
 
@@ -56,16 +55,6 @@ def _as_query_tensor(qvecs: Any) -> torch.Tensor:
     if not bool(torch.isfinite(q).all()):
         raise CSAInputError("qvecs holds NaN or inf values; fix or drop those queries")
     return q
-
-
-def as_cpu_tensor(rows: Any) -> torch.Tensor:
-    """``rows`` (numpy array, memory map or tensor) as a CPU tensor, sharing memory when it can. Read-only
-    memory maps are shared too (they are only read), without torch's warning about them."""
-    if isinstance(rows, torch.Tensor):
-        return rows.detach().cpu()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(np.asarray(rows))
 
 
 def _db_reader(db: Any, d: int, chunk_size: int) -> tuple[int, Callable[[int, int], torch.Tensor]]:
@@ -269,20 +258,11 @@ def _protocol_scores(pos_of: dict[int, int], ok: np.ndarray, junk: np.ndarray,
     return query_scores(pos, ok.size, kappas)
 
 
-def _checked_kappas(kappas: Sequence[int]) -> list[int]:
-    kappas = [int(kq) for kq in kappas]
-    if any(kq < 1 for kq in kappas):
-        raise CSAInputError(f"kappas must be positive ranks, got {kappas}")
-    return kappas
-
-
 def _raw_gnd(gnd: Any, n_queries: int) -> list[dict]:
-    gnd = check_gnd(gnd)
+    gnd = check_gnd(gnd, n_q=n_queries)
     if any(not all(key in g for key in ("easy", "hard", "junk")) for g in gnd):
         raise CSAInputError("large-scale evaluation needs the raw revisitop ground truth (every query with 'easy', "
                             "'hard' and 'junk'), not a single-protocol 'ok' list")
-    if len(gnd) != n_queries:
-        raise CSAInputError(f"gnd has {len(gnd)} queries but qvecs has {n_queries} rows")
     return list(gnd)
 
 
@@ -312,7 +292,7 @@ class ShortList:
         replaced by ``ranks`` (a re-ordering of those rows; ``None``: the first stage itself)."""
         if ranks is None:
             return [p.copy() for p in self.positions]
-        r = ranks.detach().cpu().numpy() if isinstance(ranks, torch.Tensor) else np.asarray(ranks)
+        r = as_numpy(ranks)
         if r.ndim != 2 or r.shape[1] != self.ranks.shape[1] or not 1 <= r.shape[0] <= self.depth \
                 or not np.issubdtype(r.dtype, np.integer):
             raise CSAInputError(f"ranks must be integer (M, Q) with 1 <= M <= {self.depth} rows and Q = "
@@ -338,7 +318,7 @@ class ShortList:
         """Revisited Easy / Medium / Hard results (layout and values of
         :func:`csa.evaluate.evaluate_revisited`) of the first stage, or of ``ranks``: the top of every
         list re-ordered (see :meth:`positions_after`)."""
-        kappas = _checked_kappas(kappas)
+        kappas = check_kappas(kappas)
         pos_of = [dict(zip(t.tolist(), p.tolist())) for t, p in zip(self.targets, self.positions_after(ranks))]
         results = {}
         nq = len(self.gnd)
@@ -379,7 +359,7 @@ def evaluate_large(qvecs: Any, db: Any, gnd: Sequence[dict], kappas: Sequence[in
     (``{'easy'|'medium'|'hard': {'map', 'mp@k', 'aps'}}``, percent) and equals it on the full argsort;
     ``ranks`` is the top-``topk`` first-stage ranking ``(topk, Q)`` (ties by lower index).
     """
-    kappas = _checked_kappas(kappas)
+    kappas = check_kappas(kappas)  # fail before the long search
     shortlist = first_stage_large(qvecs, db, gnd, depth=topk, chunk_size=chunk_size, progress=progress)
     return shortlist.evaluate(kappas=kappas), shortlist.ranks
 
@@ -414,12 +394,11 @@ def rerank_large(method: Callable[[Any, Any, Any], Any], qvecs: Any, db: Any, ra
     plus what the method needs for one block.
     """
     q = _as_query_tensor(qvecs)
-    r = ranks.detach().cpu().numpy() if isinstance(ranks, torch.Tensor) else np.asarray(ranks)
+    r = as_numpy(ranks)
     if r.ndim != 2 or r.shape[1] != q.shape[0] or r.shape[0] < 1 or not np.issubdtype(r.dtype, np.integer):
         raise CSAInputError(f"ranks must be an integer (M, Q) short list with Q = {q.shape[0]} columns, got "
                             f"{r.dtype} {r.shape}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise CSAInputError(f"batch_size must be a positive integer, got {batch_size!r}")
+    batch_size = check_int("batch_size", batch_size, 1)
     n = int(tuple(getattr(db, "shape", (0,)))[0])
     if r.size and (r.min() < 0 or r.max() >= n):
         raise CSAInputError(f"ranks holds indices from {r.min()} to {r.max()}, outside the database [0, {n - 1}]")

@@ -25,7 +25,7 @@ from csa.affinity import query_affinity
 from csa.device import resolve_precision
 from csa.model import unwrap
 from csa.search import resort_topk
-from csa.validation import CSAInputError, as_tensor, check_descriptors, check_ranks, check_topk
+from csa.validation import CSAInputError, as_tensor, check_descriptors, check_int, check_ranks, check_topk
 
 __all__ = ["rerank", "rerank_scores"]
 
@@ -63,14 +63,14 @@ def _score_topk(model, qvecs, dbvecs, ranks, topk, anchor_len, batch_size, devic
     qvecs, dbvecs = check_descriptors(qvecs, dbvecs, normalize=normalize)
     n_db, n_q = dbvecs.shape[0], qvecs.shape[0]
     check_topk(topk, anchor_len, n_db)
-    model_len = int(unwrap(model).anchor_len)
+    net = unwrap(model)
+    model_len = int(net.anchor_len)
     if anchor_len != model_len:
         raise CSAInputError(f"anchor_len={anchor_len} but the model was built for anchor_len={model_len}; "
                             f"pass anchor_len={model_len} (L is fixed by the trained weights)")
     m = max(topk, anchor_len - 1)
     check_ranks(ranks, n_db, n_q, min_rows=m, prefix=m)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise CSAInputError(f"batch_size must be a positive integer, got {batch_size!r}")
+    batch_size = check_int("batch_size", batch_size, 1)
     try:
         model_device = next(model.parameters()).device
     except StopIteration:
@@ -90,7 +90,6 @@ def _score_topk(model, qvecs, dbvecs, ranks, topk, anchor_len, batch_size, devic
     q = as_tensor(qvecs).to(dev, torch.float32)
     neighbours = local.T.contiguous()                                     # (Q, M)
 
-    net = unwrap(model)
     was_training = net.training
     net.eval()
     scores = torch.empty((n_q, topk), dtype=torch.float32, device=dev)

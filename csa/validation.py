@@ -24,6 +24,8 @@ __all__ = [
     "CSAInputError",
     "run_command",
     "as_tensor",
+    "as_cpu_tensor",
+    "as_numpy",
     "same_kind",
     "check_int",
     "check_float",
@@ -99,13 +101,32 @@ def as_tensor(x: Any) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x))
 
 
+def as_cpu_tensor(x: Any) -> torch.Tensor:
+    """``x`` (numpy array, memory map or tensor) as a CPU tensor of its own dtype, sharing memory when it can
+    (arrays with negative strides, which torch cannot view, are copied).  Read-only memory maps are shared
+    too (they are only read), without torch's warning about them."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu()
+    a = np.asarray(x)
+    if any(step < 0 for step in a.strides):
+        a = np.ascontiguousarray(a)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(a)
+
+
+def as_numpy(x: Any) -> np.ndarray:
+    """``x`` (tensor on any device, numpy array or nested list) as a numpy array; arrays pass through."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
 def same_kind(values: Any, like: Any) -> Any:
     """``values`` (numpy or torch) as the kind, dtype and device of ``like`` (numpy in -> numpy out)."""
     if isinstance(like, torch.Tensor):
         return as_tensor(values).to(device=like.device, dtype=like.dtype)
-    if isinstance(values, torch.Tensor):
-        values = values.detach().cpu().numpy()
-    return np.ascontiguousarray(values).astype(like.dtype, copy=False)
+    return np.ascontiguousarray(as_numpy(values)).astype(like.dtype, copy=False)
 
 
 def check_int(name: str, value: Any, low: int, high: int | None = None, hint: str = "") -> int:
@@ -237,12 +258,6 @@ def check_rows(x: Any, name: str, normalize: str = "warn", _tensor: torch.Tensor
     return x
 
 
-def _ranks_numpy(ranks: Any) -> np.ndarray:
-    if isinstance(ranks, torch.Tensor):
-        return ranks.detach().cpu().numpy()
-    return ranks
-
-
 def _first_repeating_column(r: np.ndarray, n_db: int, chunk: int = 65536) -> int | None:
     """Index of the first column of ``r`` (integers in [0, n_db)) holding an index twice, else None.
 
@@ -294,7 +309,7 @@ def check_ranks(ranks: Any, n_db: int | None, n_q: int, min_rows: int = 1, prefi
                             f"compute a deeper first-stage ranking or lower topk / anchor_len")
     if n_db is not None and ranks.shape[0] > n_db:
         raise CSAInputError(f"ranks has {ranks.shape[0]} rows but the database has only {n_db} images")
-    used = _ranks_numpy(ranks)[: ranks.shape[0] if prefix is None else prefix]
+    used = as_numpy(ranks)[: ranks.shape[0] if prefix is None else prefix]
     if used.size == 0:
         return ranks
     lo, hi = int(used.min()), int(used.max())
@@ -359,8 +374,8 @@ def check_gnd(gnd: Any, n_db: int | None = None, n_q: int | None = None) -> Sequ
     if not isinstance(gnd, (list, tuple)) or len(gnd) == 0:
         raise CSAInputError(f"gnd must be a non-empty list with one dict per query, got {type(gnd).__name__}")
     if n_q is not None and len(gnd) != n_q:
-        raise CSAInputError(f"the ground truth has {len(gnd)} queries but there are {n_q} query descriptors; "
-                            f"they must describe the same queries in the same order")
+        raise CSAInputError(f"gnd has {len(gnd)} queries but there are {n_q} queries (query descriptors); give "
+                            f"one ground-truth entry per query, in the order of the queries")
     for i, g in enumerate(gnd):
         if not isinstance(g, dict):
             raise CSAInputError(f"gnd[{i}] must be a dict, got {type(g).__name__}")

@@ -182,6 +182,32 @@ def test_describe_names_every_parameter():
     assert describe(methods["αQE"]) == "alpha_qe(n=50, alpha=3.0)"
     assert describe(methods["αDBA+αQE"]) == "AugmentDatabase(n=50, alpha=3.0) + alpha_qe(n=50, alpha=3.0)"
     assert "truncation=None" in describe(methods["diffusion"])
+    torch.manual_seed(0)
+    from csa.model import RerankTransformer
+
+    with_csa = default_methods(RerankTransformer(anchor_len=8, embed_dim=16, depth=1, num_heads=2), n_db=60,
+                               topk=20, batch_size=4)
+    assert describe(with_csa["CSA"]) == "CSA(topk=20, anchor_len=8)"
+    assert describe(with_csa["αQE+CSA"]) == "alpha_qe(n=50, alpha=3.0) + CSA(topk=20, anchor_len=8)"
+
+
+def test_chain_augments_the_checked_database():
+    from csa.compare.chain import compose
+    from csa.compare.expansion import AugmentDatabase, alpha_dba
+
+    rng = np.random.default_rng(6)
+    q, db = unit_rows(rng, 3, 8), unit_rows(rng, 40, 8)
+    ranks = np.argsort(-(q @ db.T), axis=1, kind="stable").T
+    chain = compose(AugmentDatabase(n=4, alpha=3.0))
+    expected = chain(q, db, ranks)
+    with pytest.warns(UserWarning, match="renormalizing"):   # rows of norm 3: renormalized, then augmented
+        assert np.array_equal(chain(q, 3 * db, ranks), expected)
+    with pytest.warns(UserWarning, match="renormalizing"):
+        assert np.array_equal(chain.offline(3 * db)(q, db, ranks), expected)
+    with pytest.warns(UserWarning, match="renormalizing"):
+        assert np.array_equal(alpha_dba(q, 3 * db, ranks, n=4, alpha=3.0), expected)
+    torch_out = chain(torch.from_numpy(q), torch.from_numpy(db), torch.from_numpy(ranks))
+    assert isinstance(torch_out, torch.Tensor) and np.array_equal(torch_out.numpy(), expected)
 
 
 def test_published_table_has_one_row_per_method_and_the_csa_table_values():
@@ -266,3 +292,12 @@ def test_comparison_tables_of_different_benchmarks_still_concatenate(hand_case):
     two = run_comparison(q[:1], db, gnd[:1], {"same": lambda qq, dd, rr: rr}, first_stage_ranks=ranks[:, :1],
                          n_boot=20, progress=False)
     assert len(pd.concat([one, two], ignore_index=True)) == 4
+
+
+def test_select_methods_keeps_the_given_order_and_refuses_unknown_names():
+    from csa.compare.methods import select_methods
+    methods = default_methods(topk=8, anchor_len=4, n_db=10)
+    picked = select_methods(methods, ["diffusion", "AQE"])
+    assert list(picked) == ["diffusion", "AQE"] and picked["AQE"] is methods["AQE"]
+    with pytest.raises(CSAInputError, match=r"unknown method\(s\) \['CSA'\]: choose from"):
+        select_methods(methods, ["AQE", "CSA"])

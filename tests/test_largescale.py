@@ -173,6 +173,9 @@ def test_bad_inputs_raise_clear_errors(problem):
         evaluate_large(q, db, [{"ok": [1], "junk": []}] * len(q), progress=False)
     with pytest.raises(CSAInputError, match="queries"):
         evaluate_large(q[:3], db, gnd, progress=False)
+    for kappas in ([0, 5], [1.5], [True]):   # checked before the search, as evaluate_revisited checks them
+        with pytest.raises(CSAInputError, match="kappas"):
+            evaluate_large(q, "not a database", gnd, kappas=kappas, progress=False)
     bad = db.copy()
     bad[5, 0] = np.nan
     with pytest.raises(CSAInputError, match="non-finite"):
@@ -266,6 +269,9 @@ def test_large_path_reads_one_chunk_or_one_block_of_short_lists_at_a_time(r1m_pr
     assert recorded.reads == [shape[0] for shape in seen] and len(seen) == 2  # blocks of 4 + 2 queries
     assert all(n <= 4 * 30 and d == 32 for n, d in seen)
     np.testing.assert_array_equal(out, shortlist.ranks[::-1])
+    for bad, fact in ((0, "batch_size must be >= 1"), (True, "batch_size must be an integer"), (2.0, "integer")):
+        with pytest.raises(CSAInputError, match=fact):
+            rerank_large(lambda qq, rows, r: r, q, recorded, shortlist.ranks, batch_size=bad, progress=False)
 
 
 def test_short_list_evaluation_refuses_rankings_that_bring_in_other_images(r1m_problem):

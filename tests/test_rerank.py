@@ -123,3 +123,6 @@ def test_bad_inputs(setup):
         rerank(model, q, db, ranks, topk=K, anchor_len=L, precision="fp16", **kw)
     with pytest.raises(CSAInputError, match="not L2-normalized"):
         rerank(model, q * 2, db, ranks, topk=K, anchor_len=L, normalize="error", **kw)
+    for bad, fact in ((0, "batch_size must be >= 1"), (True, "batch_size must be an integer"), (2.0, "integer")):
+        with pytest.raises(CSAInputError, match=fact):
+            rerank(model, q, db, ranks, topk=K, anchor_len=L, batch_size=bad, **kw)

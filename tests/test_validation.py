@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from csa.validation import CSAInputError, check_descriptors, check_gnd, check_ranks, check_topk
+from csa.validation import (CSAInputError, as_cpu_tensor, as_numpy, check_descriptors, check_gnd, check_ranks,
+                            check_topk)
 
 
 def unit(n, d, seed=0):
@@ -110,3 +111,29 @@ def test_gnd_checks():
         check_gnd({"imlist": [], "qimlist": []})
     with pytest.raises(CSAInputError, match="outside"):
         check_gnd(raw, n_db=2)
+
+
+def test_as_numpy_and_as_cpu_tensor_convert_without_copying_what_they_can_share(tmp_path):
+    x = unit(4, 3)
+    assert as_numpy(x) is x
+    assert np.array_equal(as_numpy([[1, 2], [3, 4]]), np.array([[1, 2], [3, 4]]))
+    t = torch.from_numpy(x).requires_grad_(True)
+    assert isinstance(as_numpy(t), np.ndarray) and np.array_equal(as_numpy(t), x)
+    shared = as_cpu_tensor(x)
+    assert shared.dtype == torch.float32 and shared.data_ptr() == x.ctypes.data          # no copy
+    half = as_cpu_tensor(x.astype(np.float16))
+    assert half.dtype == torch.float16                                                   # dtype kept
+    assert torch.equal(as_cpu_tensor(x[::-1]), torch.from_numpy(x[::-1].copy()))        # reversed: copied
+    np.save(tmp_path / "x.npy", x)
+    mm = np.load(tmp_path / "x.npy", mmap_mode="r")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(as_cpu_tensor(mm), torch.from_numpy(x))                       # read-only: no warning
+    assert not as_cpu_tensor(t).requires_grad
+
+
+def test_gnd_query_count_is_checked():
+    gnd = [{"ok": [0]}, {"ok": [1]}]
+    assert check_gnd(gnd, n_q=2) is gnd
+    with pytest.raises(CSAInputError, match="gnd has 2 queries but there are 3 queries"):
+        check_gnd(gnd, n_q=3)

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from csa.affinity import iter_affinity
-from csa.compare.common import as_float_cpu, baseline_inputs
+from csa.compare.common import as_float_cpu, baseline_inputs, normalize_rows
 from csa.search import resort_topk
 from csa.validation import CSAInputError, check_int
 
@@ -40,6 +40,6 @@ def affinity_cosine(qvecs: Any, dbvecs: Any, ranks: Any, topk: int = 1024, ancho
         a = as_float_cpu(affinity).double()                              # (B, K+1, L)
         if centred:
             a = a - a.mean(dim=2, keepdim=True)
-        a = a / a.norm(dim=2, keepdim=True).clamp_min(1e-12)
+        a = normalize_rows(a)                                            # each affinity row
         scores[query_slice] = torch.einsum("bl,bkl->bk", a[:, 0], a[:, 1:]).numpy()
     return resort_topk(ranks, scores, topk)

@@ -3,20 +3,13 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from csa.compare.common import Ranker, as_float_cpu, baseline_inputs, search_again
+import torch
+
+from csa.compare.common import Ranker, baseline_inputs, describe, search_again
 from csa.compare.expansion import AugmentDatabase
-from csa.validation import CSAInputError, same_kind
+from csa.validation import CSAInputError, check_rows, same_kind
 
 __all__ = ["compose", "Chain"]
-
-
-def _name(step: Any) -> str:
-    if isinstance(step, AugmentDatabase):
-        return repr(step)
-    func = getattr(step, "func", step)
-    keywords = getattr(step, "keywords", None)
-    name = getattr(func, "__name__", None) or repr(func)
-    return f"{name}({', '.join(f'{k}={v}' for k, v in keywords.items())})" if keywords else name
 
 
 class Chain:
@@ -28,7 +21,7 @@ class Chain:
 
     def __init__(self, steps: tuple[Ranker | AugmentDatabase, ...], database: Any = None) -> None:
         self.steps, self.database = steps, database
-        self.__name__ = " + ".join(_name(s) for s in steps)
+        self.__name__ = " + ".join(describe(s) for s in steps)
 
     def __call__(self, qvecs: Any, dbvecs: Any, ranks: Any) -> Any:
         if self.database is not None:
@@ -38,8 +31,9 @@ class Chain:
         for step in self.steps:
             if isinstance(step, AugmentDatabase):
                 q, db, r = baseline_inputs(qvecs, dbvecs, ranks)
-                dbvecs = step(dbvecs)
-                ranks = same_kind(search_again(q, as_float_cpu(dbvecs), depth=r.shape[0]), ranks)
+                augmented = step(db)  # the checked (renormalized if needed) rows, float32 on the CPU
+                ranks = same_kind(search_again(q, augmented, depth=r.shape[0]), ranks)
+                dbvecs = augmented if isinstance(dbvecs, torch.Tensor) else augmented.numpy()
             else:
                 ranks = step(qvecs, dbvecs, ranks)
         return ranks
@@ -51,6 +45,7 @@ class Chain:
             lead += 1
         if lead == 0:
             return None
+        dbvecs = check_rows(dbvecs, "dbvecs")
         for step in self.steps[:lead]:
             dbvecs = step(dbvecs)
         return Chain(self.steps[lead:], database=dbvecs)

@@ -16,26 +16,37 @@ import numpy as np
 import torch
 
 from csa.search import first_stage
-from csa.validation import as_tensor, check_descriptors, check_ranks
+from csa.validation import as_cpu_tensor, as_numpy, check_descriptors, check_ranks
 
-__all__ = ["Ranker", "baseline_inputs", "as_float_cpu", "normalize_rows", "search_again"]
+__all__ = ["Ranker", "baseline_inputs", "as_float_cpu", "describe", "normalize_rows", "search_again"]
 
 #: A re-ranker: ``f(qvecs, dbvecs, ranks) -> ranks``.
 Ranker = Callable[..., Any]
 
 
 def as_float_cpu(x: Any) -> torch.Tensor:
-    """``x`` as a float32 CPU tensor."""
-    return as_tensor(x).detach().to("cpu", torch.float32)
+    """``x`` as a float32 CPU tensor (no copy when it already is one)."""
+    return as_cpu_tensor(x).to(torch.float32)
 
 
-def baseline_inputs(qvecs: Any, dbvecs: Any, ranks: Any, min_rows: int = 1
-                    ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+def baseline_inputs(qvecs: Any, dbvecs: Any, ranks: Any) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """Check the inputs; return float32 CPU tensors and the ranks as an int64 numpy array."""
     qvecs, dbvecs = check_descriptors(qvecs, dbvecs, normalize="warn")
-    check_ranks(ranks, dbvecs.shape[0], qvecs.shape[0], min_rows=min_rows)
-    r = ranks.detach().cpu().numpy() if isinstance(ranks, torch.Tensor) else np.asarray(ranks)
-    return as_float_cpu(qvecs), as_float_cpu(dbvecs), r.astype(np.int64, copy=False)
+    check_ranks(ranks, dbvecs.shape[0], qvecs.shape[0])
+    return as_float_cpu(qvecs), as_float_cpu(dbvecs), as_numpy(ranks).astype(np.int64, copy=False)
+
+
+def describe(method: Any) -> str:
+    """A readable name-and-parameters string of a method: ``name(k=v, ...)`` for a ``functools.partial``
+    (without device, batch_size and progress, which do not change the result; CSA's wrapper shown as
+    ``CSA``), the name of a function, the ``repr`` of anything else (a chain names each of its steps so)."""
+    keywords = getattr(method, "keywords", None)
+    if keywords is not None:
+        shown = {k: v for k, v in keywords.items() if k not in ("device", "batch_size", "progress")}
+        func = getattr(method, "func", method)
+        name = "CSA" if getattr(func, "__name__", "") == "_csa" else getattr(func, "__name__", repr(func))
+        return f"{name}({', '.join(f'{k}={v}' for k, v in shown.items())})"
+    return getattr(method, "__name__", repr(method))
 
 
 def normalize_rows(x: torch.Tensor) -> torch.Tensor:

@@ -113,11 +113,12 @@ def alpha_dba(qvecs: Any, dbvecs: Any, ranks: Any, n: int = 50, alpha: float = 3
 
     Defaults ``n = 50, alpha = 3`` (mirroring αQE).  ``ranks`` only fixes the number of output rows.
     Time O(N² D) for the augmentation (offline in practice) + O(Q N D) for the search; memory
-    O(chunk_size · N).  Follow it by αQE with ``compose(AugmentDatabase(...), alpha_qe)``.
+    O(chunk_size · N).  It is ``compose(AugmentDatabase(...))``; follow it by αQE with
+    ``compose(AugmentDatabase(...), alpha_qe)``.
     """
-    q, db, r = baseline_inputs(qvecs, dbvecs, ranks)
-    augmented = augment_database(db, n, alpha, chunk_size, progress)
-    return same_kind(search_again(q, augmented, depth=r.shape[0]), ranks)
+    from csa.compare.chain import compose  # chain builds on AugmentDatabase, defined here
+
+    return compose(AugmentDatabase(n, alpha, chunk_size, progress))(qvecs, dbvecs, ranks)
 
 
 def dba(qvecs: Any, dbvecs: Any, ranks: Any, n: int = 2, chunk_size: int = 1024,

@@ -2,16 +2,17 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 from csa.compare.affinity_baseline import affinity_cosine
 from csa.compare.chain import compose
-from csa.compare.common import Ranker
+from csa.compare.common import Ranker, describe
 from csa.compare.diffusion import diffusion
 from csa.compare.expansion import AugmentDatabase, alpha_qe, aqe
 from csa.compare.k_reciprocal import k_reciprocal
+from csa.validation import CSAInputError
 
-__all__ = ["default_methods", "describe", "SOURCES"]
+__all__ = ["default_methods", "select_methods", "describe", "SOURCES"]
 
 #: Where each default comes from (shown next to the comparison table).
 SOURCES = {
@@ -23,17 +24,6 @@ SOURCES = {
     "k-reciprocal": "k1 = 20, k2 = 6, λ = 0.3 (Zhong et al. 2017), on each query's own top-K",
     "affinity cosine": "the CSA paper's untrained baseline with the CSA model's K and L",
 }
-
-
-def describe(method: Any) -> str:
-    """A readable name-and-parameters string of a method (``functools.partial`` or :class:`Chain`)."""
-    keywords = getattr(method, "keywords", None)
-    if keywords is not None:
-        shown = {k: v for k, v in keywords.items() if k not in ("device", "batch_size", "progress")}
-        func = getattr(method, "func", method)
-        name = "CSA" if getattr(func, "__name__", "") == "_csa" else getattr(func, "__name__", repr(func))
-        return f"{name}({', '.join(f'{k}={v}' for k, v in shown.items())})"
-    return getattr(method, "__name__", repr(method))
 
 
 def default_methods(model: Any = None, *, topk: int = 1024, anchor_len: int = 512, n_db: int | None = None,
@@ -54,6 +44,7 @@ def default_methods(model: Any = None, *, topk: int = 1024, anchor_len: int = 51
     k_topk = cap(topk, n_db)
     n_qe = cap(50, n_db)
     n_dba = cap(50, None if n_db is None else n_db - 1)
+    affinity_len = cap(anchor_len, None if n_db is None else n_db + 1)
     qe = partial(alpha_qe, n=n_qe, alpha=3.0)
     methods: dict[str, Ranker] = {
         "AQE": partial(aqe, n=cap(2, n_db)),
@@ -63,10 +54,8 @@ def default_methods(model: Any = None, *, topk: int = 1024, anchor_len: int = 51
         "diffusion": partial(diffusion, k=cap(50, n_db), truncation=None, alpha=0.99, gamma=3.0, iterations=20,
                              query_k=cap(10, n_db)),
         "k-reciprocal": partial(k_reciprocal, k1=cap(20, k_topk), k2=6, lambda_value=0.3, topk=k_topk),
-        "affinity cosine": partial(affinity_cosine, topk=k_topk,
-                                   anchor_len=cap(anchor_len, None if n_db is None else n_db + 1)),
-        "affinity cosine (centred)": partial(affinity_cosine, topk=k_topk, centred=True,
-                                             anchor_len=cap(anchor_len, None if n_db is None else n_db + 1)),
+        "affinity cosine": partial(affinity_cosine, topk=k_topk, anchor_len=affinity_len),
+        "affinity cosine (centred)": partial(affinity_cosine, topk=k_topk, centred=True, anchor_len=affinity_len),
     }
     if sensitivity:
         for n in (2, 10):
@@ -82,6 +71,14 @@ def default_methods(model: Any = None, *, topk: int = 1024, anchor_len: int = 51
         methods["αQE+CSA"] = compose(qe, csa_step)
         methods["diffusion+CSA"] = compose(methods["diffusion"], csa_step)
     return methods
+
+
+def select_methods(methods: Mapping[str, Ranker], names: Sequence[str]) -> dict[str, Ranker]:
+    """The methods called ``names``, in that order; an unknown name is refused with the valid ones listed."""
+    unknown = [name for name in names if name not in methods]
+    if unknown:
+        raise CSAInputError(f"unknown method(s) {unknown}: choose from {sorted(methods)}")
+    return {name: methods[name] for name in names}
 
 
 def _csa(rerank: Callable, model: Any, qvecs: Any, dbvecs: Any, ranks: Any, **kwargs: Any) -> Any:

@@ -58,15 +58,13 @@ def run_comparison(qvecs: Any, dbvecs: Any, gnd: Sequence[dict], methods: Mappin
     """
     qvecs, dbvecs = check_descriptors(qvecs, dbvecs, normalize="warn")
     n_q, n_db = qvecs.shape[0], dbvecs.shape[0]
-    gnd = check_gnd(gnd, n_db=n_db)
-    if len(gnd) != n_q:
-        raise CSAInputError(f"gnd has {len(gnd)} queries but qvecs has {n_q} rows; they must describe the "
-                            f"same queries in the same order")
+    gnd = check_gnd(gnd, n_db=n_db, n_q=n_q)
     _check_methods(methods)
     first_ms = float("nan")
     if first_stage_ranks is None:
         start = time.perf_counter()
-        first_stage_ranks = first_stage(qvecs, dbvecs)
+        with descriptors_checked():  # checked above
+            first_stage_ranks = first_stage(qvecs, dbvecs)
         first_ms = 1000.0 * (time.perf_counter() - start) / n_q
     check_ranks(first_stage_ranks, n_db, n_q)
 
@@ -225,7 +223,7 @@ def first_stage_report(data_root: str | os.PathLike, dataset: str, feature_name:
     from csa.data.layout import load_gnd, load_test_features
 
     gt = load_gnd(data_root, dataset)
-    feats = load_test_features(data_root, dataset, feature_name)
+    feats = load_test_features(data_root, dataset, feature_name, gnd=gt)
     ranks = first_stage(feats.query, feats.db)
     res = evaluate_revisited(ranks, gt)
     chance = random_ranking_map(gt, feats.db.shape[0], n_random, seed)

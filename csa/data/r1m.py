@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from csa.largescale import as_cpu_tensor
+from csa.validation import as_cpu_tensor
 from csa.validation import CSAInputError
 
 __all__ = [
