@@ -192,3 +192,24 @@ def test_plot_query_examples_picks_by_rule_and_draws_images_from_disk(tmp_path):
     assert [(kind, q) for kind, q, _ in examples] == [("success", 0), ("failure", 2)]
     fig = examples[0][2]
     assert "success: query 0 (q0)" in fig._suptitle.get_text() and len(fig.axes) == 21   # query + 2 x 10
+
+
+def test_plot_query_positives_one_row_per_benchmark_with_box_and_positive_names(tmp_path):
+    from PIL import Image
+
+    from csa.notebook.figures import QUERY_COLOR, plot_query_positives
+    from csa.validation import CSAInputError
+
+    for name in ["q0", "a", "b", "c"]:
+        Image.new("RGB", (24, 16), (40, 80, 120)).save(tmp_path / f"{name}.jpg")
+    gt = {"imlist": ["a", "b", "c"], "qimlist": ["q0"],
+          "gnd": [{"bbx": [2, 3, 12, 9], "easy": [2], "hard": [0], "junk": [1]}]}
+    fig = plot_query_positives({"one": (gt, tmp_path), "two": (gt, tmp_path)}, n_positives=3, title="demo")
+    assert len(fig.axes) == 2 * 4 and fig._suptitle.get_text() == "demo"
+    titles = [ax.get_title() for ax in fig.axes[:4]]
+    assert titles == ["query: q0", "positive: c", "positive: a", ""]     # easy then hard; junk never shown
+    box = fig.axes[0].patches[0]
+    assert (box.get_x(), box.get_y(), box.get_width(), box.get_height()) == (2.0, 3.0, 10.0, 6.0)
+    assert to_hex(box.get_edgecolor()) == QUERY_COLOR
+    with pytest.raises(CSAInputError, match="empty"):
+        plot_query_positives({})

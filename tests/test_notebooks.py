@@ -159,4 +159,4 @@ def test_reranking_notebook_streams_r1m_distractors_from_the_memory_map(executed
         for proto in ("easy", "medium", "hard"):
             assert row[f"{proto}_map"] == pytest.approx(expected[proto]["map"], abs=1e-9)
             assert row[f"{proto}_map"] <= without.loc[(dataset, "first stage"), f"{proto}_map"] + 1e-9
-        assert set(table.loc[dataset].index) == {"first stage", "affinity cosine", "affinity cosine, centred", "CSA"}
+        assert set(table.loc[dataset].index) == {"first stage", "affinity cosine", "affinity cosine (centred)", "CSA"}

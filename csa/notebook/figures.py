@@ -34,6 +34,7 @@ __all__ = [
     "select_examples",
     "plot_topk_grid",
     "plot_query_examples",
+    "plot_query_positives",
     "plot_map_vs_time",
     "plot_ablation",
 ]
@@ -218,6 +219,35 @@ def plot_query_examples(gt: Mapping[str, Any], image_dir: str | os.PathLike, bef
                        f"{aps_before[q]:.1f} -> {aps_after[q]:.1f}"))
             out.append((kind, q, fig))
     return out
+
+
+def plot_query_positives(benchmarks: Mapping[str, tuple[Mapping[str, Any], str | os.PathLike]], query: int = 0,
+                         n_positives: int = 4, title: str | None = None) -> Figure:
+    """One row per benchmark: its query ``query`` (ground-truth box in orange) and its first Medium positives.
+
+    ``benchmarks`` maps a name to ``(gt, image_dir)``: the revisitop dict (``imlist``, ``qimlist``,
+    ``gnd``) and the folder of its ``<name>.jpg`` photos.
+    """
+    if not benchmarks:
+        raise CSAInputError("benchmarks is empty: pass {name: (gt, image_dir)} for at least one benchmark")
+    fig = Figure(figsize=(3.0 * (n_positives + 1), 3.0 * len(benchmarks)))
+    axes = fig.subplots(len(benchmarks), n_positives + 1, squeeze=False)
+    for row, (gt, image_dir) in zip(axes, benchmarks.values()):
+        entry = gt["gnd"][query]
+        row[0].imshow(_load_rgb(str(Path(image_dir, f"{gt['qimlist'][query]}.jpg"))))
+        x1, y1, x2, y2 = (float(v) for v in entry["bbx"])
+        row[0].add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=QUERY_COLOR, linewidth=3.0))
+        row[0].set_title(f"query: {gt['qimlist'][query]}", fontsize=9)
+        positives = list(entry["easy"]) + list(entry["hard"])
+        for ax, idx in zip(row[1:], positives[:n_positives]):
+            ax.imshow(_load_rgb(str(Path(image_dir, f"{gt['imlist'][idx]}.jpg"))))
+            ax.set_title(f"positive: {gt['imlist'][idx]}", fontsize=9)
+        for ax in row:
+            ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=12)
+    fig.tight_layout()
+    return fig
 
 
 def plot_map_vs_time(
