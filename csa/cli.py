@@ -32,7 +32,7 @@ def _load_eval_inputs(args: argparse.Namespace):
     from csa.data.layout import load_gnd, load_test_features
 
     gt = load_gnd(args.data_root, args.dataset)
-    feats = load_test_features(args.data_root, args.dataset, args.features)
+    feats = load_test_features(args.data_root, args.dataset, args.features, gnd=gt)
     qvecs, dbvecs = feats.query, feats.db
     if args.r1m is not None:
         from csa.data.r1m import append_distractors
@@ -162,6 +162,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo_experiment(args: argparse.Namespace) -> int:
+    from csa.fileio import save_table
     from csa.training import selection
 
     if args.demo_command == "select":
@@ -179,7 +180,7 @@ def _cmd_demo_experiment(args: argparse.Namespace) -> int:
                                          args.seeds)
     if args.demo_command != "select":
         table.insert(1, "setting", args.setting)
-    print(f"wrote {selection.write_csv(table, args.out)}")
+    print(f"wrote {save_table(table, args.out)}")
     return 0
 
 

@@ -5,7 +5,9 @@ file in the destination folder and moved into place with :func:`os.replace`, so 
 interrupted run never leaves a half-written file behind (a killed process may leave its temporary
 ``.<name>.<random>.tmp``; :func:`remove_stale_temporaries` clears them when the next run starts).
 Commands check their output locations with :func:`check_output_dir` / :func:`check_output_file`
-before any long work starts.
+before any long work starts.  Result tables and figures go through :func:`save_table` and
+:func:`save_figure`, which render into memory first, so an interrupted write never leaves a half-written
+CSV or image under the final name.
 
 Every ``.pkl`` the package reads goes through :func:`load_pickle`, a restricted unpickler that
 builds only builtin containers and scalars (dict, list, tuple, set, str, bytes, int, float, bool,
@@ -18,6 +20,7 @@ import builtins
 import collections
 import contextlib
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -31,7 +34,8 @@ import numpy as np
 from csa.validation import CSAInputError
 
 __all__ = ["atomic_write", "load_pickle", "save_pickle", "fingerprint", "sha256_file", "PickleRefused",
-           "SAFE_PICKLE_GLOBALS", "check_output_dir", "check_output_file", "remove_stale_temporaries"]
+           "SAFE_PICKLE_GLOBALS", "check_output_dir", "check_output_file", "remove_stale_temporaries",
+           "save_table", "save_figure"]
 
 
 @contextlib.contextmanager
@@ -116,6 +120,24 @@ def check_output_file(path: str | os.PathLike, what: str) -> Path:
     if path.is_dir():
         raise CSAInputError(f"{what} {path} is a folder; give a file path")
     check_output_dir(path.parent, f"the folder of {what}")
+    return path
+
+
+def save_table(table: Any, path: str | os.PathLike) -> Path:
+    """Write a pandas DataFrame to ``path`` as CSV (no index) atomically; return the path."""
+    path = Path(path)
+    with atomic_write(path, "w") as f:
+        table.to_csv(f, index=False)
+    return path
+
+
+def save_figure(fig: Any, path: str | os.PathLike, **savefig_kwargs: Any) -> Path:
+    """Save a matplotlib figure to ``path`` (format from the suffix) atomically; return the path."""
+    path = Path(path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=savefig_kwargs.pop("format", path.suffix.lstrip(".") or "png"), **savefig_kwargs)
+    with atomic_write(path, "wb") as f:
+        f.write(buffer.getvalue())
     return path
 
 

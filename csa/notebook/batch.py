@@ -43,7 +43,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from csa.fileio import atomic_write, check_output_dir
+from csa.fileio import check_output_dir, save_table
 from csa.validation import CSAInputError, run_command
 
 __all__ = ["parse_value", "parse_grid", "parse_params", "run_name", "check_parameters", "BatchResult", "run_grid", "main"]
@@ -259,10 +259,12 @@ def run_grid(
         parameters = {**params, **points[i], RESULTS_PARAMETER: str(running_csv.resolve())}
         if not force and _finished(final_nb, final_csv, parameters):
             try:
-                skipped.append(i)
-                return i, with_grid_columns(i, pd.read_csv(final_csv)), None
+                table = with_grid_columns(i, pd.read_csv(final_csv))
             except Exception:  # noqa: BLE001 - an unreadable table: run again
-                skipped.remove(i)
+                pass
+            else:
+                skipped.append(i)
+                return i, table, None
         for stale in (final_nb, final_csv, out_dir / f"{names[i]}{FAILED}"):
             stale.unlink(missing_ok=True)
         try:
@@ -290,8 +292,7 @@ def run_grid(
     def write_table() -> pd.DataFrame:
         frames = [tables[i] for i in sorted(tables)]
         table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=keys)
-        with atomic_write(results_csv, "w") as f:
-            table.to_csv(f, index=False)
+        save_table(table, results_csv)
         return table
 
     def collect(i: int, table: pd.DataFrame | None, error: str | None) -> None:
@@ -315,10 +316,12 @@ def run_grid(
                     collect(*future.result())
             finally:
                 pool.shutdown(wait=False, cancel_futures=True)
-    finally:
+    except BaseException:
         bar.close()
         with contextlib.suppress(Exception):  # keep what finished, even when interrupted
             write_table()
+        raise
+    bar.close()
     final = write_table()
     return BatchResult(
         table=final,

@@ -15,7 +15,7 @@ from csa.training.recipes import RECIPE_FIELDS, RECIPES, get_recipe
 from csa.validation import CSAInputError, check_float, check_int
 
 __all__ = ["TrainConfig", "build_parser", "config_from_argv", "config_to_argv", "parse_overrides",
-           "check_hyperparameters"]
+           "check_hyperparameters", "option_flag", "resume_given"]
 
 
 def _option(default: Any, help: str, **kw: Any) -> Any:
@@ -24,9 +24,24 @@ def _option(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
+def _recipe_option(name: str, help: str, **kw: Any) -> Any:
+    """A field of :data:`~csa.training.recipes.RECIPE_FIELDS`: its default is the ``paper`` recipe's value."""
+    return _option(RECIPES["paper"].values[name], help, **kw)
+
+
+def option_flag(name: str) -> str:
+    """The command-line flag of a :class:`TrainConfig` field: ``base_lr`` -> ``--base-lr``."""
+    return "--" + name.replace("_", "-")
+
+
+def resume_given(resume: Any) -> bool:
+    """Whether a ``--resume`` value asks to continue a run (``None``, ``''``, ``'None'``, ``'none'``: start afresh)."""
+    return resume not in (None, "", "None", "none")
+
+
 @dataclass
 class TrainConfig:
-    """Every hyper-parameter of a training run; defaults are the ``paper`` recipe."""
+    """Every hyper-parameter of a training run; the recipe fields default to the ``paper`` recipe's values."""
 
     recipe: str = _option("paper", "named recipe the other values start from (flags override single fields)",
                           choices=list(RECIPES))
@@ -39,46 +54,50 @@ class TrainConfig:
     cache_dir: str | None = _option(None, "neighbour-table cache folder (default: <data_root>/cache)")
     neighbour_chunk: int = _option(1024, "queries per chunk when computing the neighbour table")
     # model
-    topk: int = _option(512, "K: neighbours per sample (tokens = query + K; the official --topk counts the query)")
-    anchor_len: int = _option(512, "L: anchors (query + L-1 neighbours)")
-    embed_dim: int = _option(768, "C: token dimension")
-    depth: int = _option(2, "transformer blocks")
-    num_heads: int = _option(12, "attention heads")
-    mlp_ratio: float = _option(4.0, "MLP hidden size / C")
-    qkv_bias: bool = _option(True, "bias in the qkv projection")
-    drop_rate: float = _option(0.1, "dropout")
-    attn_drop_rate: float = _option(0.1, "attention dropout")
-    drop_path_rate: float = _option(0.1, "stochastic depth (drop-path) rate of the last block")
+    topk: int = _recipe_option("topk", "K: neighbours per sample (tokens = query + K; the official --topk counts "
+                               "the query)")
+    anchor_len: int = _recipe_option("anchor_len", "L: anchors (query + L-1 neighbours)")
+    embed_dim: int = _recipe_option("embed_dim", "C: token dimension")
+    depth: int = _recipe_option("depth", "transformer blocks")
+    num_heads: int = _recipe_option("num_heads", "attention heads")
+    mlp_ratio: float = _recipe_option("mlp_ratio", "MLP hidden size / C")
+    qkv_bias: bool = _recipe_option("qkv_bias", "bias in the qkv projection")
+    drop_rate: float = _recipe_option("drop_rate", "dropout")
+    attn_drop_rate: float = _recipe_option("attn_drop_rate", "attention dropout")
+    drop_path_rate: float = _recipe_option("drop_path_rate", "stochastic depth (drop-path) rate of the last block")
     # loss
-    alpha: float = _option(0.2, "weight of the reconstruction loss")
-    temperature: float = _option(2.0, "temperature t of the contrastive loss")
+    alpha: float = _recipe_option("alpha", "weight of the reconstruction loss")
+    temperature: float = _recipe_option("temperature", "temperature t of the contrastive loss")
     # optimisation
-    batch_size: int = _option(256, "GLOBAL batch size (split evenly over processes)")
-    num_epochs: int = _option(100, "epochs of the schedule")
+    batch_size: int = _recipe_option("batch_size", "GLOBAL batch size (split evenly over processes)")
+    num_epochs: int = _recipe_option("num_epochs", "epochs of the schedule")
     stop_at_epoch: int | None = _option(None, "stop after this epoch (the schedule still spans --num-epochs)")
-    warmup_epochs: int = _option(20, "linear warm-up epochs")
-    warmup_lr: float = _option(0.001, "lr at the start of warm-up (before batch scaling)")
-    base_lr: float = _option(0.1, "lr at the end of warm-up (before batch scaling)")
-    final_lr: float = _option(0.0, "lr at the end of the cosine decay (before batch scaling)")
-    lr_scaling: str = _option("global", "lrs x batch/256 ('global'), x batch/reference_gpus/256 ('per-gpu': the "
-                              "official code) or as given ('none')", choices=["global", "per-gpu", "none"])
-    reference_gpus: int = _option(4, "GPU count of the official 4-GPU script, used by --lr-scaling per-gpu and "
-                                     "--sample-order fixed")
-    momentum: float = _option(0.9, "SGD momentum")
-    weight_decay: float = _option(1e-6, "weight decay (never on biases and norms)")
-    feature_align_decay: bool = _option(False, "also decay feature_align's weight (the official code does)")
-    clip_grad: float = _option(1.0, "max gradient norm; 0 disables clipping")
-    sample_order: str = _option("reshuffle", "'reshuffle': a new permutation every epoch, the last partial global "
-                                "batch dropped; 'fixed': the official DistributedSampler order (one seeded "
-                                "permutation for every epoch, padded, last partial batch kept)",
-                                choices=["reshuffle", "fixed"])
-    fp16_inputs: bool = _option(False, "round affinities to float16 before the model (the official code)")
-    samples: str = _option("all", "training queries: every image ('all') or only those whose cluster has another "
-                           "image ('with-positives'; the others stay tokens and anchors)",
-                           choices=["all", "with-positives"])
+    warmup_epochs: int = _recipe_option("warmup_epochs", "linear warm-up epochs")
+    warmup_lr: float = _recipe_option("warmup_lr", "lr at the start of warm-up (before batch scaling)")
+    base_lr: float = _recipe_option("base_lr", "lr at the end of warm-up (before batch scaling)")
+    final_lr: float = _recipe_option("final_lr", "lr at the end of the cosine decay (before batch scaling)")
+    lr_scaling: str = _recipe_option("lr_scaling", "lrs x batch/256 ('global'), x batch/reference_gpus/256 "
+                                     "('per-gpu': the official code) or as given ('none')",
+                                     choices=["global", "per-gpu", "none"])
+    reference_gpus: int = _recipe_option("reference_gpus", "GPU count of the official 4-GPU script, used by "
+                                         "--lr-scaling per-gpu and --sample-order fixed")
+    momentum: float = _recipe_option("momentum", "SGD momentum")
+    weight_decay: float = _recipe_option("weight_decay", "weight decay (never on biases and norms)")
+    feature_align_decay: bool = _recipe_option("feature_align_decay", "also decay feature_align's weight (the "
+                                               "official code does)")
+    clip_grad: float = _recipe_option("clip_grad", "max gradient norm; 0 disables clipping")
+    sample_order: str = _recipe_option("sample_order", "'reshuffle': a new permutation every epoch, the last "
+                                       "partial global batch dropped; 'fixed': the official DistributedSampler "
+                                       "order (one seeded permutation for every epoch, padded, last partial batch "
+                                       "kept)", choices=["reshuffle", "fixed"])
+    fp16_inputs: bool = _recipe_option("fp16_inputs", "round affinities to float16 before the model (the official "
+                                       "code)")
+    samples: str = _recipe_option("samples", "training queries: every image ('all') or only those whose cluster has "
+                                  "another image ('with-positives'; the others stay tokens and anchors)",
+                                  choices=["all", "with-positives"])
     amp: str = _option("auto", "fp16 mixed precision: auto (on with CUDA) | on | off", choices=["auto", "on", "off"])
     # run
-    seed: int = _option(0, "random seed (model init, sample order, permutations, dropout)")
+    seed: int = _recipe_option("seed", "random seed (model init, sample order, permutations, dropout)")
     num_workers: int = _option(2, "DataLoader workers per process")
     device: str = _option("auto", "auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)")
     output_dir: str = _option("runs/csa", "checkpoint.pth, history.csv/json, curves.png go here")
@@ -103,12 +122,10 @@ class TrainConfig:
 
     def check(self) -> None:
         """Raise CSAInputError on out-of-range or inconsistent values."""
-        check_hyperparameters(self)
-        if self.topk < 1 or self.anchor_len < 1:
-            raise CSAInputError(f"--topk ({self.topk}) and --anchor-len ({self.anchor_len}) must be >= 1")
-        if self.batch_size < 1 or self.num_epochs < 1 or not 0 <= self.warmup_epochs <= self.num_epochs:
-            raise CSAInputError("need --batch-size >= 1, --num-epochs >= 1 and 0 <= --warmup-epochs <= --num-epochs")
-        if self.stop_at_epoch is not None and not 1 <= self.stop_at_epoch <= self.num_epochs:
+        check_hyperparameters(self)  # every single-field bound; the checks below relate fields
+        if self.warmup_epochs > self.num_epochs:
+            raise CSAInputError(f"--warmup-epochs ({self.warmup_epochs}) must be <= --num-epochs ({self.num_epochs})")
+        if self.stop_at_epoch is not None and self.stop_at_epoch > self.num_epochs:
             raise CSAInputError(f"--stop-at-epoch must lie in [1, --num-epochs={self.num_epochs}]")
         if self.embed_dim % self.num_heads:
             raise CSAInputError(f"--embed-dim {self.embed_dim} must be divisible by --num-heads {self.num_heads}")
@@ -134,20 +151,17 @@ def check_hyperparameters(config: TrainConfig) -> None:
     """Refuse values no training run can use, naming the flag: learning rates and the temperature must
     be finite and > 0, dropouts in [0, 1), counts >= their minimum (epochs >= 1, workers >= 0, ...),
     the device one of auto | cpu | cuda | cuda:N."""
-    def flag(name: str) -> str:
-        return "--" + name.replace("_", "-")
-
     for name, low in _INT_MINIMUM.items():
-        check_int(flag(name), getattr(config, name), low)
+        check_int(option_flag(name), getattr(config, name), low)
     if config.stop_at_epoch is not None:
         check_int("--stop-at-epoch", config.stop_at_epoch, 1)
     for name, (low, high, low_open, high_open) in _FLOAT_RANGE.items():
-        check_float(flag(name), getattr(config, name), low, high, low_open=low_open, high_open=high_open)
+        check_float(option_flag(name), getattr(config, name), low, high, low_open=low_open, high_open=high_open)
     if not isinstance(config.device, str) or not _DEVICE.match(config.device):
         raise CSAInputError(f"--device {config.device!r} is not supported; use auto, cpu, cuda or cuda:N")
     if not str(config.output_dir).strip():
         raise CSAInputError("--output-dir is empty; give the folder the run writes to")
-    if config.overwrite and config.resume not in (None, "", "None", "none"):
+    if config.overwrite and resume_given(config.resume):
         raise CSAInputError("--overwrite starts from scratch and --resume continues a run: give one of them")
 
 
@@ -162,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "fields.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="print the resolved configuration as JSON and exit")
     for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
+        flag = option_flag(f.name)
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         help_text = f.metadata["help"]
         if f.name in RECIPE_FIELDS:
@@ -219,11 +233,11 @@ def config_to_argv(config: TrainConfig) -> list[str]:
     argv: list[str] = []
     for option in dataclasses.fields(config):
         value = getattr(config, option.name)
-        flag = "--" + option.name.replace("_", "-")
+        flag = option_flag(option.name)
         if value is None:
             continue
         if isinstance(value, bool):
-            argv.append(flag if value else "--no-" + option.name.replace("_", "-"))
+            argv.append(flag if value else "--no-" + flag[2:])
         elif isinstance(value, (list, tuple)):
             argv += [flag, *map(str, value)]
         else:

@@ -120,7 +120,6 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader: Iterable[Map
                     device: str | torch.device, scaler: torch.amp.GradScaler | None = None, clip_grad: float = 1.0,
                     amp: bool = False, progress: bool = True, features: torch.Tensor | None = None,
                     desc: str = "train", fp16_inputs: bool = False,
-                    max_nonfinite_streak: int = MAX_NONFINITE_STREAK,
                     amp_dtype: torch.dtype = torch.float16) -> dict[str, float]:
     """One pass over ``loader``; returns the mean ``loss``, ``contrastive`` and ``reconstruction`` over the
     finite iterations (averaged over processes under torch.distributed), plus ``lr`` (last),
@@ -134,7 +133,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader: Iterable[Map
     ``fp16_inputs`` rounds the affinities to float16 first (as the official code does).
     A non-finite loss skips the update (on every process), warns and is counted; the
     schedule still advances so the lr stays a function of the iteration number.  After
-    ``max_nonfinite_streak`` such iterations in a row, or an epoch without a finite one,
+    :data:`MAX_NONFINITE_STREAK` such iterations in a row, or an epoch without a finite one,
     :class:`NonFiniteLossError` stops the run (skipped iterations change no weight, so the last
     checkpoint stays valid).
     """
@@ -168,7 +167,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader: Iterable[Map
         if not bool(finite.item()):
             n_skipped += 1
             streak += 1
-            if streak >= max_nonfinite_streak:
+            if streak >= MAX_NONFINITE_STREAK:
                 _stop_non_finite(desc, streak, loss)
             warnings.warn(f"{desc}: non-finite loss at iteration {it} (loss={float(loss.detach()):.4g}); skipping the update "
                           f"({n_skipped} skipped so far)", RuntimeWarning, stacklevel=2)

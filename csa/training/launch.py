@@ -55,7 +55,7 @@ def launch_training(config: TrainConfig, nproc_per_node: int = 1, echo: Callable
     env["PYTHONUNBUFFERED"] = "1"
     echo("$ " + " ".join(cmd[1:]))
     tail: list[str] = []
-    errors: list[str] = []
+    error: str | None = None  # the first line of the training's own error report
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                           bufsize=1) as proc:
         assert proc.stdout is not None
@@ -63,13 +63,13 @@ def launch_training(config: TrainConfig, nproc_per_node: int = 1, echo: Callable
             # tqdm redraws with carriage returns: show only the final state of each line
             line = raw.rstrip("\n").split("\r")[-1]
             tail = (tail + [line])[-30:]
-            if line.startswith(TRAIN_ERROR) and not errors:
-                errors.append(line[len(TRAIN_ERROR):].strip())
+            if line.startswith(TRAIN_ERROR) and error is None:
+                error = line[len(TRAIN_ERROR):].strip()
             echo(line)
         code = proc.wait()
     if code != 0:
-        if errors:  # the training's own message, not torchrun's traceback
-            raise RuntimeError(f"training failed: {errors[0]}")
+        if error is not None:  # the training's own message, not torchrun's traceback
+            raise RuntimeError(f"training failed: {error}")
         raise RuntimeError(f"training exited with status {code}; last output:\n" + "\n".join(tail))
     out = Path(config.output_dir)
     history_file = out / "history.json"

@@ -28,7 +28,8 @@ from typing import Any, Mapping
 
 from csa.validation import CSAInputError
 
-__all__ = ["Recipe", "RECIPES", "RECIPE_FIELDS", "DEPARTURES", "DEMO_SELECTED", "get_recipe", "effective_lrs"]
+__all__ = ["Recipe", "RECIPES", "RECIPE_FIELDS", "DEPARTURES", "GRID", "DEMO_SELECTED", "get_recipe",
+           "effective_lrs"]
 
 #: The hyper-parameters a recipe fixes (everything else of TrainConfig is about data, devices and files).
 RECIPE_FIELDS = (
@@ -80,9 +81,20 @@ DEPARTURES: Mapping[str, str] = MappingProxyType({
 _DEMO = {**_PAPER, "topk": 64, "anchor_len": 64, "embed_dim": 128, "num_heads": 4, "batch_size": 32,
          "num_epochs": 40, "warmup_epochs": 8, "warmup_lr": 0.005, "base_lr": 0.5, "samples": "with-positives"}
 
+#: The settings ``csa demo select`` tries (:mod:`csa.training.selection`), as changes to the ``demo`` recipe
+#: (each named by what it changes).
+GRID: Mapping[str, Mapping[str, Any]] = {
+    "demo": {},
+    "t=0.5": {"temperature": 0.5},
+    "K=L=128": {"topk": 128, "anchor_len": 128},
+    "120 epochs": {"num_epochs": 120, "warmup_epochs": 24},
+    "lr x2": {"base_lr": 1.0, "warmup_lr": 0.01},
+    "t=0.5, K=L=128": {"temperature": 0.5, "topk": 128, "anchor_len": 128},
+}
+
 #: The demo recipe of each training set, chosen by ``csa demo select`` on that city's own held-out
 #: landmarks (``data/demo/results/selection_<trainset>.csv``; the setting names are those of
-#: :data:`csa.training.selection.GRID`).  The test city played no part in either choice.
+#: :data:`GRID`).  The test city played no part in either choice.
 DEMO_SELECTED: Mapping[str, Mapping[str, str]] = MappingProxyType({
     "rparis6k-mini-train": MappingProxyType({"setting": "t=0.5, K=L=128", "recipe": "demo-paris"}),
     "roxford5k-mini-train": MappingProxyType({"setting": "120 epochs", "recipe": "demo-oxford"}),
@@ -95,9 +107,9 @@ RECIPES: Mapping[str, Recipe] = MappingProxyType({
                         "feature_align_decay": True, "sample_order": "fixed", "fp16_inputs": True}),
     "demo": Recipe("demo", "the embedded demo's small CPU model, the centre of the selection grid", _DEMO),
     "demo-paris": Recipe("demo-paris", "demo recipe chosen on Paris landmarks (trains the model tested on Oxford)",
-                         {**_DEMO, "temperature": 0.5, "topk": 128, "anchor_len": 128}),
+                         {**_DEMO, **GRID[DEMO_SELECTED["rparis6k-mini-train"]["setting"]]}),
     "demo-oxford": Recipe("demo-oxford", "demo recipe chosen on Oxford landmarks (trains the model tested on Paris)",
-                          {**_DEMO, "num_epochs": 120, "warmup_epochs": 24}),
+                          {**_DEMO, **GRID[DEMO_SELECTED["roxford5k-mini-train"]["setting"]]}),
 })
 
 

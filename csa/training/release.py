@@ -8,29 +8,19 @@ notebook but the training one runs in seconds on a fresh clone; the main job ret
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
 from csa.checkpoint import load_checkpoint, load_model, save_checkpoint
-from csa.fileio import atomic_write
+from csa.fileio import atomic_write, sha256_file
 from csa.validation import CSAInputError
 
-__all__ = ["WEIGHTS_DIR", "released_checkpoint", "release", "compare_to_release", "sha256_of"]
+__all__ = ["WEIGHTS_DIR", "released_checkpoint", "release", "compare_to_release"]
 
 #: Folder of the released weights inside the demo data root.
 WEIGHTS_DIR = "weights"
-
-
-def sha256_of(path: str | os.PathLike) -> str:
-    """sha256 hex digest of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def released_checkpoint(root: str | os.PathLike, trainset: str) -> Path:
@@ -50,7 +40,7 @@ def release(checkpoint: str | os.PathLike, root: str | os.PathLike, trainset: st
     save_checkpoint(out, model, epoch=int(load_checkpoint(checkpoint).get("epoch", 0)))
     manifest_path = out.parent / "manifest.json"
     manifest: dict[str, Any] = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-    manifest[out.name] = {"sha256": sha256_of(out), "trainset": trainset, "recipe": recipe, "command": command,
+    manifest[out.name] = {"sha256": sha256_file(out), "trainset": trainset, "recipe": recipe, "command": command,
                           "tested_on": tested_on, "config": model.config}
     with atomic_write(manifest_path, "w") as f:
         json.dump(manifest, f, indent=1, sort_keys=True)

@@ -28,11 +28,12 @@ from tqdm import tqdm
 
 from csa.compare.runner import run_comparison
 from csa.data.demo import CITIES, FEATURE_NAME
-from csa.data.layout import load_clusters, load_gnd, load_test_features, load_train_features, save_clusters, \
-    save_train_features
-from csa.fileio import atomic_write, load_pickle
+from csa.data.layout import clusters_path, load_clusters, load_gnd, load_test_features, load_train_features, \
+    save_clusters, save_train_features
+from csa.fileio import load_pickle
 from csa.rerank import rerank
 from csa.training.config import TrainConfig
+from csa.training.recipes import GRID
 from csa.training.train import run_training
 from csa.validation import CSAInputError
 
@@ -42,19 +43,15 @@ __all__ = ["GRID", "TEST_TOPK", "landmark_folds", "held_out_benchmark", "csa_gai
 #: Re-ranking depth K at test time, for every demo measurement.
 TEST_TOPK = 128
 
-#: The settings tried, as changes to the ``demo`` recipe (each named by what it changes).
-GRID: Mapping[str, Mapping[str, Any]] = {
-    "demo": {},
-    "t=0.5": {"temperature": 0.5},
-    "K=L=128": {"topk": 128, "anchor_len": 128},
-    "120 epochs": {"num_epochs": 120, "warmup_epochs": 24},
-    "lr x2": {"base_lr": 1.0, "warmup_lr": 0.01},
-    "t=0.5, K=L=128": {"temperature": 0.5, "topk": 128, "anchor_len": 128},
-}
-
 #: Training set -> the benchmark its model is tested on (the other city).
 TRAIN_TO_TEST = {"rparis6k-mini-train": "roxford5k-mini", "roxford5k-mini-train": "rparis6k-mini"}
 _TRAIN_TO_OWN = {city["trainset"]: dataset for dataset, city in CITIES.items()}
+
+
+def _landmark_sizes(clusters: Sequence[int]) -> dict[int, int]:
+    """Image count of every landmark, i.e. of every cluster with more than one image (ids ascending)."""
+    ids, counts = np.unique(np.asarray(clusters), return_counts=True)
+    return {int(i): int(c) for i, c in zip(ids, counts) if c > 1}
 
 
 def landmark_folds(clusters: Sequence[int], n_folds: int = 3) -> list[set[int]]:
@@ -62,8 +59,7 @@ def landmark_folds(clusters: Sequence[int], n_folds: int = 3) -> list[set[int]]:
 
     Largest landmark first, each into the fold with the fewest images so far (ties: lowest fold).
     """
-    ids, counts = np.unique(np.asarray(clusters), return_counts=True)
-    landmarks = sorted(((int(c), int(i)) for i, c in zip(ids, counts) if c > 1), key=lambda t: (-t[0], t[1]))
+    landmarks = sorted(((c, i) for i, c in _landmark_sizes(clusters).items()), key=lambda t: (-t[0], t[1]))
     if len(landmarks) < n_folds:
         raise CSAInputError(f"only {len(landmarks)} landmarks for {n_folds} folds; use fewer folds")
     folds: list[set[int]] = [set() for _ in range(n_folds)]
@@ -80,7 +76,7 @@ def _subset_trainset(root: Path, trainset: str, keep: np.ndarray, out_root: Path
     """Write trainset ``name`` under ``out_root``: the rows ``keep`` of ``trainset``'s train split, with the
     rows ``unlabel`` (if given) made clusters of their own (photos without a landmark: neighbours, never
     training queries under ``samples='with-positives'``)."""
-    ann = load_pickle(Path(root, "annotations", f"{trainset}.pkl"))
+    ann = load_pickle(clusters_path(root, trainset))
     feats = load_train_features(root, trainset, FEATURE_NAME, "train")
     clusters = np.asarray(ann["train"]["cluster"])
     if unlabel is not None:
@@ -96,7 +92,7 @@ def held_out_benchmark(root: str | os.PathLike, dataset: str, query_names: set[s
                        ) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """``(queries, database, gnd)`` of ``dataset``, keeping only the queries named in ``query_names``."""
     gt = load_gnd(root, dataset)
-    feats = load_test_features(root, dataset, FEATURE_NAME)
+    feats = load_test_features(root, dataset, FEATURE_NAME, gt)
     keep = [i for i, n in enumerate(gt["qimlist"]) if query_names is None or n in query_names]
     if not keep:
         raise CSAInputError(f"no query of {dataset} is left to evaluate")
@@ -132,20 +128,20 @@ def select_recipe(root: str | os.PathLike, trainset: str, grid: Mapping[str, Map
     root = Path(root)
     own = _TRAIN_TO_OWN[trainset]
     clusters = load_clusters(root, trainset, "train")
-    images = load_pickle(Path(root, "annotations", f"{trainset}.pkl"))["train"]["images"]
+    images = load_pickle(clusters_path(root, trainset))["train"]["images"]
     rows = []
     with tempfile.TemporaryDirectory(prefix="csa-select-") as tmp:
         folds = landmark_folds(clusters, n_folds)
+        benchmarks = []  # per fold, written and read once for every setting: its trainset and held-out queries
+        for f, fold in enumerate(folds):
+            held = np.isin(clusters, list(fold))
+            _subset_trainset(root, trainset, ~held, Path(tmp), f"{trainset}-fold{f}")
+            benchmarks.append(held_out_benchmark(root, CITIES[own]["loo"], {images[i] for i in np.flatnonzero(held)}))
         jobs = [(name, f) for name in grid for f in range(n_folds)]
         for name, f in tqdm(jobs, desc=f"recipe selection on {trainset}", disable=not progress):
-            held = np.isin(clusters, list(folds[f]))
-            fold_set = f"{trainset}-fold{f}"
-            if not Path(tmp, "annotations", f"{fold_set}.pkl").is_file():
-                _subset_trainset(root, trainset, ~held, Path(tmp), fold_set)
-            model, seconds = _train(Path(tmp), fold_set, Path(tmp, "runs", name, str(f)), seed, grid[name])
-            q, db, gnd = held_out_benchmark(root, CITIES[own]["loo"], {images[i] for i in np.flatnonzero(held)})
+            model, seconds = _train(Path(tmp), f"{trainset}-fold{f}", Path(tmp, "runs", name, str(f)), seed, grid[name])
             rows.append({"trainset": trainset, "setting": name, "fold": f, "held_out_landmarks": len(folds[f]),
-                         **csa_gain(model, q, db, gnd), "train_seconds": seconds})
+                         **csa_gain(model, *benchmarks[f]), "train_seconds": seconds})
     return pd.DataFrame(rows)
 
 
@@ -155,13 +151,15 @@ def choose(table: pd.DataFrame, grid: Mapping[str, Mapping[str, Any]] = GRID) ->
     return max(grid, key=lambda name: (means.get(name, -np.inf), -list(grid).index(name)))
 
 
-def _test_rows(model: torch.nn.Module, root: Path, trainset: str) -> list[dict]:
-    """CSA gains of a model on its test city: the official queries and the leave-one-out queries."""
+def _train_and_test(root: Path, trainset: str, data_root: Path, name: str, out: Path, seed: int,
+                    overrides: Mapping[str, Any], columns: Mapping[str, Any]) -> list[dict]:
+    """Train on trainset ``name`` of ``data_root`` (a copy of ``trainset`` or itself); one row per benchmark of
+    the test city (the official queries and the leave-one-out queries) with its CSA gains, after ``columns``."""
+    model, seconds = _train(data_root, name, out, seed, overrides)
     test = TRAIN_TO_TEST[trainset]
-    out = []
-    for benchmark in (test, CITIES[test]["loo"]):
-        out.append({"benchmark": benchmark, **csa_gain(model, *held_out_benchmark(root, benchmark))})
-    return out
+    return [{"trainset": trainset, **columns, "benchmark": benchmark,
+             **csa_gain(model, *held_out_benchmark(root, benchmark)), "train_seconds": seconds}
+            for benchmark in (test, CITIES[test]["loo"])]
 
 
 def seed_sweep(root: str | os.PathLike, trainset: str, overrides: Mapping[str, Any], seeds: Sequence[int] = (0, 1, 2),
@@ -171,9 +169,8 @@ def seed_sweep(root: str | os.PathLike, trainset: str, overrides: Mapping[str, A
     rows = []
     with tempfile.TemporaryDirectory(prefix="csa-seeds-") as tmp:
         for seed in tqdm(seeds, desc=f"seeds on {trainset}", disable=not progress):
-            model, seconds = _train(root, trainset, Path(tmp, str(seed)), seed, overrides)
-            rows += [{"trainset": trainset, "seed": seed, **r, "train_seconds": seconds}
-                     for r in _test_rows(model, root, trainset)]
+            rows += _train_and_test(root, trainset, root, trainset, Path(tmp, str(seed)), seed, overrides,
+                                    {"seed": seed})
     return pd.DataFrame(rows)
 
 
@@ -186,9 +183,9 @@ def learning_curve(root: str | os.PathLike, trainset: str, overrides: Mapping[st
     supervision grows along the curve, not the pool of images."""
     root = Path(root)
     clusters = load_clusters(root, trainset, "train")
-    ids, counts = np.unique(clusters, return_counts=True)
-    landmarks = [int(i) for i, c in zip(ids, counts) if c > 1]
-    total = int(np.isin(clusters, landmarks).sum())
+    sizes = _landmark_sizes(clusters)
+    landmarks = list(sizes)
+    total = sum(sizes.values())
     rows = []
     with tempfile.TemporaryDirectory(prefix="csa-curve-") as tmp:
         jobs = [(fr, s) for fr in fractions for s in seeds]
@@ -199,19 +196,11 @@ def learning_curve(root: str | os.PathLike, trainset: str, overrides: Mapping[st
                 if count >= fraction * total - 1e-9:
                     break
                 chosen.append(int(lm))
-                count += int((clusters == lm).sum())
+                count += sizes[int(lm)]
             unlabel = np.isin(clusters, landmarks) & ~np.isin(clusters, chosen)
             name = f"{trainset}-{int(round(100 * fraction))}pct-s{seed}"
             _subset_trainset(root, trainset, np.ones(len(clusters), dtype=bool), Path(tmp), name, unlabel=unlabel)
-            model, seconds = _train(Path(tmp), name, Path(tmp, "runs", name), seed, overrides)
-            rows += [{"trainset": trainset, "fraction": fraction, "seed": seed, "landmarks": len(chosen),
-                      "landmark_images": count, **r, "train_seconds": seconds}
-                     for r in _test_rows(model, root, trainset)]
+            rows += _train_and_test(root, trainset, Path(tmp), name, Path(tmp, "runs", name), seed, overrides,
+                                    {"fraction": fraction, "seed": seed, "landmarks": len(chosen),
+                                     "landmark_images": count})
     return pd.DataFrame(rows)
-
-
-def write_csv(table: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Write ``table`` to ``path`` atomically."""
-    with atomic_write(path, "w") as f:
-        table.to_csv(f, index=False)
-    return Path(path)

@@ -30,7 +30,6 @@ updates forever; a model whose weights stopped being finite is never saved.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import random
@@ -47,10 +46,10 @@ import torch.distributed as dist
 
 from csa.checkpoint import load_run_checkpoint, save_run_checkpoint
 from csa.data.layout import load_clusters, load_train_features
-from csa.fileio import atomic_write, check_output_dir, remove_stale_temporaries
+from csa.fileio import atomic_write, check_output_dir, remove_stale_temporaries, save_figure
 from csa.losses import CSACriterion
 from csa.model import RerankTransformer, unwrap
-from csa.training.config import TrainConfig, config_from_argv
+from csa.training.config import TrainConfig, config_from_argv, option_flag, resume_given
 from csa.training.recipes import effective_lrs
 from csa.training.engine import WarmupCosineSchedule, build_optimizer, train_one_epoch
 from csa.training.sampler import GlobalBatchSampler, NeighbourTable, TrainingSet, neighbour_cache_path
@@ -142,17 +141,13 @@ def _write_history(history: list[dict[str, Any]], out: Path, draw: bool = True) 
     try:
         from csa.training.curves import plot_training_curves
 
-        fig = plot_training_curves(history)
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110)
-        with atomic_write(out / "curves.png", "wb") as f:
-            f.write(buf.getvalue())
+        save_figure(plot_training_curves(history), out / "curves.png", dpi=110)
     except Exception as exc:  # a figure problem must never stop training
         warnings.warn(f"could not draw curves.png: {exc}", stacklevel=2)
 
 
 def _resolve_resume(config: TrainConfig) -> Path | None:
-    if config.resume in (None, "", "None", "none"):
+    if not resume_given(config.resume):
         return None
     if config.resume == "auto":
         path = Path(config.output_dir) / CHECKPOINT_NAME
@@ -188,7 +183,7 @@ def _check_resume_matches(ckpt: dict[str, Any], config: TrainConfig, path: Path)
     current = asdict(config)
     changed = [f for f in RESUME_FIXED if f in stored and stored[f] != current[f]]
     if changed:
-        diff = ", ".join(f"--{f.replace('_', '-')} {stored[f]!r} -> {current[f]!r}" for f in changed)
+        diff = ", ".join(f"{option_flag(f)} {stored[f]!r} -> {current[f]!r}" for f in changed)
         raise CSAInputError(f"--resume {path}: the run was trained with other settings ({diff}); resuming would "
                             f"continue a different model or data. Use the stored values, or start a new run "
                             f"(another --output-dir, or --overwrite)")
@@ -295,7 +290,6 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> 
                               drop_path_rate=config.drop_path_rate).to(device)
     criterion = CSACriterion(alpha=config.alpha, temperature=config.temperature)
     optimizer, schedule = build_optimization(config, model, len(sampler))
-    lrs = effective_lrs(asdict(config))
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
 
     start_epoch, history = 0, []
@@ -319,7 +313,7 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> 
     n_params = sum(p.numel() for p in model.parameters())
     log(f">> {len(dataset)} samples ({len(config.feature_names)} feature set(s)), {len(sampler)} iterations/epoch "
         f"of {config.batch_size} ({world} process(es) x {config.batch_size // world}), {n_params / 1e6:.2f}M params, "
-        f"device {device}, amp {amp}, recipe {config.recipe}, lr {lrs['warmup_lr']:.4g} -> {lrs['peak_lr']:.4g}")
+        f"device {device}, amp {amp}, recipe {config.recipe}, lr {schedule.warmup_lr:.4g} -> {schedule.base_lr:.4g}")
 
     stop = config.stop_at_epoch or config.num_epochs
     curves_drawn = time.time()
