@@ -134,15 +134,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _scales(text: str) -> list[float]:
-    from csa.validation import CSAInputError
+    from csa.descriptors.extract import parse_scales
 
-    try:
-        values = [float(s) for s in text.split(",")]
-    except ValueError as exc:
-        raise CSAInputError(f"--scales must be comma-separated numbers such as 1,0.7071,1.4142, got {text!r}") from exc
-    if any(not v > 0 for v in values):
-        raise CSAInputError(f"--scales must be positive, got {text!r}")
-    return values
+    return parse_scales(text, "--scales")
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:

@@ -163,3 +163,14 @@ def test_demo_derived_outputs_are_rewritten_identically_and_only_when_stale(demo
     assert prepare.prepare_demo_features(tmp_path, device="cpu", progress=False) == written
     assert loads == []
     assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("t*/*/*")} == stamps
+
+
+def test_parse_scales_reads_numbers_and_names_its_source_in_errors():
+    from csa.descriptors.extract import parse_scales
+    from csa.validation import CSAInputError
+
+    assert parse_scales("1,0.7071,1.4142") == [1.0, 0.7071, 1.4142]
+    with pytest.raises(CSAInputError, match=r"^scales must be comma-separated numbers"):
+        parse_scales("1,x")
+    with pytest.raises(CSAInputError, match=r"^--scales must be positive"):
+        parse_scales("1,0", "--scales")

@@ -26,7 +26,7 @@ from csa.descriptors.pooling import l2n
 from csa.fileio import atomic_write, fingerprint, remove_stale_temporaries
 from csa.validation import CSAInputError
 
-__all__ = ["ImageListDataset", "load_image_tensor", "extract_descriptors", "extraction_fingerprint"]
+__all__ = ["ImageListDataset", "load_image_tensor", "extract_descriptors", "extraction_fingerprint", "parse_scales"]
 
 
 def load_image_tensor(path: str | os.PathLike, image_size: int | None, bbx: Sequence[float] | None,
@@ -87,6 +87,18 @@ def _read_shard(path: Path, shape: tuple[int, int]) -> np.ndarray | None:
     warnings.warn(f"ignoring damaged extraction shard {path} ({problem}); extracting it again", stacklevel=3)
     path.unlink(missing_ok=True)
     return None
+
+
+def parse_scales(text: str, name: str = "scales") -> list[float]:
+    """``"1,0.7071,1.4142"`` -> ``[1.0, 0.7071, 1.4142]``; anything but positive numbers is refused, naming
+    ``name`` (the flag or notebook parameter it came from)."""
+    try:
+        values = [float(s) for s in str(text).split(",")]
+    except ValueError as exc:
+        raise CSAInputError(f"{name} must be comma-separated numbers such as 1,0.7071,1.4142, got {text!r}") from exc
+    if any(not v > 0 for v in values):
+        raise CSAInputError(f"{name} must be positive, got {text!r}")
+    return values
 
 
 def extraction_fingerprint(image_paths: Sequence[str | os.PathLike], image_size: int | None,

@@ -37,7 +37,7 @@ from csa.training.recipes import GRID
 from csa.training.train import run_training
 from csa.validation import CSAInputError
 
-__all__ = ["GRID", "TEST_TOPK", "landmark_folds", "held_out_benchmark", "csa_gain", "select_recipe", "choose",
+__all__ = ["GRID", "TEST_TOPK", "landmark_folds", "held_out_benchmark", "csa_gain", "test_benchmarks", "select_recipe", "choose",
            "seed_sweep", "learning_curve", "TRAIN_TO_TEST"]
 
 #: Re-ranking depth K at test time, for every demo measurement.
@@ -112,6 +112,13 @@ def csa_gain(model: torch.nn.Module, qvecs: np.ndarray, dbvecs: np.ndarray, gnd:
             "medium_gain_low": csa["medium_gain_low"], "medium_gain_high": csa["medium_gain_high"]}
 
 
+def test_benchmarks(trainset: str) -> tuple[str, str]:
+    """The benchmarks a model trained on ``trainset`` is tested on: the other city's official queries and its
+    leave-one-out queries."""
+    test = TRAIN_TO_TEST[trainset]
+    return test, CITIES[test]["loo"]
+
+
 def _train(data_root: Path, trainset: str, out: Path, seed: int, overrides: Mapping[str, Any]) -> tuple[Any, float]:
     config = TrainConfig.from_recipe("demo", **{**overrides, "data_root": str(data_root), "trainset": trainset,
                                                 "feature_names": [FEATURE_NAME], "output_dir": str(out),
@@ -156,10 +163,9 @@ def _train_and_test(root: Path, trainset: str, data_root: Path, name: str, out: 
     """Train on trainset ``name`` of ``data_root`` (a copy of ``trainset`` or itself); one row per benchmark of
     the test city (the official queries and the leave-one-out queries) with its CSA gains, after ``columns``."""
     model, seconds = _train(data_root, name, out, seed, overrides)
-    test = TRAIN_TO_TEST[trainset]
     return [{"trainset": trainset, **columns, "benchmark": benchmark,
              **csa_gain(model, *held_out_benchmark(root, benchmark)), "train_seconds": seconds}
-            for benchmark in (test, CITIES[test]["loo"])]
+            for benchmark in test_benchmarks(trainset)]
 
 
 def seed_sweep(root: str | os.PathLike, trainset: str, overrides: Mapping[str, Any], seeds: Sequence[int] = (0, 1, 2),
