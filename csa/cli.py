@@ -228,7 +228,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     for flag, value, low in (("--image-size", args.image_size, 1), ("--batch-size", args.batch_size, 1),
                              ("--workers", args.workers, 0), ("--threads", args.threads or 1, 1),
-                             ("--shard-size", args.shard_size, 1)):
+                             ("--shard-size", args.shard_size or 1, 1)):
         check_int(flag, value, low)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -314,8 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--force", action="store_true", help="re-extract even when outputs are up to date")
     e.add_argument("--no-report", action="store_true", help="skip the first-stage evaluation")
     e.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    e.add_argument("--shard-size", type=int, default=64,
-                   help="images per resumable shard; under torchrun rank r of N extracts shards r, r+N, ...")
+    e.add_argument("--shard-size", type=int, default=None,
+                   help="images per resumable shard (default: 64); under torchrun rank r of N extracts shards "
+                        "r, r+N, ...")
     r = demo.add_parser("release", help="copy the trained demo models to <root>/weights with their manifest",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     r.add_argument("--runs", default="runs/demo", help="folder with <trainset>/checkpoint.pth of both cities")

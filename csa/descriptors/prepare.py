@@ -95,14 +95,14 @@ def _shard_dir(data_root: str | os.PathLike, *parts: str) -> Path:
 def prepare_test_features(data_root: str | os.PathLike, dataset: str, backbone: str, image_size: int = 1024,
                           scales: Sequence[float] = MULTISCALE, device: str = "auto", batch_size: int = 1,
                           num_workers: int = 4, feature_name: str | None = None, force: bool = False,
-                          progress: bool = True, shard_size: int = TEST_SHARD_SIZE,
+                          progress: bool = True, shard_size: int | None = None,
                           ranks: Ranks | None = None) -> Path | None:
     """Descriptors of ``dataset``'s database and (box-cropped) queries -> ``test/<dataset>/<name>.pkl``.
 
     ``name`` is ``feature_name`` or the backbone's name.  Skipped when the output is up to date
-    (same images, boxes, backbone, size and scales) unless ``force``; an interrupted run resumes from
-    its finished shards (``shard_size`` images each).  The output and cache locations are
-    checked before extraction starts.  Under torchrun only rank 0 writes and returns the path.
+    (same images, boxes, backbone, size and scales) unless ``force``; an interrupted run resumes from its
+    finished shards (``shard_size`` images each, default :data:`TEST_SHARD_SIZE`).  The output and cache
+    locations are checked before extraction starts.  Under torchrun only rank 0 writes and returns the path.
     """
     name = feature_name or backbone
     gt = load_gnd(data_root, dataset)
@@ -130,7 +130,7 @@ def prepare_test_features(data_root: str | os.PathLike, dataset: str, backbone: 
     dev = extraction_device(device, ranks)
     net = load_backbone(backbone, data_root, dev)
     kw = dict(image_size=image_size, scales=scales, batch_size=batch_size, num_workers=num_workers, device=dev,
-              progress=progress and main, shard_size=shard_size, ranks=ranks)
+              progress=progress and main, shard_size=shard_size or TEST_SHARD_SIZE, ranks=ranks)
     db = extract_descriptors(net, db_paths, shard_dir=shards / "db", **kw)
     q = extract_descriptors(net, q_paths, bbxs=bbxs, shard_dir=shards / "query", **kw)
     if not main:
@@ -144,7 +144,7 @@ def prepare_test_features(data_root: str | os.PathLike, dataset: str, backbone: 
 def prepare_demo_features(root: str | os.PathLike = "data/demo", image_size: int = 512,
                           scales: Sequence[float] = (1.0,), batch_size: int = 8, num_workers: int = 0,
                           force: bool = False, feature_name: str = FEATURE_NAME, device: str = "auto",
-                          progress: bool = True, shard_size: int = TEST_SHARD_SIZE,
+                          progress: bool = True, shard_size: int | None = None,
                           ranks: Ranks | None = None) -> dict[str, Path]:
     """The demo's descriptors: both mini benchmarks (EfficientNet-Lite0 GeM), their leave-one-out
     benchmarks and their cross-city trainsets.
@@ -234,7 +234,7 @@ def sfm_image_path(ims_root: str | os.PathLike, cid: str) -> Path:
 def prepare_train_features(data_root: str | os.PathLike, backbone: str, trainset: str = REFERENCE_TRAINSET,
                            image_size: int = 1024, scales: Sequence[float] = (1.0,), device: str = "auto",
                            batch_size: int = 1, num_workers: int = 4, feature_name: str | None = None,
-                           progress: bool = True, shard_size: int = TRAIN_SHARD_SIZE,
+                           progress: bool = True, shard_size: int | None = None,
                            ranks: Ranks | None = None) -> Path | None:
     """Descriptors of every train/val image of rSfM120k -> ``train/<trainset>/<name>.pkl``.
 
@@ -262,7 +262,7 @@ def prepare_train_features(data_root: str | os.PathLike, backbone: str, trainset
         out[split] = extract_descriptors(net, paths, image_size=image_size, scales=scales, batch_size=batch_size,
                                          num_workers=num_workers, device=dev, progress=progress and main,
                                          shard_dir=_shard_dir(data_root, trainset, name, split),
-                                         shard_size=shard_size, ranks=ranks)
+                                         shard_size=shard_size or TRAIN_SHARD_SIZE, ranks=ranks)
     if not main:
         return None
     return save_train_features(data_root, trainset, name, out["train"], out["val"])
@@ -271,7 +271,7 @@ def prepare_train_features(data_root: str | os.PathLike, backbone: str, trainset
 def prepare_r1m_features(data_root: str | os.PathLike, backbone: str, image_size: int = 1024,
                          scales: Sequence[float] = MULTISCALE, device: str = "auto", batch_size: int = 1,
                          num_workers: int = 8, feature_name: str | None = None, dtype: str = "float16",
-                         progress: bool = True, shard_size: int = R1M_SHARD_SIZE,
+                         progress: bool = True, shard_size: int | None = None,
                          ranks: Ranks | None = None) -> Path | None:
     """Descriptors of the revisitop 1M distractors -> ``r1m/<name>.npy`` (fp16 by default, memory-mapped)."""
     from csa.data.r1m import save_distractors
@@ -288,7 +288,8 @@ def prepare_r1m_features(data_root: str | os.PathLike, backbone: str, image_size
     main = ranks is None or ranks.is_main
     vecs = extract_descriptors(net, paths, image_size=image_size, scales=scales, batch_size=batch_size,
                                num_workers=num_workers, device=dev, progress=progress and main,
-                               shard_dir=_shard_dir(data_root, "revisitop1m", name), shard_size=shard_size,
+                               shard_dir=_shard_dir(data_root, "revisitop1m", name),
+                               shard_size=shard_size or R1M_SHARD_SIZE,
                                ranks=ranks)
     if not main:
         return None
@@ -313,7 +314,7 @@ def prepare(dataset: str, data_root: str | os.PathLike, backbone: str = LITE0, i
     if dataset == "demo":
         return prepare_demo_features(data_root, image_size=image_size or 512, scales=scales or (1.0,),
                                      num_workers=num_workers or 0, force=force, device=device, progress=progress,
-                                     shard_size=shard_size or TEST_SHARD_SIZE, ranks=ranks)
+                                     shard_size=shard_size, ranks=ranks)
     if download:
         from csa.data.download import download_dataset
 
@@ -326,11 +327,11 @@ def prepare(dataset: str, data_root: str | os.PathLike, backbone: str = LITE0, i
         kw["num_workers"] = num_workers
     if dataset == "rsfm120k":
         path = prepare_train_features(data_root, backbone, scales=scales or (1.0,),
-                                      shard_size=shard_size or TRAIN_SHARD_SIZE, **kw)
+                                      shard_size=shard_size, **kw)
     elif dataset == "r1m":
         path = prepare_r1m_features(data_root, backbone, scales=scales or MULTISCALE,
-                                    shard_size=shard_size or R1M_SHARD_SIZE, **kw)
+                                    shard_size=shard_size, **kw)
     else:
         path = prepare_test_features(data_root, dataset, backbone, scales=scales or MULTISCALE, force=force,
-                                     shard_size=shard_size or TEST_SHARD_SIZE, **kw)
+                                     shard_size=shard_size, **kw)
     return {} if path is None else {dataset: path}
