@@ -279,7 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("extract", help="descriptors of a dataset: demo | roxford5k | rparis6k | rsfm120k | r1m",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       epilog="on several GPUs or machines: torchrun --nproc_per_node=N [--nnodes ... --rdzv-...] "
+                              "-m csa extract <the same arguments>")
     p.add_argument("dataset", choices=["demo", "roxford5k", "rparis6k", "rsfm120k", "r1m"])
     p.add_argument("--data-root", required=True, type=Path, help="data root (the demo: data/demo)")
     p.add_argument("--backbone", default="lite0", help="lite0 (offline) or a cirtorch network, e.g. "
