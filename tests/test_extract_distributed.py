@@ -246,3 +246,38 @@ def test_a_second_run_on_a_busy_shard_folder_is_refused_and_the_first_finishes(p
             first.wait()
     assert np.array_equal(np.load(tmp_path / "a" / "rows.npy"), reference_rows(pngs))
     shutil.rmtree(shards)
+
+
+def test_shard_size_flag_is_checked():
+    from csa.cli import main
+
+    assert main(["extract", "demo", "--data-root", "data/demo", "--shard-size", "0"]) == 2
+    assert main(["demo", "extract", "--root", "data/demo", "--shard-size", "-3"]) == 2
+
+
+@pytest.mark.slow
+def test_torchrun_csa_extract_of_a_test_set_writes_the_bytes_of_one_process(tmp_path):
+    """``csa extract <dataset>`` (the full-data path) on a small ROxf-like root made of demo photos."""
+    from csa.data.layout import load_gnd, save_gnd
+    from csa.data.demo import restrict_gnd
+
+    if not (DEMO / "annotations").is_dir():
+        pytest.skip("the demo data root is missing")
+    gt = load_gnd(DEMO, "roxford5k-mini")
+    small = restrict_gnd(gt, list(gt["imlist"][:15]) + list(gt["qimlist"][:4]))
+    roots = []
+    for name in ("one", "three"):
+        root = tmp_path / name
+        save_gnd(root, "roxford5k", small)
+        (root / "jpg").mkdir(parents=True)
+        (root / "jpg" / "roxford5k").symlink_to((DEMO / "jpg" / "roxford5k-mini").resolve())
+        roots.append(root)
+    flags = ["extract", "roxford5k", "--backbone", "lite0", "--image-size", "64", "--scales", "1,0.7071",
+             "--shard-size", "2", "--workers", "0", "--device", "cpu"]
+    single = run_group([sys.executable, "-m", "csa", *flags, "--data-root", str(roots[0])])
+    assert single.returncode == 0, single.stdout
+    multi = run_group(torchrun(3, "-m", "csa", *flags, "--data-root", str(roots[1])))
+    assert multi.returncode == 0, multi.stdout
+    assert multi.stdout.count("roxford5k: ") == 1
+    for rel in ("test/roxford5k/lite0.pkl", "test/roxford5k/lite0.pkl.fingerprint"):
+        assert (roots[1] / rel).read_bytes() == (roots[0] / rel).read_bytes(), rel
