@@ -139,18 +139,31 @@ def _scales(text: str) -> list[float]:
     return parse_scales(text, "--scales")
 
 
+def _under_torchrun(device: str, body):
+    """``body(ranks)`` in the process group of a torchrun extraction (``ranks`` None for one process)."""
+    from csa.descriptors.distributed import join_extraction_group, leave_extraction_group
+
+    ranks = join_extraction_group(device)
+    try:
+        return body(ranks)
+    finally:
+        leave_extraction_group(ranks)
+
+
 def _cmd_extract(args: argparse.Namespace) -> int:
     from csa.descriptors.prepare import prepare
     from csa.validation import check_int
 
-    for flag, value in (("--image-size", args.image_size), ("--workers", args.workers)):
+    for flag, value, low in (("--image-size", args.image_size, 1), ("--workers", args.workers, 0),
+                             ("--shard-size", args.shard_size, 1)):
         if value is not None:
-            check_int(flag, value, 1 if flag == "--image-size" else 0)
-
-    written = prepare(args.dataset, args.data_root, args.backbone, image_size=args.image_size,
-                      scales=_scales(args.scales) if args.scales else None, device=args.device,
-                      num_workers=args.workers, download=args.download, force=args.force)
-    for key, path in written.items():
+            check_int(flag, value, low)
+    scales = _scales(args.scales) if args.scales else None
+    written = _under_torchrun(args.device, lambda ranks: prepare(
+        args.dataset, args.data_root, args.backbone, image_size=args.image_size, scales=scales, device=args.device,
+        num_workers=args.workers, download=args.download, force=args.force, shard_size=args.shard_size,
+        ranks=ranks))
+    for key, path in written.items():  # empty on the ranks other than 0
         print(f"{key}: {path}")
     return 0
 
@@ -214,15 +227,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from csa.validation import check_int
 
     for flag, value, low in (("--image-size", args.image_size, 1), ("--batch-size", args.batch_size, 1),
-                             ("--workers", args.workers, 0), ("--threads", args.threads or 1, 1)):
+                             ("--workers", args.workers, 0), ("--threads", args.threads or 1, 1),
+                             ("--shard-size", args.shard_size or 1, 1)):
         check_int(flag, value, low)
     if args.threads:
         torch.set_num_threads(args.threads)
-    paths = prepare_demo_features(args.root, args.image_size, _scales(args.scales), args.batch_size, args.workers,
-                                  args.force, args.name)
-    for key, p in paths.items():
+    scales = _scales(args.scales)
+    paths = _under_torchrun("auto", lambda ranks: prepare_demo_features(
+        args.root, args.image_size, scales, args.batch_size, args.workers, args.force, args.name,
+        shard_size=args.shard_size, ranks=ranks))
+    for key, p in paths.items():  # empty on the ranks other than 0
         print(f"{key}: {p}")
-    if not args.no_report:
+    if paths and not args.no_report:
         for dataset in CITIES:
             print(first_stage_report(args.root, dataset, args.name)[1])
     return 0
@@ -263,7 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("extract", help="descriptors of a dataset: demo | roxford5k | rparis6k | rsfm120k | r1m",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       epilog="on several GPUs or machines: torchrun --nproc_per_node=N [--nnodes ... --rdzv-...] "
+                              "-m csa extract <the same arguments>")
     p.add_argument("dataset", choices=["demo", "roxford5k", "rparis6k", "rsfm120k", "r1m"])
     p.add_argument("--data-root", required=True, type=Path, help="data root (the demo: data/demo)")
     p.add_argument("--backbone", default="lite0", help="lite0 (offline) or a cirtorch network, e.g. "
@@ -273,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "1,0.7071,1.4142 test sets and R1M)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--workers", type=int, default=None, help="image loader processes")
+    p.add_argument("--shard-size", type=int, default=None,
+                   help="images per resumable shard (default: 64 test sets, 256 rSfM120k, 4096 R1M); under "
+                        "torchrun rank r of N extracts shards r, r+N, ...")
     p.add_argument("--download", action="store_true", help="download images, annotations and networks first")
     p.add_argument("--force", action="store_true", help="re-extract even when the output is up to date")
     p.set_defaults(func=_cmd_extract)
@@ -295,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--force", action="store_true", help="re-extract even when outputs are up to date")
     e.add_argument("--no-report", action="store_true", help="skip the first-stage evaluation")
     e.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    e.add_argument("--shard-size", type=int, default=None,
+                   help="images per resumable shard (default: 64); under torchrun rank r of N extracts shards "
+                        "r, r+N, ...")
     r = demo.add_parser("release", help="copy the trained demo models to <root>/weights with their manifest",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     r.add_argument("--runs", default="runs/demo", help="folder with <trainset>/checkpoint.pth of both cities")

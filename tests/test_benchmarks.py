@@ -89,8 +89,21 @@ def test_gpu_dry_run_runs_every_path_on_cpu():
     out = run_script("gpu.py", "--dry-run")
     for pattern in (r"csa\.rerank fp32: \d", r"csa\.rerank bf16: \d", r"official per-query loop .*identical top-10",
                     r"csa engine, one epoch: 15 iterations x 8 = 120 samples in \d+\.\d s \(\d+\.\d samples/s",
-                    r"paper: 9\.4 min per epoch .* target <= 30 s per epoch", r"official pipeline .*speed-up"):
+                    r"paper: 9\.4 min per epoch .* target <= 30 s per epoch", r"official pipeline .*speed-up",
+                    r"\[extract\] multi-scale \(1, 0\.7071, 0\.5\): \d+\.\d+ images/s",
+                    r"\[extract\] single-scale \(1\): \d+\.\d+ images/s", r"PROJECTED: .* not measured",
+                    r"1,012,456 test \+ R1M images .* 1 GPU \d+\.\d+ h, 4 GPUs \d+\.\d+ h, 8 GPUs \d+\.\d+ h"):
         assert re.search(pattern, out), (pattern, out)
+
+
+def test_extraction_projection_is_the_image_count_over_the_rate():
+    """Hours = (test images / multi-scale rate + 3 x rSfM120k / single-scale rate) / GPUs, by hand."""
+    sys.path.insert(0, str(BENCH))
+    import gpu
+
+    hours = (1_012_456 / 10 + 3 * 91_642 / 20) / 3600
+    assert gpu.extraction_hours(10.0, 20.0, 1) == pytest.approx(hours)
+    assert gpu.extraction_hours(10.0, 20.0, 8) == pytest.approx(hours / 8)
 
 
 def test_r1m_rerank_quick_runs_both_paths_with_identical_results():

@@ -7,11 +7,16 @@ query region is seen at the database's scale (cirtorch's thumbnail of the crop a
 image is not larger than ``image_size``, e.g. 1024-px images at ``image_size=1024``).
 Multi-scale: ``l2n(mean_s net(interp(x, s))^msp)^(1/msp)`` with bilinear interpolation, as cirtorch's
 ``extract_ms`` (msp = 1 for whitened networks).
+
+Shards (``shard_dir``) are named by image range and written atomically, so an interrupted run leaves only
+complete shards and a rerun, with any number of processes, extracts only the missing ones; under torchrun
+(``ranks``) each process extracts its own shards and rank 0 merges them (:mod:`csa.descriptors.distributed`).
 """
 from __future__ import annotations
 
 import os
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -22,11 +27,14 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from csa.descriptors.distributed import Ranks, owned_shards, synchronize
 from csa.descriptors.pooling import l2n
+from csa.descriptors.shard_lock import ShardFolderLock
 from csa.fileio import atomic_write, fingerprint, remove_stale_temporaries
 from csa.validation import CSAInputError
 
-__all__ = ["ImageListDataset", "load_image_tensor", "extract_descriptors", "extraction_fingerprint", "parse_scales"]
+__all__ = ["ImageListDataset", "load_image_tensor", "extract_descriptors", "extraction_fingerprint", "parse_scales",
+           "merge_shards", "shard_ranges", "shard_path"]
 
 
 def load_image_tensor(path: str | os.PathLike, image_size: int | None, bbx: Sequence[float] | None,
@@ -64,29 +72,67 @@ class ImageListDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
+        """``(i, tensor)``, or ``(i, message)`` naming the file when it cannot be read as an image (the
+        message reaches the extracting process whole, also from a loader worker)."""
         bbx = self.bbxs[i] if self.bbxs is not None else None
-        return i, load_image_tensor(self.paths[i], self.image_size, bbx, self.mean, self.std)
+        try:
+            return i, load_image_tensor(self.paths[i], self.image_size, bbx, self.mean, self.std)
+        except CSAInputError as exc:
+            return i, str(exc)
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            return i, f"cannot read image {self.paths[i]} ({type(exc).__name__}: {exc})"
 
 
 def _collate_list(batch):
     return batch
 
 
-def _read_shard(path: Path, shape: tuple[int, int]) -> np.ndarray | None:
-    """A finished shard (or the merged file) with the expected ``shape``; None when it is absent or
-    unreadable (a damaged shard is deleted with a warning and extracted again)."""
+def shard_ranges(n_images: int, shard_size: int) -> list[tuple[int, int]]:
+    """The image ranges ``[start, stop)`` of the shards of ``n_images`` images."""
+    return [(start, min(start + shard_size, n_images)) for start in range(0, n_images, shard_size)]
+
+
+def shard_path(shard_dir: str | os.PathLike, k: int, start: int, stop: int) -> Path:
+    """Shard ``k``'s file: named by its image range, so any number of processes finds the same shards."""
+    return Path(shard_dir, f"shard_{k:05d}_{start}_{stop}.npy")
+
+
+def _load_shard(path: Path, shape: tuple[int, int]) -> tuple[np.ndarray | None, str]:
+    """``(array, "")`` for a complete file of ``shape`` float32 finite values, else ``(None, problem)``."""
     if not path.exists():
-        return None
+        return None, "missing"
     try:
         arr = np.load(path, allow_pickle=False)
         if arr.shape == shape and arr.dtype == np.float32 and np.isfinite(arr).all():
-            return arr
-        problem = f"shape {arr.shape} dtype {arr.dtype}, expected {shape} float32 finite values"
+            return arr, ""
+        return None, f"shape {arr.shape} dtype {arr.dtype}, expected {shape} float32 finite values"
     except (ValueError, OSError, EOFError) as exc:
-        problem = f"{type(exc).__name__}: {exc}"
-    warnings.warn(f"ignoring damaged extraction shard {path} ({problem}); extracting it again", stacklevel=3)
-    path.unlink(missing_ok=True)
-    return None
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def _read_shard(path: Path, shape: tuple[int, int]) -> np.ndarray | None:
+    """A finished shard with the expected ``shape``; None when it is absent or unreadable (a damaged
+    shard is deleted with a warning and extracted again)."""
+    arr, problem = _load_shard(path, shape)
+    if arr is None and problem != "missing":
+        warnings.warn(f"ignoring damaged extraction shard {path} ({problem}); extracting it again", stacklevel=3)
+        path.unlink(missing_ok=True)
+    return arr
+
+
+def merge_shards(shard_dir: str | os.PathLike, n_images: int, shard_size: int, dim: int) -> np.ndarray:
+    """The (n_images, dim) rows of every shard in ``shard_dir``, in image order; a missing or damaged
+    shard is refused, naming it."""
+    parts = []
+    for k, (start, stop) in enumerate(shard_ranges(n_images, shard_size)):
+        path = shard_path(shard_dir, k, start, stop)
+        arr, problem = _load_shard(path, (stop - start, dim))
+        if arr is None:
+            raise CSAInputError(f"cannot merge the shards in {shard_dir}: {path.name} (images {start} to {stop - 1}) "
+                                f"is {'missing' if problem == 'missing' else 'damaged (' + problem + ')'}; run the "
+                                f"same extraction again (it extracts missing and damaged shards again)")
+        parts.append(arr)
+    return np.concatenate(parts, axis=0)
 
 
 def parse_scales(text: str, name: str = "scales") -> list[float]:
@@ -122,7 +168,8 @@ def _describe(net: torch.nn.Module, x: torch.Tensor, scales: Sequence[float], ms
     return l2n((acc / len(scales)).pow(1.0 / msp))
 
 
-def _extract_range(net, dataset, indices, scales, msp, batch_size, num_workers, device, bar) -> np.ndarray:
+def _extract_range(net, dataset, indices, scales, msp, batch_size, num_workers, device, bar,
+                   where: str = "") -> np.ndarray:
     subset = torch.utils.data.Subset(dataset, list(indices))
     loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=_collate_list)
@@ -131,6 +178,9 @@ def _extract_range(net, dataset, indices, scales, msp, batch_size, num_workers, 
     for batch in loader:
         groups: dict[tuple, list] = {}
         for i, x in batch:  # images differ in size: forward each group of equal size together
+            if isinstance(x, str):
+                raise CSAInputError(f"{x}{where}; replace or remove that image and run again (finished shards "
+                                    f"are kept)")
             groups.setdefault(tuple(x.shape), []).append((i, x))
         for items in groups.values():
             xb = torch.stack([x for _, x in items]).to(device)
@@ -142,20 +192,7 @@ def _extract_range(net, dataset, indices, scales, msp, batch_size, num_workers, 
     return out
 
 
-def extract_descriptors(net: torch.nn.Module, image_paths: Sequence[str | os.PathLike], image_size: int | None = 512,
-                        scales: Sequence[float] = (1,), bbxs: Sequence[Sequence[float] | None] | None = None,
-                        batch_size: int = 8, num_workers: int = 0, shard_dir: str | os.PathLike | None = None,
-                        shard_size: int = 256, msp: float = 1.0, device: str | torch.device | None = None,
-                        progress: bool = True) -> np.ndarray:
-    """Extract L2-normalized global descriptors, one row per image: (N, D) float32.
-
-    ``net`` maps a normalized batch to (B, D) rows and has ``meta['mean'/'std'/'outputdim']`` (see
-    :mod:`csa.descriptors.networks`).  ``bbxs`` crops each image first (queries).  With ``shard_dir``, results are
-    written in shards of ``shard_size`` images; finished shards are skipped on a rerun (resume after an
-    interruption; a damaged shard is extracted again) and the merged array is written there atomically
-    as ``descriptors.npy``.  A shard dir filled for other images/parameters is refused.
-    """
-    paths = [str(p) for p in image_paths]
+def _check_arguments(net, paths, bbxs, scales, batch_size, shard_size) -> list[float]:
     if len(paths) == 0:
         raise CSAInputError("image_paths is empty; pass at least one image")
     if bbxs is not None and len(bbxs) != len(paths):
@@ -171,6 +208,30 @@ def extract_descriptors(net: torch.nn.Module, image_paths: Sequence[str | os.Pat
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise CSAInputError(f"{len(missing)} image file(s) not found, e.g. {missing[0]}; check the data root")
+    return scales
+
+
+def extract_descriptors(net: torch.nn.Module, image_paths: Sequence[str | os.PathLike], image_size: int | None = 512,
+                        scales: Sequence[float] = (1,), bbxs: Sequence[Sequence[float] | None] | None = None,
+                        batch_size: int = 8, num_workers: int = 0, shard_dir: str | os.PathLike | None = None,
+                        shard_size: int = 256, msp: float = 1.0, device: str | torch.device | None = None,
+                        progress: bool = True, ranks: Ranks | None = None) -> np.ndarray | None:
+    """Extract L2-normalized global descriptors, one row per image: (N, D) float32.
+
+    ``net`` maps a normalized batch to (B, D) rows and has ``meta['mean'/'std'/'outputdim']`` (see
+    :mod:`csa.descriptors.networks`).  ``bbxs`` crops each image first (queries).  With ``shard_dir``, results are
+    written in shards of ``shard_size`` images; finished shards are skipped on a rerun (resume after an
+    interruption; a damaged shard is extracted again) and the merged array is written there atomically
+    as ``descriptors.npy``.  A shard dir filled for other images/parameters is refused, and so is one that
+    another running extraction holds (:mod:`csa.descriptors.shard_lock`).
+
+    ``ranks`` (from :func:`csa.descriptors.distributed.join_extraction_group`, needs ``shard_dir``) splits the
+    shards over the processes of a torchrun run: rank 0 returns the merged rows, the others None.
+    """
+    paths = [str(p) for p in image_paths]
+    scales = _check_arguments(net, paths, bbxs, scales, batch_size, shard_size)
+    if ranks is not None and shard_dir is None:
+        raise CSAInputError("extraction over several processes needs a shard_dir that every process can read")
     if device is None:
         device = next(net.parameters()).device
     net = net.to(device).eval()
@@ -179,39 +240,53 @@ def extract_descriptors(net: torch.nn.Module, image_paths: Sequence[str | os.Pat
     try:
         if shard_dir is None:
             return _extract_range(net, dataset, range(len(paths)), scales, msp, batch_size, num_workers, device, bar)
-        shard_dir = Path(shard_dir)
-        shard_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(shard_dir)  # one extraction owns its shard folder
         fp = extraction_fingerprint(paths, image_size, scales, bbxs, msp, str(net.meta.get("architecture", "")))
+        run = partial(_extract_range, net, dataset, scales=scales, msp=msp, batch_size=batch_size,
+                      num_workers=num_workers, device=device, bar=bar,
+                      where="" if ranks is None else f" (on {ranks.label()})")
+        return _extract_sharded(run, Path(shard_dir), fp, len(paths), int(net.meta["outputdim"]), shard_size, ranks,
+                                bar)
+    finally:
+        bar.close()
+
+
+def _extract_sharded(run, shard_dir: Path, fp: str, n: int, dim: int, shard_size: int, ranks: Ranks | None,
+                     bar) -> np.ndarray | None:
+    """The shards this process owns (``run(indices)`` extracts rows), then the merge on rank 0."""
+    main = ranks is None or ranks.is_main
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    with ShardFolderLock(shard_dir, ranks) as lock:
+        if main:
+            remove_stale_temporaries(shard_dir)  # the folder is this run's now: a killed run's leftovers
         fp_file = shard_dir / "fingerprint.txt"
         if fp_file.exists() and fp_file.read_text().strip() != fp:
             raise CSAInputError(f"{shard_dir} holds shards of another extraction (other images or parameters); "
                                 f"use a new shard_dir or delete that one")
-        if not fp_file.exists():
+        synchronize(ranks)  # nothing is written below before every rank checked the folder
+        if main and not fp_file.exists():
             with atomic_write(fp_file, "w") as f:
                 f.write(fp)
-        dim = int(net.meta["outputdim"])
-        merged = _read_shard(shard_dir / "descriptors.npy", (len(paths), dim))
+        merged_path = shard_dir / "descriptors.npy"
+        merged, _ = _load_shard(merged_path, (n, dim))
         if merged is not None:
-            bar.update(len(paths))
-            return merged
-        merged = shard_dir / "descriptors.npy"
-        parts = []
-        for k, start in enumerate(range(0, len(paths), shard_size)):
-            stop = min(start + shard_size, len(paths))
-            shard = shard_dir / f"shard_{k:05d}_{start}_{stop}.npy"
-            done = _read_shard(shard, (stop - start, dim))
-            if done is not None:
-                parts.append(done)
+            bar.update(n)
+            return merged if main else None
+        ranges = shard_ranges(n, shard_size)
+        for k in owned_shards(len(ranges), ranks):
+            start, stop = ranges[k]
+            shard = shard_path(shard_dir, k, start, stop)
+            if _read_shard(shard, (stop - start, dim)) is not None:
                 bar.update(stop - start)
                 continue
-            arr = _extract_range(net, dataset, range(start, stop), scales, msp, batch_size, num_workers, device, bar)
+            arr = run(range(start, stop))
             with atomic_write(shard, "wb") as f:
                 np.save(f, arr)
-            parts.append(arr)
-        out = np.concatenate(parts, axis=0)
-        with atomic_write(merged, "wb") as f:
+        if not main:
+            lock.release()
+        synchronize(ranks)  # every shard is written
+        if not main:
+            return None
+        out = merge_shards(shard_dir, n, shard_size, dim)
+        with atomic_write(merged_path, "wb") as f:
             np.save(f, out)
         return out
-    finally:
-        bar.close()

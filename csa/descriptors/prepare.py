@@ -16,6 +16,11 @@ offline EfficientNet-Lite0 at 512 px, plus the cross-city training sets cut from
 Defaults follow cirtorch's test protocol for the gl18 networks: 1024 px on the long side, scales 1,
 1/sqrt(2), sqrt(2), queries cropped to their box.  Training descriptors are single-scale by default:
 the scales behind the official training features are not published.
+
+Under torchrun, every function takes the ``ranks`` of
+:func:`csa.descriptors.distributed.join_extraction_group`: each process extracts its share of the shards
+on its own device, rank 0 merges, writes the outputs and returns their paths (the other ranks return
+``{}`` or None).  Outputs are the same bytes as a one-process run's.
 """
 from __future__ import annotations
 
@@ -30,13 +35,14 @@ import numpy as np
 from csa.data.demo import CITIES, FEATURE_NAME
 from csa.data.layout import (REFERENCE_TRAINSET, clusters_path, load_gnd, load_test_features, save_test_features,
                              save_train_features, test_features_path, train_features_path)
+from csa.descriptors.distributed import Ranks, extraction_device, synchronize
 from csa.descriptors.extract import extract_descriptors
 from csa.descriptors.networks import LITE0, load_backbone
-from csa.device import resolve_device
 from csa.fileio import atomic_write, check_output_dir, check_output_file, fingerprint, load_pickle
 from csa.validation import CSAInputError
 
-__all__ = ["MULTISCALE", "DATASETS", "prepare", "prepare_demo_features", "prepare_test_features",
+__all__ = ["MULTISCALE", "DATASETS", "TEST_SHARD_SIZE", "TRAIN_SHARD_SIZE", "R1M_SHARD_SIZE", "prepare",
+           "prepare_demo_features", "prepare_test_features",
            "prepare_train_features", "prepare_r1m_features", "sfm_image_path"]
 
 #: cirtorch's multi-scale setting for the GeM networks.
@@ -44,6 +50,9 @@ MULTISCALE = (1.0, 1 / math.sqrt(2), math.sqrt(2))
 
 #: Images per extraction shard of a test set: an interrupted extraction loses at most this many.
 TEST_SHARD_SIZE = 64
+#: Images per extraction shard of rSfM120k (each split) and of R1M.
+TRAIN_SHARD_SIZE = 256
+R1M_SHARD_SIZE = 4096
 
 #: What :func:`prepare` accepts, with the downloads each needs (see :mod:`csa.data.download`).
 DATASETS: dict[str, tuple[str, ...]] = {
@@ -86,13 +95,14 @@ def _shard_dir(data_root: str | os.PathLike, *parts: str) -> Path:
 def prepare_test_features(data_root: str | os.PathLike, dataset: str, backbone: str, image_size: int = 1024,
                           scales: Sequence[float] = MULTISCALE, device: str = "auto", batch_size: int = 1,
                           num_workers: int = 4, feature_name: str | None = None, force: bool = False,
-                          progress: bool = True) -> Path:
+                          progress: bool = True, shard_size: int | None = None,
+                          ranks: Ranks | None = None) -> Path | None:
     """Descriptors of ``dataset``'s database and (box-cropped) queries -> ``test/<dataset>/<name>.pkl``.
 
     ``name`` is ``feature_name`` or the backbone's name.  Skipped when the output is up to date
-    (same images, boxes, backbone, size and scales) unless ``force``; an interrupted run resumes from
-    its finished shards (:data:`TEST_SHARD_SIZE` images each).  The output and cache locations are
-    checked before extraction starts.
+    (same images, boxes, backbone, size and scales) unless ``force``; an interrupted run resumes from its
+    finished shards (``shard_size`` images each, default :data:`TEST_SHARD_SIZE`).  The output and cache
+    locations are checked before extraction starts.  Under torchrun only rank 0 writes and returns the path.
     """
     name = feature_name or backbone
     gt = load_gnd(data_root, dataset)
@@ -110,16 +120,21 @@ def prepare_test_features(data_root: str | os.PathLike, dataset: str, backbone: 
     if not force and _up_to_date(out, digest):
         return out
     shards = _shard_dir(data_root, dataset, f"{name}-{digest[:12]}")
+    main = ranks is None or ranks.is_main
+    if force and main:
+        shutil.rmtree(shards, ignore_errors=True)
+    if force:
+        synchronize(ranks)  # no rank starts in the folder before it is emptied
     check_output_file(out, f"the descriptors of {dataset}")
     check_output_dir(shards, "the extraction cache")
-    dev = resolve_device(device)
+    dev = extraction_device(device, ranks)
     net = load_backbone(backbone, data_root, dev)
-    if force:
-        shutil.rmtree(shards, ignore_errors=True)
     kw = dict(image_size=image_size, scales=scales, batch_size=batch_size, num_workers=num_workers, device=dev,
-              progress=progress, shard_size=TEST_SHARD_SIZE)
+              progress=progress and main, shard_size=shard_size or TEST_SHARD_SIZE, ranks=ranks)
     db = extract_descriptors(net, db_paths, shard_dir=shards / "db", **kw)
     q = extract_descriptors(net, q_paths, bbxs=bbxs, shard_dir=shards / "query", **kw)
+    if not main:
+        return None
     save_test_features(data_root, dataset, name, query=q, db=db)
     _write_sidecar(out, digest)
     shutil.rmtree(shards, ignore_errors=True)
@@ -129,13 +144,14 @@ def prepare_test_features(data_root: str | os.PathLike, dataset: str, backbone: 
 def prepare_demo_features(root: str | os.PathLike = "data/demo", image_size: int = 512,
                           scales: Sequence[float] = (1.0,), batch_size: int = 8, num_workers: int = 0,
                           force: bool = False, feature_name: str = FEATURE_NAME, device: str = "auto",
-                          progress: bool = True) -> dict[str, Path]:
+                          progress: bool = True, shard_size: int | None = None,
+                          ranks: Ranks | None = None) -> dict[str, Path]:
     """The demo's descriptors: both mini benchmarks (EfficientNet-Lite0 GeM), their leave-one-out
     benchmarks and their cross-city trainsets.
 
     A trainset's descriptors, and a leave-one-out benchmark's queries and database, are rows of its city's
     database descriptors (same photos, whole images), picked by image name.  Returns
-    ``{dataset or trainset: path written}``.
+    ``{dataset or trainset: path written}`` (``{}`` on the ranks other than 0 under torchrun).
     """
     root = Path(root)
     if not (root / "annotations").is_dir():
@@ -143,9 +159,12 @@ def prepare_demo_features(root: str | os.PathLike = "data/demo", image_size: int
                             f"`csa demo build` wrote (default data/demo)")
     written: dict[str, Path] = {}
     for dataset, city in CITIES.items():
-        written[dataset] = prepare_test_features(root, dataset, LITE0, image_size=image_size, scales=scales,
-                                                 device=device, batch_size=batch_size, num_workers=num_workers,
-                                                 feature_name=feature_name, force=force, progress=progress)
+        path = prepare_test_features(root, dataset, LITE0, image_size=image_size, scales=scales, device=device,
+                                     batch_size=batch_size, num_workers=num_workers, feature_name=feature_name,
+                                     force=force, progress=progress, shard_size=shard_size, ranks=ranks)
+        if path is None:
+            continue  # not rank 0: rank 0 writes the outputs
+        written[dataset] = path
         written.update(_derive_from_database(root, dataset, feature_name, _derived_outputs(root, city, feature_name),
                                              force))
     return written
@@ -215,7 +234,8 @@ def sfm_image_path(ims_root: str | os.PathLike, cid: str) -> Path:
 def prepare_train_features(data_root: str | os.PathLike, backbone: str, trainset: str = REFERENCE_TRAINSET,
                            image_size: int = 1024, scales: Sequence[float] = (1.0,), device: str = "auto",
                            batch_size: int = 1, num_workers: int = 4, feature_name: str | None = None,
-                           progress: bool = True) -> Path:
+                           progress: bool = True, shard_size: int | None = None,
+                           ranks: Ranks | None = None) -> Path | None:
     """Descriptors of every train/val image of rSfM120k -> ``train/<trainset>/<name>.pkl``.
 
     The image order is that of ``annotations/<trainset>.pkl`` (its ``cids``), so row i has cluster i.
@@ -229,8 +249,9 @@ def prepare_train_features(data_root: str | os.PathLike, backbone: str, trainset
     ann = load_pickle(ann_path)
     ims = Path(data_root, "jpg", trainset, "ims")
     check_output_file(train_features_path(data_root, trainset, name), f"the descriptors of {trainset}")
-    dev = resolve_device(device)
+    dev = extraction_device(device, ranks)
     net = load_backbone(backbone, data_root, dev)
+    main = ranks is None or ranks.is_main
     out = {}
     for split in ("train", "val"):
         cids = ann[split]["cids"]
@@ -239,15 +260,19 @@ def prepare_train_features(data_root: str | os.PathLike, backbone: str, trainset
             raise CSAInputError(f"rSfM120k images not found (e.g. {paths[0]}); download them with "
                                 f"`csa download rsfm120k --data-root {data_root}`")
         out[split] = extract_descriptors(net, paths, image_size=image_size, scales=scales, batch_size=batch_size,
-                                         num_workers=num_workers, device=dev, progress=progress,
-                                         shard_dir=_shard_dir(data_root, trainset, name, split))
+                                         num_workers=num_workers, device=dev, progress=progress and main,
+                                         shard_dir=_shard_dir(data_root, trainset, name, split),
+                                         shard_size=shard_size or TRAIN_SHARD_SIZE, ranks=ranks)
+    if not main:
+        return None
     return save_train_features(data_root, trainset, name, out["train"], out["val"])
 
 
 def prepare_r1m_features(data_root: str | os.PathLike, backbone: str, image_size: int = 1024,
                          scales: Sequence[float] = MULTISCALE, device: str = "auto", batch_size: int = 1,
                          num_workers: int = 8, feature_name: str | None = None, dtype: str = "float16",
-                         progress: bool = True) -> Path:
+                         progress: bool = True, shard_size: int | None = None,
+                         ranks: Ranks | None = None) -> Path | None:
     """Descriptors of the revisitop 1M distractors -> ``r1m/<name>.npy`` (fp16 by default, memory-mapped)."""
     from csa.data.r1m import save_distractors
 
@@ -258,39 +283,55 @@ def prepare_r1m_features(data_root: str | os.PathLike, backbone: str, image_size
     names = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
     paths = [Path(data_root, "jpg", "revisitop1m", n) for n in names]
     check_output_file(Path(data_root, "r1m", f"{name}.npy"), "the R1M descriptors")
-    dev = resolve_device(device)
+    dev = extraction_device(device, ranks)
     net = load_backbone(backbone, data_root, dev)
+    main = ranks is None or ranks.is_main
     vecs = extract_descriptors(net, paths, image_size=image_size, scales=scales, batch_size=batch_size,
-                               num_workers=num_workers, device=dev, progress=progress,
-                               shard_dir=_shard_dir(data_root, "revisitop1m", name), shard_size=4096)
+                               num_workers=num_workers, device=dev, progress=progress and main,
+                               shard_dir=_shard_dir(data_root, "revisitop1m", name),
+                               shard_size=shard_size or R1M_SHARD_SIZE,
+                               ranks=ranks)
+    if not main:
+        return None
     return save_distractors(np.asarray(vecs), Path(data_root, "r1m", f"{name}.npy"), dtype=dtype)
 
 
 def prepare(dataset: str, data_root: str | os.PathLike, backbone: str = LITE0, image_size: int | None = None,
             scales: Sequence[float] | None = None, device: str = "auto", num_workers: int | None = None,
-            download: bool = False, force: bool = False, progress: bool = True) -> dict[str, Path]:
-    """Descriptors for ``dataset`` (a key of :data:`DATASETS`); returns ``{name: path written}``.
+            download: bool = False, force: bool = False, progress: bool = True, shard_size: int | None = None,
+            ranks: Ranks | None = None) -> dict[str, Path]:
+    """Descriptors for ``dataset`` (a key of :data:`DATASETS`); returns ``{name: path written}`` (``{}`` on
+    the ranks other than 0 of a torchrun run, see :mod:`csa.descriptors.distributed`).
 
     ``download`` first fetches the images, annotations and networks the dataset needs.  Unset sizes
     and scales take each dataset's default (demo: 512 px single-scale; test sets: 1024 px multi-scale;
-    rSfM120k: 1024 px single-scale).
+    rSfM120k: 1024 px single-scale); unset ``shard_size`` takes :data:`TEST_SHARD_SIZE` for test sets,
+    :data:`TRAIN_SHARD_SIZE` for rSfM120k and :data:`R1M_SHARD_SIZE` for R1M.  Under torchrun, only rank 0
+    downloads.
     """
     if dataset not in DATASETS:
         raise CSAInputError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     if dataset == "demo":
         return prepare_demo_features(data_root, image_size=image_size or 512, scales=scales or (1.0,),
-                                     num_workers=num_workers or 0, force=force, device=device, progress=progress)
+                                     num_workers=num_workers or 0, force=force, device=device, progress=progress,
+                                     shard_size=shard_size, ranks=ranks)
     if download:
         from csa.data.download import download_dataset
 
-        for group in DATASETS[dataset]:
-            download_dataset(group, data_root, progress=progress)
-    kw = dict(image_size=image_size or 1024, device=device, progress=progress)
+        if ranks is None or ranks.is_main:
+            for group in DATASETS[dataset]:
+                download_dataset(group, data_root, progress=progress)
+        synchronize(ranks)
+    kw = dict(image_size=image_size or 1024, device=device, progress=progress, ranks=ranks)
     if num_workers is not None:
         kw["num_workers"] = num_workers
     if dataset == "rsfm120k":
-        return {dataset: prepare_train_features(data_root, backbone, scales=scales or (1.0,), **kw)}
-    if dataset == "r1m":
-        return {dataset: prepare_r1m_features(data_root, backbone, scales=scales or MULTISCALE, **kw)}
-    return {dataset: prepare_test_features(data_root, dataset, backbone, scales=scales or MULTISCALE, force=force,
-                                           **kw)}
+        path = prepare_train_features(data_root, backbone, scales=scales or (1.0,),
+                                      shard_size=shard_size, **kw)
+    elif dataset == "r1m":
+        path = prepare_r1m_features(data_root, backbone, scales=scales or MULTISCALE,
+                                    shard_size=shard_size, **kw)
+    else:
+        path = prepare_test_features(data_root, dataset, backbone, scales=scales or MULTISCALE, force=force,
+                                     shard_size=shard_size, **kw)
+    return {} if path is None else {dataset: path}
