@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from csa.affinity import iter_affinity
-from csa.compare.common import as_float_cpu, baseline_inputs, normalize_rows
+from csa.compare.inputs import as_float_cpu, baseline_inputs, normalize_rows
 from csa.search import resort_topk
 from csa.validation import CSAInputError, check_int
 
