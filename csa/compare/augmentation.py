@@ -54,7 +54,7 @@ def augment_database(dbvecs: Any, n: int, alpha: float = 0.0, chunk_size: int = 
 
 
 class AugmentDatabase:
-    """A :func:`compose` step that replaces the database by its (α)DBA-augmented version and
+    """A :func:`csa.compare.chain.compose` step that replaces the database by its (α)DBA-augmented version and
     searches it again (the following steps then see the augmented database)."""
 
     def __init__(self, n: int = 50, alpha: float = 3.0, chunk_size: int = 1024, progress: bool = False):

@@ -1,11 +1,11 @@
 """Query expansion (AQE, αQE) and database-side augmentation (DBA, αDBA) for global descriptors.
 
-The database side (:func:`augment_database`, :class:`AugmentDatabase`) lives in
-:mod:`csa.compare.augmentation`, so that :mod:`csa.compare.chain` can use it; αDBA and DBA here are
-chains of one augmentation step.  Both build new descriptors (of the query, or of every database image) as weighted sums of
+Both build new descriptors (of the query, or of every database image) as weighted sums of
 neighbours and search the *whole database* again by exact cosine similarity; the result keeps as
 many rows as ``ranks`` had (the top of the new full ranking).  Nothing materializes an N x N matrix:
-database-side work is chunked.
+database-side work is chunked.  The database side itself (:func:`augment_database`,
+:class:`AugmentDatabase`) lives in :mod:`csa.compare.augmentation`, below :mod:`csa.compare.chain`;
+αDBA and DBA here are chains of one augmentation step.
 """
 from __future__ import annotations
 

@@ -15,7 +15,8 @@ from csa.affinity import indexed_affinity
 from csa.model import unwrap
 from csa.validation import CSAError, CSAInputError
 
-__all__ = ["build_optimizer", "WarmupCosineSchedule", "StepOptions", "train_one_epoch", "NonFiniteLossError", "MAX_NONFINITE_STREAK"]
+__all__ = ["build_optimizer", "WarmupCosineSchedule", "StepOptions", "train_one_epoch", "NonFiniteLossError",
+           "MAX_NONFINITE_STREAK"]
 
 #: Consecutive iterations with a non-finite loss after which training stops with an error.
 MAX_NONFINITE_STREAK = 10
