@@ -12,7 +12,7 @@ import matplotlib
 from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 
-from csa.notebook.outputs import save_figure
+from csa.fileio import save_figure
 
 FIGURES = Path(__file__).resolve().parent / "figures"
 

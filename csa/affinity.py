@@ -16,6 +16,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from csa.search import rerank_depth
 from csa.validation import CSAInputError, as_tensor, check_descriptors, check_ranks, check_topk
 
 __all__ = ["query_affinity", "indexed_affinity", "iter_affinity", "build_affinity"]
@@ -30,7 +31,7 @@ def query_affinity(qvecs: torch.Tensor, dbvecs: torch.Tensor, neighbours: torch.
     max(K, L-1) rows serves both; the product is one ``bmm``.
     """
     b = qvecs.shape[0]
-    m = max(topk, anchor_len - 1)
+    m = rerank_depth(topk, anchor_len)
     rows = dbvecs.index_select(0, neighbours[:, :m].reshape(-1)).view(b, m, -1)
     items = torch.cat([qvecs.unsqueeze(1), rows], dim=1).float()      # (B, M+1, D)
     return torch.bmm(items[:, :topk + 1], items[:, :anchor_len].transpose(1, 2))
@@ -57,7 +58,7 @@ def _checked_inputs(qvecs: Any, dbvecs: Any, ranks: Any, topk: int, anchor_len: 
                     normalize: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     qvecs, dbvecs = check_descriptors(qvecs, dbvecs, normalize=normalize)
     check_topk(topk, anchor_len, dbvecs.shape[0])
-    m = max(topk, anchor_len - 1)
+    m = rerank_depth(topk, anchor_len)
     check_ranks(ranks, dbvecs.shape[0], qvecs.shape[0], min_rows=m, prefix=m)
     return as_tensor(qvecs).float(), as_tensor(dbvecs).float(), as_tensor(ranks)[:m].long()
 

@@ -73,8 +73,9 @@ def _cmd_rerank(args: argparse.Namespace) -> int:
         results = evaluate_revisited(reranked, gnd, n_db=len(dbvecs))
     else:  # +R1M: a streamed first stage, re-ranking from the rows of the short lists only
         from csa.largescale import first_stage_large, rerank_large
+        from csa.search import rerank_depth
 
-        shortlist = first_stage_large(qvecs, dbvecs, gnd, depth=max(args.topk, anchor_len - 1))
+        shortlist = first_stage_large(qvecs, dbvecs, gnd, depth=rerank_depth(args.topk, anchor_len))
         print(format_revisited(args.dataset, shortlist.evaluate(), method="first stage"))
         start = time.perf_counter()
         reranked = rerank_large(partial(run, progress=False), qvecs, dbvecs, shortlist.ranks,

@@ -15,6 +15,9 @@ tests.  Our defaults are the paper's recipe (the official training and test scri
 ``anchor_len=512, embed_dim=768, depth=2, num_heads=12, mlp_ratio=4, qkv_bias=True`` and
 dropout / attention-dropout / drop-path 0.1 (active in training only).  The official argument
 ``topk_dim`` is called ``anchor_len`` here: it is the number of anchors L, not K.
+
+On the CPU, dropout, attention with dropout and no-grad inference run through the faster kernels of
+:mod:`csa.cpu_kernels` (same numbers and random draws); this file holds only the model.
 """
 from __future__ import annotations
 
@@ -24,68 +27,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from csa.cpu_kernels import Dropout, block_forward_cpu_inference, cpu_attention_with_dropout
 from csa.validation import CSAInputError
 
-__all__ = ["RerankTransformer", "Dropout", "DropPath", "Attention", "Mlp", "Block", "FeatureAlign", "token_cosine", "unwrap"]
-
-
-class _CPUDropout(torch.autograd.Function):
-    """Inverted dropout for CPU training: keep each entry with probability 1 - p (a uniform draw >= p) and
-    scale it by 1 / (1 - p). The distribution of ``F.dropout``; the mask comes from ``torch.rand``, several
-    times faster on the CPU than the ``bernoulli_`` sampler ``F.dropout`` uses there (another random stream)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, p: float) -> torch.Tensor:
-        mask = torch.rand(x.shape).ge_(p).mul_(1.0 / (1.0 - p)).to(x.dtype)
-        ctx.save_for_backward(mask)
-        return x * mask
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (mask,) = ctx.saved_tensors
-        return grad * mask, None
-
-
-class Dropout(nn.Dropout):
-    """``nn.Dropout`` with the faster CPU training mask of :class:`_CPUDropout` (other devices: ``F.dropout``)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and 0.0 < self.p < 1.0 and x.device.type == "cpu" and not self.inplace:
-            return _CPUDropout.apply(x, self.p)
-        return super().forward(x)
-
-
-class _CPUDropoutAttention(torch.autograd.Function):
-    """``softmax(q k^T * scale)`` with dropout ``p`` on the probabilities, times ``v``, for CPU training.
-
-    The arithmetic of ``F.scaled_dot_product_attention`` with ``dropout_p > 0`` (which on the CPU falls back
-    to its unfused math path: safe-softmax checks, a ``bernoulli_`` mask, autograd through every step) written
-    as one function with a hand-written backward. The products run in the inputs' dtype (bfloat16 under
-    autocast: the fast path of CPUs with native bf16), softmax and the mask in float32.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float, scale: float) -> torch.Tensor:
-        with torch.autocast("cpu", enabled=False):
-            qs = q * scale
-            probs = torch.softmax(torch.matmul(qs, k.transpose(-2, -1)), dim=-1, dtype=torch.float32)
-            mask = torch.rand(probs.shape).ge_(p).mul_(1.0 / (1.0 - p))
-            out = torch.matmul((probs * mask).to(v.dtype), v)
-        ctx.save_for_backward(qs, k, v, probs, mask)
-        ctx.scale = scale
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None]:
-        qs, k, v, probs, mask = ctx.saved_tensors
-        with torch.autocast("cpu", enabled=False):
-            grad = grad.to(v.dtype)
-            d_dropped = torch.matmul(grad, v.transpose(-2, -1)).float()          # d(probs * mask)
-            dv = torch.matmul((probs * mask).to(v.dtype).transpose(-2, -1), grad)
-            d_scores = torch._softmax_backward_data(d_dropped.mul_(mask), probs, -1, torch.float32).to(qs.dtype)
-            dq = torch.matmul(d_scores, k).mul_(ctx.scale)
-            dk = torch.matmul(d_scores.transpose(-2, -1), qs)
-        return dq, dk, dv, None, None
+__all__ = ["RerankTransformer", "DropPath", "Attention", "Mlp", "Block", "FeatureAlign", "token_cosine", "unwrap"]
 
 
 class DropPath(nn.Module):
@@ -128,7 +73,7 @@ class Attention(nn.Module):
         # (B, N, 3C) -> (3, B, heads, N, head_dim): channel layout is [q | k | v], each split by head.
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if self.training and self.attn_drop > 0.0 and x.device.type == "cpu":
-            out = _CPUDropoutAttention.apply(q, k, v, self.attn_drop, self.scale)
+            out = cpu_attention_with_dropout(q, k, v, self.attn_drop, self.scale)
         else:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0,
                                                  scale=self.scale)
@@ -149,10 +94,6 @@ class Mlp(nn.Module):
         return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
 
 
-#: Token rows per MLP chunk in CPU inference (see :meth:`Block._forward_cpu_inference`).
-CPU_INFERENCE_CHUNK_ROWS = 2048
-
-
 class Block(nn.Module):
     """Pre-norm transformer block: x + DropPath(Attn(LN(x))), then x + DropPath(MLP(LN(x)))."""
 
@@ -167,24 +108,9 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and not (self.training or torch.is_grad_enabled()):
-            return self._forward_cpu_inference(x)
+            return block_forward_cpu_inference(self, x)
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
-
-    def _forward_cpu_inference(self, x: torch.Tensor) -> torch.Tensor:
-        """The same computation without autograd on the CPU, with less memory traffic.
-
-        The MLP is row-wise, so it runs over chunks of :data:`CPU_INFERENCE_CHUNK_ROWS` token rows
-        and adds into the residual in place: its (rows, 4C) intermediates stay a few MB and are
-        reused, instead of ~100 MB fresh (page-faulted) buffers per re-ranking batch, which cost
-        10-40% of the CPU re-ranking time. Results equal :meth:`forward` in eval mode.
-        """
-        x = (x + self.attn(self.norm1(x))).contiguous()
-        flat = x.view(-1, x.shape[-1])
-        for start in range(0, flat.shape[0], CPU_INFERENCE_CHUNK_ROWS):
-            rows = flat[start:start + CPU_INFERENCE_CHUNK_ROWS]
-            rows += self.mlp(self.norm2(rows))
-        return x
 
 
 class FeatureAlign(nn.Module):

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from csa.affinity import query_affinity
 from csa.device import resolve_precision
 from csa.model import unwrap
-from csa.search import resort_topk
+from csa.search import rerank_depth, resort_topk
 from csa.validation import CSAInputError, as_tensor, check_descriptors, check_int, check_ranks, check_topk
 
 __all__ = ["rerank", "rerank_scores"]
@@ -48,7 +48,9 @@ def rerank(model: nn.Module, qvecs: Any, dbvecs: Any, ranks: Any, topk: int = 10
     """Return a new ranking (same layout, kind and dtype as ``ranks``) with each top-K re-sorted by CSA.
 
     ``qvecs`` (Q, D), ``dbvecs`` (N, D): L2-normalized descriptors (see
-    :func:`csa.validation.check_descriptors` for ``normalize``); ``ranks`` (N or >= max(K, L-1), Q).
+    :func:`csa.validation.check_descriptors` for ``normalize``); ``ranks`` (N or >= max(K, L-1), Q), see
+    :func:`csa.search.rerank_depth`.  ``topk`` is K, the number of candidates re-sorted per query (in
+    :func:`csa.search.first_stage` ``topk`` is instead the length of the first-stage lists).
     ``anchor_len`` must equal the model's.  ``device`` defaults to the model's device.
     """
     scores = _score_topk(model, qvecs, dbvecs, ranks, topk, anchor_len, batch_size, device, precision, progress,
@@ -68,7 +70,7 @@ def _score_topk(model, qvecs, dbvecs, ranks, topk, anchor_len, batch_size, devic
     if anchor_len != model_len:
         raise CSAInputError(f"anchor_len={anchor_len} but the model was built for anchor_len={model_len}; "
                             f"pass anchor_len={model_len} (L is fixed by the trained weights)")
-    m = max(topk, anchor_len - 1)
+    m = rerank_depth(topk, anchor_len)
     check_ranks(ranks, n_db, n_q, min_rows=m, prefix=m)
     batch_size = check_int("batch_size", batch_size, 1)
     try:

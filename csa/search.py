@@ -14,7 +14,17 @@ import torch
 
 from csa.validation import CSAInputError, as_tensor, check_descriptors, same_kind
 
-__all__ = ["first_stage", "stable_topk", "merge_topk", "resort_topk"]
+__all__ = ["first_stage", "rerank_depth", "stable_topk", "merge_topk", "resort_topk"]
+
+
+def rerank_depth(topk: int, anchor_len: int) -> int:
+    """How many first-stage rows re-ranking reads: max(K, L-1) for K = ``topk`` candidates and
+    L = ``anchor_len`` anchors (the query and its top L-1 images are the anchors).
+
+    Here ``topk`` is the re-ranking depth K (as in :func:`csa.rerank.rerank`); in :func:`first_stage`
+    ``topk`` is the length of the returned lists, which must be at least this depth.
+    """
+    return max(int(topk), int(anchor_len) - 1)
 
 
 def stable_topk(scores: torch.Tensor, k: int, dim: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,6 +83,8 @@ def first_stage(qvecs: Any, dbvecs: Any, topk: int | None = None, chunk_size: in
                 device: str | torch.device | None = None, normalize: str = "warn") -> Any:
     """Rank the database (N, D) for every query (Q, D) by descending cosine similarity.
 
+    ``topk`` here is the *length of the returned lists* (not the re-ranking depth K of
+    :func:`csa.rerank.rerank`; a list to be re-ranked needs :func:`rerank_depth` rows).
     Returns int64 ranks of shape ``(N, Q)``, or ``(topk, Q)`` when ``topk`` is given; numpy in ->
     numpy out, torch in -> torch out (on the queries' device).  With ``topk`` the database is
     scanned in chunks of ``chunk_size`` rows with a running top-k merge, so memory stays

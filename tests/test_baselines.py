@@ -337,8 +337,12 @@ def test_affinity_cosine_matches_naive_loop(toy, centred):
             aff = aff - aff.mean(axis=1, keepdims=True)
         scores = [aff[0] @ aff[i] / (np.linalg.norm(aff[0]) * np.linalg.norm(aff[i])) for i in range(1, K + 1)]
         expected[:K, qi] = ranks[:K, qi][np.argsort(-np.array(scores), kind="stable")]
-    got = affinity_cosine(q, db, ranks, topk=K, anchor_len=L, centred=centred, chunk_size=2)
+    got = affinity_cosine(q, db, ranks, topk=K, anchor_len=L, centred=centred, query_batch=2)
     assert np.array_equal(got, expected)
+    old_keyword = affinity_cosine(q, db, ranks, topk=K, anchor_len=L, centred=centred, chunk_size=2)
+    assert np.array_equal(old_keyword, expected)
+    with pytest.raises(CSAInputError, match="pass only query_batch"):
+        affinity_cosine(q, db, ranks, topk=K, anchor_len=L, query_batch=3, chunk_size=2)
     got_t = affinity_cosine(torch.from_numpy(q), torch.from_numpy(db), torch.from_numpy(ranks), topk=K,
                             anchor_len=L, centred=centred)
     assert isinstance(got_t, torch.Tensor) and np.array_equal(got_t.numpy(), expected)

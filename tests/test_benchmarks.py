@@ -121,13 +121,14 @@ def test_gpu_without_cuda_exits_with_a_message():
 
 
 def test_cpu_inference_fast_path_equals_the_autograd_forward(monkeypatch):
-    """csa.model's CPU no-grad path (row-chunked MLP, in-place residual; added for the rerank benchmark's
-    speed target) gives the numbers of the plain eval forward, across chunk borders and under bf16."""
+    """The model's CPU no-grad path (csa.cpu_kernels: row-chunked MLP, in-place residual; added for the rerank
+    benchmark's speed target) gives the numbers of the plain eval forward, across chunk borders and under bf16."""
     import torch
 
+    import csa.cpu_kernels as kernels
     import csa.model as model_module
 
-    monkeypatch.setattr(model_module, "CPU_INFERENCE_CHUNK_ROWS", 7)  # 3 x 11 = 33 rows: 5 chunks, last partial
+    monkeypatch.setattr(kernels, "CPU_INFERENCE_CHUNK_ROWS", 7)  # 3 x 11 = 33 rows: 5 chunks, last partial
     torch.manual_seed(0)
     m = model_module.RerankTransformer(anchor_len=16, embed_dim=24, depth=2, num_heads=3).eval()
     with torch.no_grad():

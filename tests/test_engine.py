@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from csa.affinity import indexed_affinity
-from csa.training.engine import WarmupCosineSchedule, build_optimizer, train_one_epoch
+from csa.training.engine import StepOptions, WarmupCosineSchedule, build_optimizer, train_one_epoch
 from csa.losses import CSACriterion
 from csa.model import RerankTransformer
 from csa.validation import CSAInputError
@@ -112,6 +112,27 @@ def test_train_one_epoch_clips_gradients():
     train_one_epoch(model2, CSACriterion(), _batches(1), opt2, None, "cpu", clip_grad=0, progress=False, features=feats)
     step2 = torch.nn.utils.parameters_to_vector(model2.parameters()).detach() - before
     assert float(step2.norm()) > 0.01
+
+
+def test_step_options_object_and_keywords_train_alike():
+    """StepOptions(clip_grad=...) and the clip_grad= keyword give the same weights; both at once, or an unknown
+    option, is refused."""
+    feats = torch.nn.functional.normalize(torch.randn(30, 8, generator=torch.Generator().manual_seed(1)), dim=1)
+    weights = []
+    for kwargs in ({"options": StepOptions(clip_grad=1e-2)}, {"clip_grad": 1e-2}):
+        model = tiny_model()
+        opt = build_optimizer(model, lr=1.0, momentum=0.0, weight_decay=0.0)
+        train_one_epoch(model, CSACriterion(), _batches(2), opt, None, "cpu", progress=False, features=feats, **kwargs)
+        weights.append(torch.nn.utils.parameters_to_vector(model.parameters()).detach())
+    assert torch.equal(weights[0], weights[1])
+    model = tiny_model()
+    opt = build_optimizer(model, lr=1.0)
+    with pytest.raises(CSAInputError, match="not both"):
+        train_one_epoch(model, CSACriterion(), _batches(1), opt, None, "cpu", StepOptions(), clip_grad=0.0,
+                        progress=False, features=feats)
+    with pytest.raises(CSAInputError, match="clip_gard"):
+        train_one_epoch(model, CSACriterion(), _batches(1), opt, None, "cpu", clip_gard=0.0, progress=False,
+                        features=feats)
 
 
 class NanOnSecondCall(CSACriterion):

@@ -176,14 +176,14 @@ def test_wrong_anchor_len_is_rejected():
 def test_cpu_training_attention_with_dropout_equals_the_formula_and_its_gradients():
     """The CPU training attention (hand-written backward) against autograd through the float64 formula
     softmax(q k^T s) * mask @ v, with the very mask it drew (same seed)."""
-    from csa.model import _CPUDropoutAttention
+    from csa.cpu_kernels import CPUDropoutAttention
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 9, 4, generator=g, requires_grad=True) for _ in range(3))
     grad_out = torch.randn(2, 3, 9, 4, generator=g)
     p, scale = 0.3, 0.5
     torch.manual_seed(7)
-    out = _CPUDropoutAttention.apply(q, k, v, p, scale)
+    out = CPUDropoutAttention.apply(q, k, v, p, scale)
     out.backward(grad_out)
     torch.manual_seed(7)
     mask = (torch.rand(2, 3, 9, 9) >= p).double() / (1 - p)
@@ -196,13 +196,13 @@ def test_cpu_training_attention_with_dropout_equals_the_formula_and_its_gradient
         torch.testing.assert_close(ours.grad.double(), theirs.grad, rtol=1e-4, atol=1e-6)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 products, float32 softmax
         torch.manual_seed(7)
-        out16 = _CPUDropoutAttention.apply(q.bfloat16(), k.bfloat16(), v.bfloat16(), p, scale)
+        out16 = CPUDropoutAttention.apply(q.bfloat16(), k.bfloat16(), v.bfloat16(), p, scale)
     assert out16.dtype == torch.bfloat16
     torch.testing.assert_close(out16.double(), ref.detach(), rtol=5e-2, atol=5e-2)
 
 
 def test_cpu_training_dropout_keeps_1_minus_p_scaled_and_routes_gradients_through_the_mask():
-    from csa.model import Dropout
+    from csa.cpu_kernels import Dropout
 
     drop = Dropout(0.1)
     x = torch.ones(400, 500, requires_grad=True)

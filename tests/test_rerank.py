@@ -6,7 +6,7 @@ import torch
 from csa.model import RerankTransformer
 from csa.device import resolve_precision
 from csa.rerank import rerank, rerank_scores
-from csa.search import first_stage
+from csa.search import first_stage, rerank_depth
 from csa.validation import CSAInputError
 
 L, K = 16, 24
@@ -74,6 +74,18 @@ def test_batch_size_kinds_and_truncated_ranks(setup):
     # K smaller than the anchor count L-1 also works (anchors come from deeper in the list)
     ref, _ = naive_rerank(model, q, db, ranks, 5, L)
     np.testing.assert_array_equal(rerank(model, q, db, ranks, topk=5, anchor_len=L, progress=False), ref)
+
+
+def test_rerank_depth_is_the_deeper_of_candidates_and_anchors(setup):
+    """max(K, L-1): K candidates follow the query; the anchors are the query and its top L-1 images."""
+    assert rerank_depth(1024, 512) == 1024 and rerank_depth(128, 512) == 511 and rerank_depth(5, 6) == 5
+    model, q, db, ranks = setup
+    depth = rerank_depth(5, L)  # exactly that many first-stage rows suffice; one fewer is refused
+    full = rerank(model, q, db, ranks, topk=5, anchor_len=L, progress=False)
+    np.testing.assert_array_equal(rerank(model, q, db, ranks[:depth], topk=5, anchor_len=L, progress=False),
+                                  full[:depth])
+    with pytest.raises(CSAInputError):
+        rerank(model, q, db, ranks[:depth - 1], topk=5, anchor_len=L, progress=False)
 
 
 def test_ties_keep_first_stage_order(setup):

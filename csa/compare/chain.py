@@ -5,8 +5,8 @@ from typing import Any, Callable
 
 import torch
 
-from csa.compare.common import Ranker, baseline_inputs, describe, search_again
-from csa.compare.expansion import AugmentDatabase
+from csa.compare.inputs import Ranker, baseline_inputs, describe, search_again
+from csa.compare.augmentation import AugmentDatabase
 from csa.validation import CSAInputError, check_rows, same_kind
 
 __all__ = ["compose", "Chain"]

@@ -21,7 +21,7 @@ import scipy.sparse as sp
 import torch
 from tqdm import tqdm
 
-from csa.compare.common import baseline_inputs
+from csa.compare.inputs import baseline_inputs
 from csa.search import resort_topk, stable_topk
 from csa.validation import check_float, check_int, same_kind
 

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from csa.compare.common import baseline_inputs
+from csa.compare.inputs import baseline_inputs
 from csa.search import resort_topk
 from csa.validation import check_float, check_int
 

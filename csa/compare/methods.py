@@ -6,7 +6,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from csa.compare.affinity_baseline import affinity_cosine
 from csa.compare.chain import compose
-from csa.compare.common import Ranker, describe
+from csa.compare.inputs import Ranker, describe
 from csa.compare.diffusion import diffusion
 from csa.compare.expansion import AugmentDatabase, alpha_qe, aqe
 from csa.compare.k_reciprocal import k_reciprocal
@@ -83,3 +83,6 @@ def select_methods(methods: Mapping[str, Ranker], names: Sequence[str]) -> dict[
 
 def _csa(rerank: Callable, model: Any, qvecs: Any, dbvecs: Any, ranks: Any, **kwargs: Any) -> Any:
     return rerank(model, qvecs, dbvecs, ranks, progress=False, **kwargs)
+
+
+_csa.display_name = "CSA"  # type: ignore[attr-defined]  # how csa.compare.inputs.describe names it

@@ -204,7 +204,7 @@ def _check_arguments(net, paths, bbxs, scales, batch_size, shard_size) -> list[f
         raise CSAInputError(f"batch_size and shard_size must be >= 1, got {batch_size}, {shard_size}")
     for key in ("mean", "std", "outputdim"):
         if key not in getattr(net, "meta", {}):
-            raise CSAInputError(f"net.meta lacks {key!r}; build the network with csa.descriptors.networks.load_backbone")
+            raise CSAInputError(f"net.meta lacks {key!r}; build the network with csa.descriptors.backbones.load_backbone")
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise CSAInputError(f"{len(missing)} image file(s) not found, e.g. {missing[0]}; check the data root")

@@ -1,4 +1,5 @@
-"""Global-descriptor networks: every network is a :class:`GeMNetwork`, and :func:`load_backbone` builds one by name.
+"""Global-descriptor networks: every network is a :class:`GeMNetwork` (built by name with
+:func:`csa.descriptors.backbones.load_backbone`).
 
 A :class:`GeMNetwork` is convolutional ``features`` -> GeM -> L2N, then optionally a fully-connected
 whitening (``whiten``, learned end-to-end in the ``-gem-w`` networks) -> L2N, then optionally a post-hoc
@@ -10,17 +11,14 @@ rSfM120k ResNet GeM networks of the paper).
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
 from csa.descriptors.pooling import GeM, Whitening, l2n
-from csa.validation import CSAInputError
 
-__all__ = ["GeMNetwork", "load_backbone", "LITE0"]
+__all__ = ["GeMNetwork", "LITE0"]
 
 #: Name of the offline backbone (EfficientNet-Lite0 + GeM) used by the demo.
 LITE0 = "lite0"
@@ -45,22 +43,3 @@ class GeMNetwork(nn.Module):
         if self.post_whiten is not None:
             o = self.post_whiten(o)
         return o
-
-
-def load_backbone(backbone: str, data_root: str | os.PathLike, device: str | torch.device = "cpu") -> GeMNetwork:
-    """``'lite0'`` (offline EfficientNet-Lite0 GeM) or a cirtorch network name found in ``<root>/networks/``.
-
-    The cirtorch ``-gem-w`` networks carry their learned whitening inside the checkpoint; it is applied.
-    """
-    if backbone == LITE0:
-        from csa.descriptors.lite0 import efficientnet_lite0_gem
-
-        return efficientnet_lite0_gem().to(device).eval()
-    from csa.descriptors.cirtorch import load_cirtorch_network
-
-    candidates = sorted(Path(data_root, "networks").glob(f"{backbone}*.pth"))
-    if not candidates:
-        raise CSAInputError(f"no network file for {backbone!r} in {Path(data_root, 'networks')}; download it "
-                            f"with `csa download networks --data-root {data_root}`")
-    # Official files carry numpy arrays in meta['Lw']: they are trusted only because download checks them.
-    return load_cirtorch_network(candidates[0], trusted=True, device=device).eval()

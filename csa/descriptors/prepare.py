@@ -37,7 +37,8 @@ from csa.data.layout import (REFERENCE_TRAINSET, clusters_path, load_gnd, load_t
                              save_train_features, test_features_path, train_features_path)
 from csa.descriptors.distributed import Ranks, extraction_device, synchronize
 from csa.descriptors.extract import extract_descriptors
-from csa.descriptors.networks import LITE0, load_backbone
+from csa.descriptors.backbones import load_backbone
+from csa.descriptors.networks import LITE0
 from csa.fileio import atomic_write, check_output_dir, check_output_file, fingerprint, load_pickle
 from csa.validation import CSAInputError
 

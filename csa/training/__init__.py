@@ -1,4 +1,5 @@
-"""Training CSA: samples, engine, configuration, the entry point and the torchrun launcher.
+"""Training CSA: samples, engine, configuration, processes, random state, run folders, the entry point and
+the torchrun launcher.
 
 ``python -m csa.training --help`` (also ``csa train``, and ``torchrun --nproc_per_node=N -m csa.training``).
 """

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from csa.device import resolve_device
 from csa.training.recipes import RECIPE_FIELDS, RECIPES, get_recipe
 from csa.validation import CSAInputError, check_float, check_int
 
@@ -144,21 +144,24 @@ _FLOAT_RANGE = {"base_lr": (0.0, None, True, False), "warmup_lr": (0.0, None, Tr
                 "drop_rate": (0.0, 1.0, False, True), "attn_drop_rate": (0.0, 1.0, False, True),
                 "drop_path_rate": (0.0, 1.0, False, True), "momentum": (0.0, 1.0, False, True),
                 "weight_decay": (0.0, None, False, False), "clip_grad": (0.0, None, False, False)}
-_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 def check_hyperparameters(config: TrainConfig) -> None:
     """Refuse values no training run can use, naming the flag: learning rates and the temperature must
     be finite and > 0, dropouts in [0, 1), counts >= their minimum (epochs >= 1, workers >= 0, ...),
-    the device one of auto | cpu | cuda | cuda:N."""
+    the device one :func:`csa.device.resolve_device` accepts here (auto | cpu | cuda | cuda:N, CUDA present)."""
     for name, low in _INT_MINIMUM.items():
         check_int(option_flag(name), getattr(config, name), low)
     if config.stop_at_epoch is not None:
         check_int("--stop-at-epoch", config.stop_at_epoch, 1)
     for name, (low, high, low_open, high_open) in _FLOAT_RANGE.items():
         check_float(option_flag(name), getattr(config, name), low, high, low_open=low_open, high_open=high_open)
-    if not isinstance(config.device, str) or not _DEVICE.match(config.device):
+    if not isinstance(config.device, str):
         raise CSAInputError(f"--device {config.device!r} is not supported; use auto, cpu, cuda or cuda:N")
+    try:
+        resolve_device(config.device)
+    except CSAInputError as exc:
+        raise CSAInputError(f"--device {config.device}: {exc}") from exc
     if not str(config.output_dir).strip():
         raise CSAInputError("--output-dir is empty; give the folder the run writes to")
     if config.overwrite and resume_given(config.resume):

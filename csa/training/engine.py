@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -14,7 +15,8 @@ from csa.affinity import indexed_affinity
 from csa.model import unwrap
 from csa.validation import CSAError, CSAInputError
 
-__all__ = ["build_optimizer", "WarmupCosineSchedule", "train_one_epoch", "NonFiniteLossError", "MAX_NONFINITE_STREAK"]
+__all__ = ["build_optimizer", "WarmupCosineSchedule", "StepOptions", "train_one_epoch", "NonFiniteLossError",
+           "MAX_NONFINITE_STREAK"]
 
 #: Consecutive iterations with a non-finite loss after which training stops with an error.
 MAX_NONFINITE_STREAK = 10
@@ -115,56 +117,110 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+@dataclass
+class StepOptions:
+    """How each optimization step of :func:`train_one_epoch` runs.
+
+    ``amp`` runs the model under autocast to ``amp_dtype``: float16 (CUDA only, with the ``scaler``) or
+    bfloat16 (CUDA or CPU; the losses stay float32, no scaler needed); ``clip_grad`` > 0 clips the global
+    gradient norm; ``fp16_inputs`` rounds the affinities to float16 first (as the official code does).
+    """
+
+    scaler: torch.amp.GradScaler | None = None
+    clip_grad: float = 1.0
+    amp: bool = False
+    amp_dtype: torch.dtype = torch.float16
+    fp16_inputs: bool = False
+
+
+def _step_options(options: StepOptions | None, keywords: dict[str, Any]) -> StepOptions:
+    """``options``, or a :class:`StepOptions` built from its fields given as keywords (not both)."""
+    if options is not None and keywords:
+        raise CSAInputError(f"give train_one_epoch either options=StepOptions(...) or its fields as keywords "
+                            f"({sorted(keywords)}), not both")
+    unknown = sorted(set(keywords) - set(StepOptions.__dataclass_fields__))
+    if unknown:
+        raise CSAInputError(f"train_one_epoch got unknown keyword(s) {unknown}; the step options are "
+                            f"{sorted(StepOptions.__dataclass_fields__)}")
+    return options if options is not None else StepOptions(**keywords)
+
+
+def _batch_inputs(batch: Mapping[str, torch.Tensor], features: torch.Tensor | None, device: torch.device,
+                  fp16_inputs: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's float32 affinities (B, K+1, L) (built from ``features`` unless the batch carries them) and
+    its targets, on ``device``."""
+    targets = batch["targets"].to(device, non_blocking=True)
+    if "affinity" in batch:
+        affinity = batch["affinity"].to(device, non_blocking=True)
+    else:
+        if features is None:
+            raise CSAInputError("train_one_epoch needs features=(N, D) tensor to build affinities from indices")
+        affinity = indexed_affinity(features, batch["tokens"], batch["anchors"])
+    return (affinity.half().float() if fp16_inputs else affinity.float()), targets
+
+
+def _finite_on_every_process(loss: torch.Tensor, distributed: bool) -> bool:
+    finite = torch.isfinite(loss).to(torch.int32)
+    if distributed:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
+
+
+def _optimizer_step(model: nn.Module, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                    options: StepOptions) -> None:
+    """Backward, optional gradient clipping, and the update (through the scaler when it is enabled)."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler = options.scaler
+    if scaler is not None and scaler.is_enabled():
+        scaler.scale(loss).backward()
+        if options.clip_grad > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), options.clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        if options.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), options.clip_grad)
+        optimizer.step()
+
+
 def train_one_epoch(model: nn.Module, criterion: nn.Module, loader: Iterable[Mapping[str, torch.Tensor]],
                     optimizer: torch.optim.Optimizer, schedule: WarmupCosineSchedule | None,
-                    device: str | torch.device, scaler: torch.amp.GradScaler | None = None, clip_grad: float = 1.0,
-                    amp: bool = False, progress: bool = True, features: torch.Tensor | None = None,
-                    desc: str = "train", fp16_inputs: bool = False,
-                    amp_dtype: torch.dtype = torch.float16) -> dict[str, float]:
+                    device: str | torch.device, options: StepOptions | None = None, *,
+                    features: torch.Tensor | None = None, progress: bool = True, desc: str = "train",
+                    **step_options: Any) -> dict[str, float]:
     """One pass over ``loader``; returns the mean ``loss``, ``contrastive`` and ``reconstruction`` over the
     finite iterations (averaged over processes under torch.distributed), plus ``lr`` (last),
     ``iterations`` and ``skipped``.
 
     Batches are dicts from :class:`csa.training.sampler.TrainingSet` (``tokens``, ``anchors``, ``targets``),
     turned into affinities on ``device`` by :func:`csa.affinity.indexed_affinity` with ``features`` (N, D) already
-    on the device; a batch may also carry a ready ``affinity`` (B, K+1, L).  ``amp`` runs the model under
-    autocast to ``amp_dtype``: float16 (CUDA only, with the ``scaler``) or bfloat16 (CUDA or CPU; the
-    losses stay float32, no scaler needed); ``clip_grad`` > 0 clips the global gradient norm;
-    ``fp16_inputs`` rounds the affinities to float16 first (as the official code does).
+    on the device; a batch may also carry a ready ``affinity`` (B, K+1, L).  ``options``
+    (:class:`StepOptions`: scaler, clip_grad, amp, amp_dtype, fp16_inputs) say how each step runs; its
+    fields may be given as keywords instead.
     A non-finite loss skips the update (on every process), warns and is counted; the
     schedule still advances so the lr stays a function of the iteration number.  After
     :data:`MAX_NONFINITE_STREAK` such iterations in a row, or an epoch without a finite one,
     :class:`NonFiniteLossError` stops the run (skipped iterations change no weight, so the last
     checkpoint stays valid).
     """
+    options = _step_options(options, step_options)
     device = torch.device(device)
-    amp = bool(amp) and (device.type == "cuda" or amp_dtype == torch.bfloat16)
+    amp = bool(options.amp) and (device.type == "cuda" or options.amp_dtype == torch.bfloat16)
     distributed = _distributed()
     model.train()
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     n_ok, n_skipped, streak, lr = 0, 0, 0, float("nan")
     bar = tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     for it, batch in enumerate(bar):
-        if schedule is not None:
-            lr = schedule.step()
-        else:
-            lr = optimizer.param_groups[0]["lr"]
-        targets = batch["targets"].to(device, non_blocking=True)
-        if "affinity" in batch:
-            affinity = batch["affinity"].to(device, non_blocking=True)
-        else:
-            if features is None:
-                raise CSAInputError("train_one_epoch needs features=(N, D) tensor to build affinities from indices")
-            affinity = indexed_affinity(features, batch["tokens"], batch["anchors"])
-        affinity = affinity.half().float() if fp16_inputs else affinity.float()
-        with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp):
+        lr = schedule.step() if schedule is not None else optimizer.param_groups[0]["lr"]
+        affinity, targets = _batch_inputs(batch, features, device, options.fp16_inputs)
+        with torch.autocast(device_type=device.type, dtype=options.amp_dtype, enabled=amp):
             tokens, reconstruction = model(affinity)
             losses = criterion(tokens, reconstruction, affinity, targets)
         loss = losses["loss"]
-        finite = torch.isfinite(loss).to(torch.int32)
-        if distributed:
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if not bool(finite.item()):
+        if not _finite_on_every_process(loss, distributed):
             n_skipped += 1
             streak += 1
             if streak >= MAX_NONFINITE_STREAK:
@@ -174,19 +230,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader: Iterable[Map
             optimizer.zero_grad(set_to_none=True)
             continue
         streak = 0
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None and scaler.is_enabled():
-            scaler.scale(loss).backward()
-            if clip_grad > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            if clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-            optimizer.step()
+        _optimizer_step(model, loss, optimizer, options)
         sums += torch.stack([losses[k].detach().double() for k in ("loss", "contrastive", "reconstruction")])
         n_ok += 1
         if progress and (it % 10 == 0):

@@ -29,185 +29,54 @@ updates forever; a model whose weights stopped being finite is never saved.
 """
 from __future__ import annotations
 
-import csv
 import json
-import os
-import random
 import sys
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from csa.checkpoint import load_run_checkpoint, save_run_checkpoint
 from csa.data.layout import load_clusters, load_train_features
-from csa.fileio import atomic_write, check_output_dir, remove_stale_temporaries, save_figure
 from csa.losses import CSACriterion
 from csa.model import RerankTransformer, unwrap
-from csa.training.config import TrainConfig, config_from_argv, option_flag, resume_given
+from csa.training.config import TrainConfig, config_from_argv
+from csa.training.distributed import Processes, barrier, setup_processes, teardown_processes
+from csa.training.engine import StepOptions, WarmupCosineSchedule, build_optimizer, train_one_epoch
 from csa.training.recipes import effective_lrs
-from csa.training.engine import WarmupCosineSchedule, build_optimizer, train_one_epoch
-from csa.training.sampler import GlobalBatchSampler, NeighbourTable, TrainingSet, neighbour_cache_path
+from csa.training.rng import derived_seed, rng_state, seed_all, set_rng_state
+from csa.training.run_folder import (CHECKPOINT_NAME, CURVES_EVERY_S, HISTORY_COLUMNS, RESUME_FIXED,
+                                     check_resume_matches, neighbour_cache, prepare_output_dir, resolve_resume,
+                                     write_history)
+from csa.training.sampler import GlobalBatchSampler, NeighbourTable, TrainingSet
 from csa.validation import CSAInputError, check_rows, run_command
 
 __all__ = ["main", "run_training", "build_optimization", "CHECKPOINT_NAME", "HISTORY_COLUMNS", "RESUME_FIXED"]
 
-CHECKPOINT_NAME = "checkpoint.pth"
-HISTORY_COLUMNS = ["epoch", "lr", "loss", "contrastive", "reconstruction", "skipped", "time"]
-#: Config fields that ``--resume`` must find unchanged: they define the model or the data it sees.
-RESUME_FIXED = ("trainset", "split", "feature_names", "topk", "anchor_len", "embed_dim", "depth", "num_heads",
-                "mlp_ratio", "qkv_bias", "batch_size", "seed")
+
+@dataclass
+class _Data:
+    """What the epochs iterate: the samples, their order, the batches, and the descriptors on the device."""
+
+    dataset: TrainingSet
+    sampler: GlobalBatchSampler
+    loader: torch.utils.data.DataLoader
+    features: torch.Tensor
 
 
-# --------------------------------------------------------------------------------------------
-# distributed helpers
-# --------------------------------------------------------------------------------------------
-def _setup_distributed(config: TrainConfig) -> tuple[int, int, torch.device, bool]:
-    """Return (rank, world_size, device, initialized_here)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    want_cuda = config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available())
-    if want_cuda and not torch.cuda.is_available():
-        raise CSAInputError(f"--device {config.device} but CUDA is not available; use --device cpu")
-    if world > 1:
-        rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-        device = torch.device(f"cuda:{local_rank}") if want_cuda else torch.device("cpu")
-        if want_cuda:
-            torch.cuda.set_device(device)
-        initialized = False
-        if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if want_cuda else "gloo", init_method="env://")
-            initialized = True
-        return rank, world, device, initialized
-    device = torch.device(("cuda" if want_cuda else "cpu") if config.device == "auto" else config.device)
-    return 0, 1, device, False
+@dataclass
+class _State:
+    """What a checkpoint stores and ``--resume`` restores."""
 
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
-
-
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _derived_seed(*keys: int) -> int:
-    return int(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys]).generate_state(1, np.uint64)[0] >> 1)
-
-
-# --------------------------------------------------------------------------------------------
-# checkpoints and history
-# --------------------------------------------------------------------------------------------
-def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-                       "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-#: ``curves.png`` is redrawn at most this often (seconds) during a run, and always after the last epoch.
-CURVES_EVERY_S = 60.0
-
-
-def _write_history(history: list[dict[str, Any]], out: Path, draw: bool = True) -> None:
-    with atomic_write(out / "history.json", "w") as f:
-        json.dump(history, f, indent=1)
-    with atomic_write(out / "history.csv", "w") as f:
-        writer = csv.DictWriter(f, fieldnames=HISTORY_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(history)
-    if not draw:
-        return
-    try:
-        from csa.training.curves import plot_training_curves
-
-        save_figure(plot_training_curves(history), out / "curves.png", dpi=110)
-    except Exception as exc:  # a figure problem must never stop training
-        warnings.warn(f"could not draw curves.png: {exc}", stacklevel=2)
-
-
-def _resolve_resume(config: TrainConfig) -> Path | None:
-    if not resume_given(config.resume):
-        return None
-    if config.resume == "auto":
-        path = Path(config.output_dir) / CHECKPOINT_NAME
-        return path if path.is_file() else None
-    path = Path(config.resume)
-    if not path.is_file():
-        raise CSAInputError(f"--resume {path}: no such checkpoint; give the path of a checkpoint.pth written by "
-                            f"csa train, 'auto', or leave --resume out to start from scratch")
-    return path
-
-
-def _check_output_dir(config: TrainConfig, resuming: bool, main_process: bool) -> Path:
-    """``--output-dir`` before any work: writable, and not holding another run unless resuming or
-    ``--overwrite``.  Rank 0 then clears what an interrupted run left (temporary files) and, with
-    ``--overwrite``, the old run's per-epoch checkpoints."""
-    out = Path(config.output_dir)
-    existing = out / CHECKPOINT_NAME
-    if existing.is_file() and not resuming and not config.overwrite:
-        raise CSAInputError(f"--output-dir {out} already holds a training run ({existing}); continue it with "
-                            f"--resume auto, replace it with --overwrite, or choose another --output-dir")
-    if main_process:
-        check_output_dir(out, "--output-dir")
-        remove_stale_temporaries(out)
-        if config.overwrite:
-            for stale in out.glob("checkpoint-epoch*.pth"):
-                stale.unlink()
-    return out
-
-
-def _check_resume_matches(ckpt: dict[str, Any], config: TrainConfig, path: Path) -> None:
-    """Refuse to resume ``ckpt`` with a config that changes the model or the data (:data:`RESUME_FIXED`)."""
-    stored = ckpt.get("train_config") or {}
-    current = asdict(config)
-    changed = [f for f in RESUME_FIXED if f in stored and stored[f] != current[f]]
-    if changed:
-        diff = ", ".join(f"{option_flag(f)} {stored[f]!r} -> {current[f]!r}" for f in changed)
-        raise CSAInputError(f"--resume {path}: the run was trained with other settings ({diff}); resuming would "
-                            f"continue a different model or data. Use the stored values, or start a new run "
-                            f"(another --output-dir, or --overwrite)")
-
-
-def _neighbour_cache(config: TrainConfig, out: Path) -> Path:
-    """Cache file of the neighbour table: under ``--cache-dir`` (default ``<data_root>/cache``); when the
-    default is read-only and holds no table yet, under ``<output_dir>/cache`` (with a warning)."""
-    def cache_in(folder: Path) -> Path:
-        return neighbour_cache_path(folder, config.trainset, config.split, config.topk, config.anchor_len,
-                                    config.feature_names)
-
-    folder = Path(config.cache_dir) if config.cache_dir else Path(config.data_root) / "cache"
-    if cache_in(folder).is_file():
-        return cache_in(folder)
-    try:
-        check_output_dir(folder, "--cache-dir")
-    except CSAInputError:
-        if config.cache_dir:
-            raise
-        warnings.warn(f"{folder} cannot be written (read-only data root?): the neighbour table is cached in "
-                      f"{out / 'cache'} instead; choose the place with --cache-dir", stacklevel=2)
-        return cache_in(out / "cache")
-    return cache_in(folder)
+    model: RerankTransformer
+    optimizer: torch.optim.SGD
+    schedule: WarmupCosineSchedule
+    scaler: torch.amp.GradScaler
+    history: list[dict[str, Any]]
 
 
 def _load_training_features(config: TrainConfig, n_rows: int) -> list[np.ndarray]:
@@ -219,9 +88,31 @@ def _load_training_features(config: TrainConfig, n_rows: int) -> list[np.ndarray
     return feats
 
 
-# --------------------------------------------------------------------------------------------
-# the run
-# --------------------------------------------------------------------------------------------
+def _training_data(config: TrainConfig, procs: Processes, out: Path, log: Callable[..., None]) -> _Data:
+    """Descriptors, clusters and the neighbour table (rank 0 builds the cache, the others read it), the
+    samples and their global batches."""
+    clusters = load_clusters(config.data_root, config.trainset, config.split)
+    feats = _load_training_features(config, len(clusters))
+    cache = neighbour_cache(config, out)
+    table = None
+    if procs.main:
+        table = NeighbourTable(feats, config.topk, config.anchor_len, cache, config.neighbour_chunk, procs.device,
+                               progress=config.progress)
+        log(f">> neighbour table {'computed and cached' if table.computed else 'read'}: {cache}")
+    barrier(procs.world)
+    if table is None:
+        table = NeighbourTable(feats, config.topk, config.anchor_len, cache, config.neighbour_chunk, procs.device,
+                               progress=False)
+    dataset = TrainingSet(table, np.tile(clusters, len(feats)), seed=config.seed, permute=True,
+                          samples=config.samples)
+    features = torch.from_numpy(np.concatenate(feats, axis=0)).to(procs.device)
+    sampler = GlobalBatchSampler(len(dataset), config.batch_size, procs.rank, procs.world, seed=config.seed,
+                                 order=config.sample_order, reference_gpus=config.reference_gpus)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=config.num_workers,
+                                         pin_memory=procs.device.type == "cuda")
+    return _Data(dataset, sampler, loader, features)
+
+
 def build_optimization(config: TrainConfig, model: torch.nn.Module,
                        iters_per_epoch: int) -> tuple[torch.optim.SGD, WarmupCosineSchedule]:
     """The SGD optimizer and the per-iteration schedule of ``config`` (lrs scaled as its recipe says)."""
@@ -233,119 +124,113 @@ def build_optimization(config: TrainConfig, model: torch.nn.Module,
     return optimizer, schedule
 
 
-def run_training(config: TrainConfig) -> dict[str, Any]:
-    """Train with ``config``; return ``{'history', 'checkpoint', 'output_dir', 'model'}`` (model: the bare,
-    trained :class:`~csa.model.RerankTransformer`, on the training device)."""
-    config.check()
-    rank, world, device, initialized_here = _setup_distributed(config)
-    try:
-        return _train(config, rank, world, device)
-    finally:
-        if initialized_here and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> dict[str, Any]:
-    main_process = rank == 0
-    log = print if main_process else (lambda *a, **k: None)
-    amp = device.type == "cuda" and config.amp in ("auto", "on")
-    if config.amp == "on" and device.type != "cuda":
-        warnings.warn("--amp on needs CUDA; training in float32 on the CPU", stacklevel=2)
-    if config.batch_size % world:
-        raise CSAInputError(f"--batch-size {config.batch_size} (global) is not divisible by the {world} processes; "
-                            f"choose a multiple of {world}")
-    resume = _resolve_resume(config)
-    out = _check_output_dir(config, resume is not None, main_process)
-    ckpt = load_run_checkpoint(resume) if resume is not None else None
-    if ckpt is not None:
-        _check_resume_matches(ckpt, config, resume)
-
-    # data: descriptors, clusters, neighbours (rank 0 builds the cache, the others read it)
-    clusters = load_clusters(config.data_root, config.trainset, config.split)
-    feats = _load_training_features(config, len(clusters))
-    cache = _neighbour_cache(config, out)
-    table = None
-    if main_process:
-        table = NeighbourTable(feats, config.topk, config.anchor_len, cache, config.neighbour_chunk, device,
-                               progress=config.progress)
-        log(f">> neighbour table {'computed and cached' if table.computed else 'read'}: {cache}")
-    _barrier(world)
-    if table is None:
-        table = NeighbourTable(feats, config.topk, config.anchor_len, cache, config.neighbour_chunk, device,
-                               progress=False)
-    dataset = TrainingSet(table, np.tile(clusters, len(feats)), seed=config.seed, permute=True,
-                          samples=config.samples)
-    features = torch.from_numpy(np.concatenate(feats, axis=0)).to(device)
-    del feats
-    sampler = GlobalBatchSampler(len(dataset), config.batch_size, rank, world, seed=config.seed,
-                                 order=config.sample_order, reference_gpus=config.reference_gpus)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=config.num_workers,
-                                         pin_memory=device.type == "cuda")
-
-    # model, loss, optimizer, schedule
-    _seed_all(config.seed)
+def _new_state(config: TrainConfig, device: torch.device, iters_per_epoch: int, amp: bool) -> _State:
+    """A freshly initialized model (seeded with ``config.seed``), its optimizer, schedule and scaler."""
+    seed_all(config.seed)
     model = RerankTransformer(anchor_len=config.anchor_len, embed_dim=config.embed_dim, depth=config.depth,
                               num_heads=config.num_heads, mlp_ratio=config.mlp_ratio, qkv_bias=config.qkv_bias,
                               drop_rate=config.drop_rate, attn_drop_rate=config.attn_drop_rate,
                               drop_path_rate=config.drop_path_rate).to(device)
-    criterion = CSACriterion(alpha=config.alpha, temperature=config.temperature)
-    optimizer, schedule = build_optimization(config, model, len(sampler))
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    optimizer, schedule = build_optimization(config, model, iters_per_epoch)
+    return _State(model, optimizer, schedule, torch.amp.GradScaler("cuda", enabled=amp), [])
 
-    start_epoch, history = 0, []
+
+def _restore(state: _State, ckpt: dict[str, Any]) -> int:
+    """Load a run checkpoint into ``state`` (weights, optimizer, schedule, scaler, RNG, history); return its epoch."""
+    state.model.load_state_dict(ckpt["state_dict"])
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    state.schedule.load_state_dict(ckpt["schedule"])
+    if ckpt.get("scaler"):
+        state.scaler.load_state_dict(ckpt["scaler"])
+    if "rng" in ckpt:
+        set_rng_state(ckpt["rng"])
+    state.history = list(ckpt.get("history", []))
+    return int(ckpt["epoch"])
+
+
+def _save_epoch(config: TrainConfig, out: Path, state: _State, epoch: int) -> None:
+    """Rank 0 after ``epoch`` (1-based): the resumable checkpoint, the per-epoch copy every ``--save-every``."""
+    extra = {"optimizer": state.optimizer.state_dict(), "schedule": state.schedule.state_dict(),
+             "scaler": state.scaler.state_dict(), "rng": rng_state(), "train_config": asdict(config),
+             "history": state.history}
+    save_run_checkpoint(out / CHECKPOINT_NAME, state.model, epoch, **extra)
+    if config.save_every and epoch % config.save_every == 0:
+        save_run_checkpoint(out / f"checkpoint-epoch{epoch:03d}.pth", state.model, epoch, **extra)
+
+
+def _log_epoch(log: Callable[..., None], row: dict[str, Any], num_epochs: int) -> None:
+    skipped = f"  skipped {row['skipped']}" if row["skipped"] else ""
+    log(f">> epoch {row['epoch']}/{num_epochs}  lr {row['lr']:.4g}  loss {row['loss']:.4f} "
+        f"(contrastive {row['contrastive']:.4f}, reconstruction {row['reconstruction']:.4f})  "
+        f"{row['time']:.1f}s{skipped}", flush=True)
+
+
+def _use_amp(config: TrainConfig, device: torch.device) -> bool:
+    """Mixed precision on CUDA (``--amp auto|on``); ``--amp on`` on the CPU warns and trains in float32."""
+    if config.amp == "on" and device.type != "cuda":
+        warnings.warn("--amp on needs CUDA; training in float32 on the CPU", stacklevel=3)
+    return device.type == "cuda" and config.amp in ("auto", "on")
+
+
+def run_training(config: TrainConfig) -> dict[str, Any]:
+    """Train with ``config``; return ``{'history', 'checkpoint', 'output_dir', 'model'}`` (model: the bare,
+    trained :class:`~csa.model.RerankTransformer`, on the training device)."""
+    config.check()
+    procs = setup_processes(config.device)
+    try:
+        return _train(config, procs)
+    finally:
+        teardown_processes(procs)
+
+
+def _train(config: TrainConfig, procs: Processes) -> dict[str, Any]:
+    """Load, build or resume, then one epoch after another; rank 0 saves and logs after each."""
+    log = print if procs.main else (lambda *a, **k: None)
+    amp = _use_amp(config, procs.device)
+    if config.batch_size % procs.world:
+        raise CSAInputError(f"--batch-size {config.batch_size} (global) is not divisible by the {procs.world} "
+                            f"processes; choose a multiple of {procs.world}")
+    resume = resolve_resume(config)
+    out = prepare_output_dir(config, resume is not None, procs.main)
+    ckpt = load_run_checkpoint(resume) if resume is not None else None
     if ckpt is not None:
-        model.load_state_dict(ckpt["state_dict"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        schedule.load_state_dict(ckpt["schedule"])
-        if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        if "rng" in ckpt:
-            _set_rng_state(ckpt["rng"])
-        start_epoch, history = int(ckpt["epoch"]), list(ckpt.get("history", []))
+        check_resume_matches(ckpt, config, resume)
+    data = _training_data(config, procs, out, log)
+    state = _new_state(config, procs.device, len(data.sampler), amp)
+    start_epoch = _restore(state, ckpt) if ckpt is not None else 0
+    if ckpt is not None:
         log(f">> resumed from {resume} at epoch {start_epoch}")
     elif config.resume == "auto":
         log(f">> --resume auto: no {out / CHECKPOINT_NAME} yet, starting from scratch")
-
-    net = model
-    if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                        else None)
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f">> {len(dataset)} samples ({len(config.feature_names)} feature set(s)), {len(sampler)} iterations/epoch "
-        f"of {config.batch_size} ({world} process(es) x {config.batch_size // world}), {n_params / 1e6:.2f}M params, "
-        f"device {device}, amp {amp}, recipe {config.recipe}, lr {schedule.warmup_lr:.4g} -> {schedule.base_lr:.4g}")
-
+    net = state.model if procs.world == 1 else torch.nn.parallel.DistributedDataParallel(
+        state.model, device_ids=[procs.device.index] if procs.device.type == "cuda" else None)
+    log(f">> {len(data.dataset)} samples ({len(config.feature_names)} feature set(s)), {len(data.sampler)} "
+        f"iterations/epoch of {config.batch_size} ({procs.world} process(es) x {config.batch_size // procs.world}), "
+        f"{sum(p.numel() for p in state.model.parameters()) / 1e6:.2f}M params, device {procs.device}, amp {amp}, "
+        f"recipe {config.recipe}, lr {state.schedule.warmup_lr:.4g} -> {state.schedule.base_lr:.4g}")
+    criterion = CSACriterion(alpha=config.alpha, temperature=config.temperature)
+    options = StepOptions(scaler=state.scaler, clip_grad=config.clip_grad, amp=amp, fp16_inputs=config.fp16_inputs)
     stop = config.stop_at_epoch or config.num_epochs
     curves_drawn = time.time()
     for epoch in range(start_epoch, stop):
-        sampler.set_epoch(epoch)
-        dataset.set_epoch(epoch)
-        torch.manual_seed(_derived_seed(config.seed, 2, epoch, rank))  # dropout: a function of (seed, epoch, rank)
+        data.sampler.set_epoch(epoch)
+        data.dataset.set_epoch(epoch)
+        torch.manual_seed(derived_seed(config.seed, 2, epoch, procs.rank))  # dropout: a function of (seed, epoch, rank)
         t0 = time.time()
-        stats = train_one_epoch(net, criterion, loader, optimizer, schedule, device, scaler=scaler,
-                                clip_grad=config.clip_grad, amp=amp, progress=config.progress and main_process,
-                                fp16_inputs=config.fp16_inputs,
-                                features=features, desc=f"epoch {epoch + 1}/{config.num_epochs}")
-        row = {"epoch": epoch + 1, "lr": stats["lr"], "loss": stats["loss"], "contrastive": stats["contrastive"],
-               "reconstruction": stats["reconstruction"], "skipped": stats["skipped"], "time": time.time() - t0}
-        history.append(row)
-        if main_process:
-            state = {"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                     "scaler": scaler.state_dict(), "rng": _rng_state(), "train_config": asdict(config),
-                     "history": history}
-            save_run_checkpoint(out / CHECKPOINT_NAME, model, epoch + 1, **state)
-            if config.save_every and (epoch + 1) % config.save_every == 0:
-                save_run_checkpoint(out / f"checkpoint-epoch{epoch + 1:03d}.pth", model, epoch + 1, **state)
-            last = epoch + 1 == stop
-            draw = last or time.time() - curves_drawn >= CURVES_EVERY_S
-            _write_history(history, out, draw=draw)
+        stats = train_one_epoch(net, criterion, data.loader, state.optimizer, state.schedule, procs.device, options,
+                                features=data.features, progress=config.progress and procs.main,
+                                desc=f"epoch {epoch + 1}/{config.num_epochs}")
+        state.history.append({"epoch": epoch + 1, **{k: stats[k] for k in HISTORY_COLUMNS[1:-1]},
+                              "time": time.time() - t0})
+        if procs.main:
+            _save_epoch(config, out, state, epoch + 1)
+            draw = epoch + 1 == stop or time.time() - curves_drawn >= CURVES_EVERY_S
+            write_history(state.history, out, draw=draw)
             curves_drawn = time.time() if draw else curves_drawn
-            skipped = f"  skipped {row['skipped']}" if row["skipped"] else ""
-            log(f">> epoch {epoch + 1}/{config.num_epochs}  lr {row['lr']:.4g}  loss {row['loss']:.4f} "
-                f"(contrastive {row['contrastive']:.4f}, reconstruction {row['reconstruction']:.4f})  "
-                f"{row['time']:.1f}s{skipped}", flush=True)
-        _barrier(world)
-    return {"history": history, "checkpoint": out / CHECKPOINT_NAME, "output_dir": out, "model": unwrap(model)}
+            _log_epoch(log, state.history[-1], config.num_epochs)
+        barrier(procs.world)
+    return {"history": state.history, "checkpoint": out / CHECKPOINT_NAME, "output_dir": out,
+            "model": unwrap(state.model)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

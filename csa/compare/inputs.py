@@ -1,4 +1,5 @@
-"""What every baseline re-ranker shares: checked inputs, row normalization, a fresh exact search.
+"""The inputs and helpers every baseline re-ranker shares: checked inputs, row normalization, a fresh exact
+search, and the readable name of a method.
 
 A baseline has the signature of :func:`csa.rerank.rerank` minus the model::
 
@@ -38,13 +39,14 @@ def baseline_inputs(qvecs: Any, dbvecs: Any, ranks: Any) -> tuple[torch.Tensor, 
 
 def describe(method: Any) -> str:
     """A readable name-and-parameters string of a method: ``name(k=v, ...)`` for a ``functools.partial``
-    (without device, batch_size and progress, which do not change the result; CSA's wrapper shown as
-    ``CSA``), the name of a function, the ``repr`` of anything else (a chain names each of its steps so)."""
+    (without device, batch_size and progress, which do not change the result; a function with a
+    ``display_name`` attribute, such as CSA's wrapper, is shown by it), the name of a function, the ``repr``
+    of anything else (a chain names each of its steps so)."""
     keywords = getattr(method, "keywords", None)
     if keywords is not None:
         shown = {k: v for k, v in keywords.items() if k not in ("device", "batch_size", "progress")}
         func = getattr(method, "func", method)
-        name = "CSA" if getattr(func, "__name__", "") == "_csa" else getattr(func, "__name__", repr(func))
+        name = getattr(func, "display_name", None) or getattr(func, "__name__", repr(func))
         return f"{name}({', '.join(f'{k}={v}' for k, v in shown.items())})"
     return getattr(method, "__name__", repr(method))
 
