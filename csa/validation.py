@@ -397,7 +397,10 @@ def _check_index_list(idx: np.ndarray, name: str, n_db: int | None) -> None:
     if idx.size == 0:
         return
     if not np.issubdtype(idx.dtype, np.integer):
-        raise CSAInputError(f"{name} must hold integer database indices, got {idx.dtype}")
+        # revisitop builds protocol lists with np.concatenate, which turns empty lists into float64 arrays
+        whole = np.issubdtype(idx.dtype, np.floating) and bool(np.all(np.isfinite(idx) & (idx == np.round(idx))))
+        if not whole:
+            raise CSAInputError(f"{name} must hold integer database indices, got {idx.dtype}")
     if idx.min() < 0 or (n_db is not None and idx.max() >= n_db):
         bound = f"[0, {n_db - 1}]" if n_db is not None else "[0, N)"
         raise CSAInputError(f"{name} has indices outside {bound}; does the ground truth belong to this database?")
