@@ -37,7 +37,7 @@ from csa.validation import CSAError, CSAInputError
 __all__ = ["atomic_write", "load_pickle", "save_pickle", "fingerprint", "sha256_file", "PickleRefused",
            "SAFE_PICKLE_GLOBALS", "check_output_dir", "check_output_file", "remove_stale_temporaries",
            "save_table", "save_figure", "DiskFullError", "is_disk_full", "disk_full_error",
-           "DISK_FULL_ERRNOS"]
+           "DISK_FULL_ERRNOS", "MANIFEST_NAME", "read_manifest", "check_manifest_digest"]
 
 
 #: errno values that mean "no room for these bytes": a full disk, a file-size limit (``ulimit -f``), a quota.
@@ -272,6 +272,49 @@ def load_pickle(path: str | os.PathLike) -> Any:
         except PickleRefused as exc:
             raise PickleRefused(f"refused to load {os.fspath(path)}: {exc}; only plain data pickles are read "
                                 f"(a pickle that names other objects can run code)") from None
+
+
+#: Name of the file that records the sha256 of the files in its folder (released weights).
+MANIFEST_NAME = "manifest.json"
+
+
+def read_manifest(folder: str | os.PathLike) -> dict[str, dict]:
+    """The ``manifest.json`` of ``folder`` as ``{file name: {'sha256': hex, ...}}`` ({} when there is none).
+
+    A manifest that is not valid JSON, not an object of objects, or has an entry without a sha256
+    raises one :class:`CSAInputError` naming it.
+    """
+    path = Path(folder, MANIFEST_NAME)
+    if not path.is_file():
+        return {}
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CSAInputError(f"{path} is damaged ({exc}); restore it from version control or release the "
+                            f"weights again") from exc
+    bad = ([] if isinstance(manifest, dict) else ["<top level>"]) or [
+        name for name, entry in manifest.items()
+        if not isinstance(entry, dict) or not re.fullmatch(r"[0-9a-f]{64}", str(entry.get("sha256", "")))]
+    if bad:
+        raise CSAInputError(f"{path} is damaged: {bad[:3]} must each map to an object with a 64-digit 'sha256'; "
+                            f"restore it from version control or release the weights again")
+    return manifest
+
+
+def check_manifest_digest(path: str | os.PathLike) -> None:
+    """Refuse ``path`` when the ``manifest.json`` beside it lists it with another sha256.
+
+    Nothing happens when the folder has no manifest or the manifest does not list the file.
+    """
+    path = Path(path)
+    entry = read_manifest(path.parent).get(path.name)
+    if entry is None:
+        return
+    actual = sha256_file(path)
+    if actual != entry["sha256"]:
+        raise CSAInputError(f"{path} does not match {path.parent / MANIFEST_NAME} (sha256 {actual[:12]}... instead of "
+                            f"{entry['sha256'][:12]}...): the file was replaced or damaged after it was released; "
+                            f"restore it (git checkout / re-download) or release it again")
 
 
 def sha256_file(path: str | os.PathLike, block: int = 1 << 20) -> str:
