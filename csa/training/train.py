@@ -357,7 +357,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps({"config": asdict(config), "overrides": config.recipe_overrides(),
                               "effective_lrs": effective_lrs(asdict(config))}, indent=1))
             return 0
-        run_training(config)
+        try:
+            run_training(config)
+        except RuntimeError as exc:  # a peer process died: say so instead of the socket error
+            from csa.training.launch import peer_lost_error
+            lost = peer_lost_error(exc)
+            if lost is None:
+                raise
+            raise lost from exc
         return 0
 
     return run_command("csa train", train)
