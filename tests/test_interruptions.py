@@ -2,12 +2,12 @@
 csa batch stopped by Ctrl-C or SIGKILL and started again."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import nbformat
@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
+from _subprocess import finish, kill_group, run, running, wait_for_file, wait_until
 from _train_helpers import tiny_config, write_toy_trainset
 from csa.training.config import config_to_argv
 from csa.training.train import main as train_main
@@ -60,14 +61,18 @@ def test_kill_then_resume_auto_is_bit_identical_and_clears_temporaries(tmp_path)
     run_training(tiny_config(tmp_path, "full", **long))
     killed = tiny_config(tmp_path, "killed", **long)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "csa.training", *config_to_argv(killed)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     history = tmp_path / "killed" / "history.json"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (history.is_file() and len(json.loads(history.read_text())) >= 2):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+
+    def two_epochs_done() -> bool:
+        with contextlib.suppress(OSError, ValueError):
+            return len(json.loads(history.read_text())) >= 2
+        return False
+
+    with running([sys.executable, "-m", "csa.training", *config_to_argv(killed)], env=env,
+                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
+        wait_until(two_epochs_done, proc, "two finished epochs")
+        kill_group(proc)
+        proc.wait()
     stopped_at = torch.load(tmp_path / "killed" / "checkpoint.pth", weights_only=True)["epoch"]
     assert 2 <= stopped_at < 8
     orphan = tmp_path / "killed" / ".checkpoint.pth.k1lledxx.tmp"     # what a kill during a save leaves
@@ -89,19 +94,12 @@ def _slow_grid_notebook(folder: Path, marker: Path) -> Path:
     return path
 
 
-def _start_batch(notebook: Path, out: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "csa", "batch", str(notebook), "--grid", "topk=2,3,4", "--out", str(out),
-           "--no-progress"]
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+def _batch_command(notebook: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "csa", "batch", str(notebook), "--grid", "topk=2,3,4", "--out", str(out),
+            "--no-progress"]
 
 
-def _wait_for(path: Path, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while not path.exists():
-        assert time.time() < deadline, f"{path} never appeared"
-        time.sleep(0.05)
+_BATCH_ENV = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
 
 
 @pytest.mark.slow
@@ -111,24 +109,25 @@ def test_batch_stopped_then_run_again_keeps_finished_runs(tmp_path, stop):
     marker.touch()
     notebook = _slow_grid_notebook(tmp_path, marker)
     out = tmp_path / "out"
-    proc = _start_batch(notebook, out)
-    _wait_for(out / ".grid__topk-3.running.ipynb")                  # run 1 finished, run 2 is executing
-    first = (out / "grid__topk-2.ipynb").stat().st_mtime_ns
-    if stop == "ctrl-c":
-        os.killpg(proc.pid, signal.SIGINT)                          # what a terminal sends
-        _, err = proc.communicate(timeout=60)
-        assert proc.returncode == 130
-        assert err.strip().splitlines()[-1].startswith("csa batch: interrupted")
-        assert not list(out.rglob("*.running.*"))                   # nothing half-written left
-    else:
-        proc.kill()
-        proc.communicate(timeout=60)
+    with running(_batch_command(notebook, out), env=_BATCH_ENV, stdout=subprocess.PIPE,
+                 stderr=subprocess.PIPE) as proc:
+        wait_for_file(out / ".grid__topk-3.running.ipynb", proc)      # run 1 finished, run 2 is executing
+        first = (out / "grid__topk-2.ipynb").stat().st_mtime_ns
+        if stop == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)                          # what a terminal sends
+            _, err = finish(proc)
+            assert proc.returncode == 130
+            assert err.strip().splitlines()[-1].startswith("csa batch: interrupted")
+            assert not list(out.rglob("*.running.*"))                   # nothing half-written left
+        else:
+            kill_group(proc)                                            # the batch and its kernel
+            finish(proc)
     assert not (out / "grid__topk-3.ipynb").exists() and not (out / "runs" / "grid__topk-3.csv").exists()
     assert pd.read_csv(out / "results.csv")["topk"].tolist() == [2, 2]   # lists exactly the finished run
 
     marker.unlink()
-    proc = _start_batch(notebook, out)
-    stdout, stderr = proc.communicate(timeout=180)
+    proc = run(_batch_command(notebook, out), env=_BATCH_ENV)
+    stdout, stderr = proc.stdout, proc.stderr
     assert proc.returncode == 0, stderr
     assert "1 already finished" in stdout
     assert (out / "grid__topk-2.ipynb").stat().st_mtime_ns == first    # not executed again
