@@ -148,16 +148,19 @@ def _current_umask() -> int:
 _TEMPORARY = re.compile(r"^\..+\.(?:[A-Za-z0-9_]{8}\.tmp|partial)$")
 
 
-def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+def remove_stale_temporaries(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
     """Delete the temporary files an interrupted :func:`atomic_write` left in ``folder``; return them.
 
-    Call it when a run that owns ``folder`` starts (no other writer may be active there).
+    With ``name``, only the temporaries of the file ``folder/name``.  Call it when a run that owns
+    ``folder`` (or that file) starts (no other writer may be active there).
     """
     folder = Path(folder)
     if not folder.is_dir():
         return []
     removed = []
     for entry in folder.iterdir():
+        if name is not None and not entry.name.startswith(f".{name}."):
+            continue
         if entry.is_file() and _TEMPORARY.match(entry.name):
             with contextlib.suppress(FileNotFoundError):
                 entry.unlink()
@@ -186,11 +189,20 @@ def check_output_dir(path: str | os.PathLike, what: str) -> Path:
 
 
 def check_output_file(path: str | os.PathLike, what: str) -> Path:
-    """Make sure a file can be written at ``path`` (not a folder, parent writable); return it."""
+    """Make sure a file can be written at ``path`` (not a folder, parent writable); return it.
+
+    Temporaries an interrupted earlier write of this file left behind are removed.
+    """
     path = Path(path)
     if path.is_dir():
         raise CSAInputError(f"{what} {path} is a folder; give a file path")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CSAInputError(f"{what} {path}: {parent} is a file, not a folder; choose another path")
+            break
     check_output_dir(path.parent, f"the folder of {what}")
+    remove_stale_temporaries(path.parent, path.name)
     return path
 
 

@@ -137,3 +137,23 @@ def test_writing_under_a_file_where_a_folder_is_needed(tmp_path):
     with pytest.raises(CSAInputError, match="is a file, not a folder"):
         save_table(pd.DataFrame({"a": [1]}), tmp_path / "blocker" / "t.csv")
     assert folder_state(tmp_path) == {"blocker": b"a file"}
+
+
+def test_csa_rerank_output_past_a_full_disk_is_one_line_and_no_file(tmp_path, capsys):
+    from _toy_data import write_toy_root
+    from csa.cli import main as csa_main
+
+    root = write_toy_root(tmp_path / "root")
+    out = tmp_path / "out" / "ranks.npy"
+    out.parent.mkdir()
+    stale = out.with_name(".ranks.npy.k1lledxx.tmp")            # left by an earlier killed run
+    stale.write_bytes(b"half")
+    argv = ["rerank", "--data-root", str(root), "--dataset", "toy", "--features", "feat", "--checkpoint",
+            str(root / "model.pth"), "--topk", "16", "--device", "cpu", "--output", str(out)]
+    with file_size_limit(256):                                   # the ranks (40 x 2 int64) need 768 bytes
+        code = csa_main(argv)
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if "re-ranking:" not in line]  # no bar
+    assert code == 1 and len(err) == 1, err
+    assert err[0].startswith("csa rerank: error: the disk is full") and "ranks.npy" in err[0], err[0]
+    assert list(out.parent.iterdir()) == []                      # neither a truncated file nor temporaries
+    assert csa_main(argv) == 0 and np.load(out).shape == (40, 2)

@@ -97,7 +97,7 @@ def _memmap_written(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> Iter
     raises :class:`csa.fileio.DiskFullError` up front instead of a bus error inside the mapping; on
     any failure the partial file is removed and ``path`` is left untouched.
     """
-    tmp = path.with_name(f".{path.name}.partial")
+    tmp = path.with_name(f".{path.name}.partial")   # a killed run's partial file is overwritten here
     try:
         mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
         with open(tmp, "rb+") as f:

@@ -46,7 +46,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from csa.fileio import atomic_write, check_output_dir, save_table, sha256_file
+from csa.fileio import atomic_write, check_output_dir, remove_stale_temporaries, save_table, sha256_file
 from csa.validation import CSAInputError, run_command
 
 __all__ = ["parse_value", "parse_grid", "parse_params", "run_name", "check_parameters", "BatchResult", "run_grid", "main"]
@@ -285,6 +285,8 @@ def run_grid(
     _check_same_batch(out_dir, record, notebook, keys, names)
     runs_dir = check_output_dir(out_dir / "runs", "--out")
     _remove_leftovers(out_dir, runs_dir)
+    remove_stale_temporaries(out_dir)
+    remove_stale_temporaries(runs_dir)
     digests: dict[str, str] = dict(record.get("tables", {}))
     _write_record(out_dir, notebook, keys, digests)
     results_csv = out_dir / "results.csv"

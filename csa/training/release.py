@@ -15,7 +15,7 @@ from typing import Any
 
 from csa.checkpoint import load_checkpoint, load_model, save_checkpoint
 from csa.fileio import (MANIFEST_NAME, atomic_write, check_manifest_digest, check_output_dir, read_manifest,
-                        sha256_file)
+                        remove_stale_temporaries, sha256_file)
 from csa.validation import CSAInputError
 
 __all__ = ["WEIGHTS_DIR", "released_checkpoint", "release", "compare_to_release", "compare_retrained",
@@ -49,6 +49,7 @@ def release(checkpoint: str | os.PathLike, root: str | os.PathLike, trainset: st
     model = load_model(checkpoint)
     out = Path(root, WEIGHTS_DIR, f"{trainset}.pth")
     check_output_dir(out.parent, "the release folder")
+    remove_stale_temporaries(out.parent)
     finish_interrupted_releases(out.parent)
     manifest = read_manifest(out.parent)
     staged = _staged(out)
