@@ -139,3 +139,25 @@ def test_a_database_extended_with_distractors_ranks_more_images_than_imlist(roxf
     plain = evaluate_revisited(ranks, roxford)
     # the 100 distractors ranked last change nothing: every positive keeps its position
     assert evaluate_revisited(extended, roxford)["medium"]["map"] == pytest.approx(plain["medium"]["map"], rel=1e-12)
+
+
+def test_csa_evaluate_refuses_a_partial_or_out_of_range_ranking(tmp_path, capsys):
+    from _toy_data import TOY_GND, write_toy_root
+    from csa.cli import main as csa_main
+
+    root = write_toy_root(tmp_path / "root")
+    n_db = len(TOY_GND["imlist"])
+    full = np.stack([np.random.default_rng(q).permutation(n_db) for q in range(len(TOY_GND["qimlist"]))], axis=1)
+    args = ["evaluate", "--data-root", str(root), "--dataset", "toy", "--features", "feat", "--ranks"]
+    np.save(tmp_path / "top.npy", full[:20])
+    assert csa_main([*args, str(tmp_path / "top.npy")]) == 2
+    assert "20 rows but the database has 40 images" in capsys.readouterr().err
+    wrong = full.copy()
+    wrong[wrong == n_db - 1] = n_db + 7                          # index 47 for 40 images
+    np.save(tmp_path / "wrong.npy", wrong)
+    assert csa_main([*args, str(tmp_path / "wrong.npy")]) == 2
+    assert "outside the database range [0, 39]" in capsys.readouterr().err
+    with pytest.raises(CSAInputError, match="outside the database range"):
+        evaluate_revisited(wrong, TOY_GND)                       # n_db from imlist, also without the CLI
+    np.save(tmp_path / "full.npy", full)
+    assert csa_main([*args, str(tmp_path / "full.npy")]) == 0

@@ -175,3 +175,51 @@ def test_interrupted_extraction_resumes_from_its_finished_shards(tmp_path, monke
     resumed = out.read_bytes()
     prepare.prepare_test_features(tmp_path, "toy", "fake", force=True, **kw)
     assert out.read_bytes() == resumed   # same file as an uninterrupted extraction
+
+
+def _processes_with(marker: str) -> dict[int, dict[str, str]]:
+    """pid -> environment of the live processes whose environment holds ``CSA_TEST_MARKER=marker``."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            env = dict(item.split("=", 1) for item in (entry / "environ").read_bytes().decode(errors="replace")
+                       .split("\0") if "=" in item)
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            if env.get("CSA_TEST_MARKER") == marker and state != "Z":
+                found[int(entry.name)] = env
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc to find the training processes")
+def test_a_training_process_killed_under_torchrun_is_named_in_one_line(tmp_path, monkeypatch):
+    import threading
+
+    from csa.training.launch import launch_training
+
+    write_toy_trainset(tmp_path)
+    marker = f"ddp-kill-{os.getpid()}-{tmp_path.name}"
+    monkeypatch.setenv("CSA_TEST_MARKER", marker)
+    killed: list[int] = []
+
+    def kill_rank_one() -> None:
+        def rank_one() -> list[int]:
+            return [pid for pid, env in _processes_with(marker).items() if env.get("RANK") == "1"]
+        wait_until(lambda: bool(rank_one()), what="rank 1 starting")
+        history = tmp_path / "run" / "history.json"
+        wait_until(history.exists, what="a finished epoch")               # the ranks are training together
+        killed.append(rank_one()[0])
+        os.kill(killed[0], signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_rank_one, daemon=True)
+    killer.start()
+    with pytest.raises(RuntimeError) as err:
+        launch_training(tiny_config(tmp_path, num_epochs=60, warmup_epochs=1), nproc_per_node=2, echo=lambda _: None,
+                        threads_per_process=1)
+    killer.join()
+    message = str(err.value)
+    assert message.startswith(f"training failed: training process rank 1 (pid {killed[0]}) was killed by SIGKILL")
+    assert "\n" not in message and "Connection" not in message
+    wait_until(lambda: not _processes_with(marker), what="every training process gone")
