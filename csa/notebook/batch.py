@@ -209,7 +209,8 @@ def _check_same_batch(out_dir: Path, record: dict[str, Any], notebook: Path, key
                       names: list[str]) -> None:
     """Refuse an ``--out`` folder that holds the runs of another notebook or grid (their results would be lost)."""
     ours = {f"{n}.ipynb" for n in names} | {f"{n}{FAILED}" for n in names}
-    foreign = sorted(p.name for p in out_dir.glob("*.ipynb") if p.name not in ours)
+    foreign = sorted(p.name for p in out_dir.glob("*.ipynb")
+                     if p.name not in ours and not p.name.startswith("."))   # hidden: a killed run's leftovers
     other = record and (record.get("notebook") != notebook.stem or record.get("keys") != keys)
     unowned = not record and (out_dir / "results.csv").is_file()
     if foreign or other or unowned:
