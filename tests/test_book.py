@@ -103,7 +103,7 @@ def test_book_builds_without_warnings_and_renders_results_page(executed_notebook
         book, missing = prepare_book_copy(Path(tmp), executed_notebooks.out)
         assert not missing, f"pages missing from the papermill run: {missing}"
         proc = run_isolated([str(jb), "build", str(book), "-W", "--keep-going"], capture_output=True,
-                              text=True, cwd=tmp)
+                            text=True, cwd=tmp)
         log = proc.stdout + proc.stderr
         assert proc.returncode == 0, f"book build failed:\n{log[-6000:]}"
         warnings = [line for line in log.splitlines() if re.search(r"\bWARNING\b", line)]
@@ -128,7 +128,7 @@ def test_book_builds_without_warnings_and_renders_results_page(executed_notebook
         assert "<h1" in dom.stdout
         # equations render from the built site itself (MathJax in _static/, no network needed)
         model = run_isolated([chromium, *flags, "--dump-dom", (html / "csa_model.html").as_uri()],
-                               capture_output=True, text=True)
+                             capture_output=True, text=True)
         assert model.returncode == 0, model.stderr[-2000:]
         assert model.stdout.count("<mjx-container") >= 10, "equations of the model page are not rendered"
         assert "\\[" not in model.stdout and "$$" not in model.stdout, "raw TeX left on the model page"
@@ -137,7 +137,7 @@ def test_book_builds_without_warnings_and_renders_results_page(executed_notebook
         shot = ARTIFACTS / "book_results_page.png"
         shot.unlink(missing_ok=True)
         grab = run_isolated([chromium, *flags, "--window-size=1400,1200", f"--screenshot={shot}", page],
-                              capture_output=True, text=True)
+                            capture_output=True, text=True)
         assert grab.returncode == 0, grab.stderr[-2000:]
         assert shot.is_file() and shot.stat().st_size > 10_000, "the screenshot is missing or empty"
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
