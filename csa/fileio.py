@@ -290,11 +290,12 @@ def load_pickle(path: str | os.PathLike) -> Any:
 MANIFEST_NAME = "manifest.json"
 
 
-def read_manifest(folder: str | os.PathLike) -> dict[str, dict]:
+def read_manifest(folder: str | os.PathLike, only: str | None = None) -> dict[str, dict]:
     """The ``manifest.json`` of ``folder`` as ``{file name: {'sha256': hex, ...}}`` ({} when there is none).
 
     A manifest that is not valid JSON, not an object of objects, or has an entry without a sha256
-    raises one :class:`CSAInputError` naming it.
+    raises one :class:`CSAInputError` naming it.  With ``only``, just that file's entry is checked
+    and returned (entries of other files are not looked at).
     """
     path = Path(folder, MANIFEST_NAME)
     if not path.is_file():
@@ -304,9 +305,13 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, dict]:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CSAInputError(f"{path} is damaged ({exc}); restore it from version control or release the "
                             f"weights again") from exc
-    bad = ([] if isinstance(manifest, dict) else ["<top level>"]) or [
-        name for name, entry in manifest.items()
-        if not isinstance(entry, dict) or not re.fullmatch(r"[0-9a-f]{64}", str(entry.get("sha256", "")))]
+    if not isinstance(manifest, dict):
+        raise CSAInputError(f"{path} is damaged: it holds a {type(manifest).__name__}, not an object of files; "
+                            f"restore it from version control or release the weights again")
+    if only is not None:
+        manifest = {only: manifest[only]} if only in manifest else {}
+    bad = [name for name, entry in manifest.items()
+           if not isinstance(entry, dict) or not re.fullmatch(r"[0-9a-f]{64}", str(entry.get("sha256", "")))]
     if bad:
         raise CSAInputError(f"{path} is damaged: {bad[:3]} must each map to an object with a 64-digit 'sha256'; "
                             f"restore it from version control or release the weights again")
@@ -319,7 +324,7 @@ def check_manifest_digest(path: str | os.PathLike) -> None:
     Nothing happens when the folder has no manifest or the manifest does not list the file.
     """
     path = Path(path)
-    entry = read_manifest(path.parent).get(path.name)
+    entry = read_manifest(path.parent, only=path.name).get(path.name)
     if entry is None:
         return
     actual = sha256_file(path)

@@ -84,3 +84,13 @@ def test_verify_release_needs_the_file_in_the_manifest(tmp_path):
     with pytest.raises(CSAInputError, match="not listed"):
         verify_release(stray)
     assert load_model(stray)                                     # unlisted files load (no manifest claim)
+
+
+def test_a_load_looks_only_at_its_own_manifest_entry(tmp_path):
+    out = released(tmp_path)
+    manifest = json.loads((out.parent / "manifest.json").read_text())
+    manifest["notes.txt"] = "not a release entry"                # someone else's entry: not this file's business
+    (out.parent / "manifest.json").write_text(json.dumps(manifest))
+    assert load_model(out).config["anchor_len"] == 16
+    with pytest.raises(CSAInputError, match=r"damaged: \['notes.txt'\]"):   # a new release rewrites it: refused
+        release(trained(tmp_path, "b", 2), tmp_path / "demo", TRAINSET, "demo", "csa train ...", "toy5k")

@@ -82,7 +82,7 @@ def finish_interrupted_releases(folder: str | os.PathLike) -> list[Path]:
     completed = []
     for staged in sorted(folder.glob(".*.staged")):
         final = folder / staged.name[1:-len(".staged")]
-        entry = read_manifest(folder).get(final.name)
+        entry = read_manifest(folder, only=final.name).get(final.name)
         if entry is not None and sha256_file(staged) == entry["sha256"]:
             os.replace(staged, final)
             completed.append(final)
@@ -99,7 +99,7 @@ def verify_release(path: str | os.PathLike) -> Path:
     """
     path = Path(path)
     finish_interrupted_releases(path.parent)
-    if path.name not in read_manifest(path.parent):
+    if path.name not in read_manifest(path.parent, only=path.name):
         raise CSAInputError(f"{path} is not listed in {path.parent / MANIFEST_NAME}; release it with "
                             f"`csa demo release` so that its sha256 is recorded")
     check_manifest_digest(path)
