@@ -59,6 +59,10 @@ def failed_process(lines: list[str]) -> str | None:
     return f"{who} exited with status {status}"
 
 
+#: How :func:`peer_lost_error` begins its message after the rank.
+_PEER_LOST_PREFIX = "another training process stopped"
+
+
 def peer_lost_error(exc: BaseException) -> CSAError | None:
     """A one-line error for a training process whose peer died (gloo/NCCL socket errors), else None."""
     text = str(exc)
@@ -66,7 +70,7 @@ def peer_lost_error(exc: BaseException) -> CSAError | None:
         return None
     rank = os.environ.get("RANK", "?")
     first = (text.strip().splitlines() or [""])[0][:120]
-    return CSAError(f"rank {rank}: another training process stopped (killed or crashed), so this one cannot go on "
+    return CSAError(f"rank {rank}: {_PEER_LOST_PREFIX} (killed or crashed), so this one cannot go on "
                     f"({first}); torchrun's report names the process that died; resume with --resume")
 
 
@@ -107,8 +111,9 @@ def launch_training(config: TrainConfig, nproc_per_node: int = 1, echo: Callable
             # tqdm redraws with carriage returns: show only the final state of each line
             line = raw.rstrip("\n").split("\r")[-1]
             tail = (tail + [line])[-60:]
-            if line.startswith(TRAIN_ERROR) and error is None:
-                error = line[len(TRAIN_ERROR):].strip()
+            message = line[len(TRAIN_ERROR):].strip() if line.startswith(TRAIN_ERROR) else None
+            if message and (error is None or (_PEER_LOST_PREFIX in error and _PEER_LOST_PREFIX not in message)):
+                error = message  # the first cause, not a rank that only lost its peer
             echo(line)
         code = proc.wait()
     if code != 0:
