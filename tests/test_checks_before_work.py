@@ -207,3 +207,29 @@ def test_a_killed_training_process_is_named_in_one_line(monkeypatch):
     assert str(lost).startswith("rank 0: another training process stopped")
     assert peer_lost_error(RuntimeError("CUDA out of memory")) is None
     assert torch.distributed.is_available()
+
+
+def test_launch_reports_the_first_cause_not_a_rank_that_lost_its_peer(tmp_path, monkeypatch):
+    import csa.training.launch as launch
+    from _train_helpers import tiny_config
+
+    output = ["csa train: error: rank 1: another training process stopped (killed or crashed), so this one ...",
+              "csa train: error: the disk is full (or a file-size limit was reached) while writing run/checkpoint.pth",
+              *TORCHRUN_REPORT.replace("-9 (pid: 4101)", "1 (pid: 4101)").splitlines()]
+
+    class FinishedRun:                                          # what Popen gives back: the run's output, status 1
+        def __init__(self, *args, **kwargs):
+            self.stdout = iter(line + "\n" for line in output)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def wait(self):
+            return 1
+
+    monkeypatch.setattr(launch.subprocess, "Popen", FinishedRun)
+    with pytest.raises(RuntimeError, match=r"^training failed: the disk is full .*checkpoint.pth$"):
+        launch.launch_training(tiny_config(tmp_path), nproc_per_node=2, echo=lambda _: None)
