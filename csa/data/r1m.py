@@ -10,6 +10,7 @@ chunk by chunk.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -89,6 +90,18 @@ def simulate_distractors(n: int, d: int, seed: int = 0, dtype: Any = np.float32,
     return np.load(path, mmap_mode="r")
 
 
+def _reserve_blocks(path: Path) -> None:
+    """Allocate every block of ``path`` now (a full disk raises ENOSPC here); a no-op where unsupported."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    with open(path, "rb+") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+
+
 @contextlib.contextmanager
 def _memmap_written(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> Iterator[np.ndarray]:
     """A writable ``.npy`` memory map at ``.<name>.partial``, moved onto ``path`` when the body succeeds.
@@ -100,9 +113,7 @@ def _memmap_written(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> Iter
     tmp = path.with_name(f".{path.name}.partial")   # a killed run's partial file is overwritten here
     try:
         mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
-        with open(tmp, "rb+") as f:
-            if hasattr(os, "posix_fallocate"):
-                os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        _reserve_blocks(tmp)
         yield mm
         mm.flush()
         del mm
