@@ -93,6 +93,8 @@ def parameter_cells(notebook: str, monkeypatch, **injected) -> dict:
     ("03_reranking.ipynb", {"topk": 0}, "topk=0 is invalid"),
     ("05_comparison.ipynb", {"topk": 0}, "topk=0 is invalid: expected an integer >= 5 .*k2"),
     ("05_comparison.ipynb", {"n_boot": 10}, "n_boot=10"),
+    ("04_qualitative_top10.ipynb", {"k": 0}, "k=0 is invalid"),
+    ("06_ablation.ipynb", {"n_boot": 10}, "n_boot=10 is invalid"),
 ])
 def test_notebook_parameters_are_checked_right_after_the_parameters_cell(monkeypatch, notebook, injected, fact):
     with pytest.raises(CSAInputError, match=fact):
@@ -100,8 +102,9 @@ def test_notebook_parameters_are_checked_right_after_the_parameters_cell(monkeyp
 
 
 def test_notebook_defaults_pass_their_checks(monkeypatch):
-    for notebook in ("01_data_preparation.ipynb", "02_training.ipynb", "03_reranking.ipynb", "05_comparison.ipynb"):
-        assert parameter_cells(notebook, monkeypatch)["params"]
+    for notebook in ("01_data_preparation.ipynb", "02_training.ipynb", "03_reranking.ipynb",
+                     "04_qualitative_top10.ipynb", "05_comparison.ipynb", "06_ablation.ipynb"):
+        assert parameter_cells(notebook, monkeypatch)["guard"]
 
 
 def test_batch_refuses_an_out_folder_holding_another_grids_runs(tmp_path):
