@@ -125,6 +125,10 @@ def test_batch_refuses_an_out_folder_holding_another_grids_runs(tmp_path):
     (out / "batch.json").write_text("{broken")
     with pytest.raises(CSAInputError, match="batch.json is damaged"):
         run_grid(nb, {"topk": [2]}, out, progress=False)
+    (out / "batch.json").unlink()                                # a folder from before batch.json ...
+    (out / "grid__topk-2.ipynb").write_text("{}")               # ... holding a run of this grid is adopted
+    from csa.notebook.batch import _check_same_batch
+    _check_same_batch(out, {}, nb, ["topk"], ["grid__topk-2"])
 
 
 @pytest.mark.slow

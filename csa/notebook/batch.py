@@ -212,7 +212,9 @@ def _check_same_batch(out_dir: Path, record: dict[str, Any], notebook: Path, key
     foreign = sorted(p.name for p in out_dir.glob("*.ipynb")
                      if p.name not in ours and not p.name.startswith("."))   # hidden: a killed run's leftovers
     other = record and (record.get("notebook") != notebook.stem or record.get("keys") != keys)
-    unowned = not record and (out_dir / "results.csv").is_file()
+    # a folder from before batch.json existed is adopted when it holds runs of this grid
+    unowned = not record and (out_dir / "results.csv").is_file() and not any((out_dir / f"{n}.ipynb").is_file()
+                                                                            for n in names)
     if foreign or other or unowned:
         what = (f"runs of another grid ({', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''})" if foreign else
                 f"the batch {record.get('notebook')!r} over {record.get('keys')}" if other else
