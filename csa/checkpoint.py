@@ -28,7 +28,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
-from csa.fileio import atomic_write
+from csa.fileio import atomic_write, check_manifest_digest
 from csa.model import RerankTransformer, unwrap
 from csa.validation import CSAInputError
 
@@ -104,6 +104,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, epoch: int, **ext
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read a checkpoint file safely (``weights_only=True``) into a dict with a ``'state_dict'``.
 
+    A file listed in a ``manifest.json`` beside it (released weights) must have the sha256 recorded there.
     A bare state dict is wrapped as ``{'state_dict': sd}``; a ``'module.'`` prefix left by
     DistributedDataParallel is removed.  A stored digest is verified and the weights must be
     finite; every unreadable file raises one :class:`CSAInputError` naming it.
@@ -114,6 +115,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if os.path.getsize(path) == 0:
         raise CSAInputError(f"checkpoint {path!r} is empty (0 bytes): it was never written completely; "
                             f"re-download or re-save it")
+    check_manifest_digest(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, not a torch file, unpickling refused...

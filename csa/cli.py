@@ -173,14 +173,13 @@ def _cmd_demo_experiment(args: argparse.Namespace) -> int:
     from csa.fileio import save_table
     from csa.training import selection
 
+    selection.check_experiment(args.root, args.trainset, args.out, getattr(args, "folds", None),
+                               getattr(args, "seeds", None), getattr(args, "fractions", None),
+                               getattr(args, "setting", None))
     if args.demo_command == "select":
         table = selection.select_recipe(args.root, args.trainset, n_folds=args.folds)
         print(table.groupby("setting", sort=False)["medium_gain"].agg(["mean", "min", "max"]).round(2).to_string())
         print(f"chosen: {selection.choose(table)}")
-    elif args.setting not in selection.GRID:
-        from csa.validation import CSAInputError
-
-        raise CSAInputError(f"unknown setting {args.setting!r}; choose one of {list(selection.GRID)}")
     elif args.demo_command == "seeds":
         table = selection.seed_sweep(args.root, args.trainset, selection.GRID[args.setting], args.seeds)
     else:

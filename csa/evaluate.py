@@ -12,8 +12,10 @@ revisitop's mP@k crashes (max of an empty array); here that query's AP is 0 and 
 
 Inputs are checked before any number is computed (revisitop checks nothing): every column of
 ``ranks`` must list distinct, non-negative database indices (and indices below ``n_db`` when the
-database size is given), ground-truth index lists must be integers, and ``kappas`` positive.  A
-duplicated or negative index would otherwise give impossible scores (an AP above 100%).
+database size is known: given as ``n_db`` or read from the ground truth's ``imlist``), a ranking of a
+known database must list all of it unless the caller declares a short list (``short_list=True``),
+ground-truth index lists must hold whole numbers, and ``kappas`` positive.  A duplicated or negative
+index would otherwise give impossible scores (an AP above 100%).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from csa.validation import CSAInputError, as_numpy, check_gnd, check_kappas, che
 
 __all__ = ["compute_ap", "compute_map", "protocol_gnd", "evaluate_revisited", "format_revisited",
            "print_revisited", "query_scores", "protocol_summary", "random_ranking_map", "PROTOCOLS",
-           "PROTOCOL_SETS"]
+           "PROTOCOL_SETS", "database_size"]
 
 PROTOCOLS = ("easy", "medium", "hard")
 
@@ -85,16 +87,47 @@ def _means(aps: np.ndarray, prs: np.ndarray) -> tuple[float, np.ndarray]:
     return float(np.nansum(aps) / n), np.nansum(prs, axis=0) / n
 
 
-def compute_map(ranks: Any, gnd: Sequence[dict], kappas: Sequence[int] = (), n_db: int | None = None
-                ) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+def compute_map(ranks: Any, gnd: Sequence[dict], kappas: Sequence[int] = (), n_db: int | None = None,
+                short_list: bool = False) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
     """revisitop ``compute_map``: returns ``(map, aps, pr, prs)`` (fractions, not percent).
 
-    ``ranks``: (N or K, Q) database indices; ``gnd``: per query dict with 'ok' and optional 'junk';
-    ``n_db``: the database size, when known (then indices must be below it).
+    ``ranks``: (N or K, Q) database indices; ``gnd``: per query dict with 'ok' and optional 'junk'
+    (integer indices; float arrays of whole numbers, as revisitop's ``np.concatenate`` of empty lists
+    makes them, are accepted); ``n_db``: the database size, when known (then indices must be below it
+    and the ranking must have ``n_db`` rows unless ``short_list=True`` says it is a top-K list).
     """
     gnd = check_gnd(gnd, n_db=n_db)
-    ranks = check_ranks(as_numpy(ranks), n_db, len(gnd))
+    ranks = _checked_ranks(ranks, n_db, len(gnd), short_list)
     return _compute_map(ranks, gnd, check_kappas(kappas))
+
+
+def database_size(gnd: Any, n_rows: int, n_db: int | None = None) -> int | None:
+    """The database size a ranking of ``n_rows`` rows is scored against.
+
+    ``n_db`` when given; else, when ``gnd`` is the whole revisitop dict, the length of its ``imlist``
+    (or ``n_rows`` when the ranking is longer: a database extended with distractors, as in +R1M,
+    ranks more images than the ground truth lists); else unknown (None).
+    """
+    if n_db is not None:
+        return n_db
+    if isinstance(gnd, dict) and "imlist" in gnd:
+        try:
+            listed = len(gnd["imlist"])
+        except TypeError:
+            raise CSAInputError("the ground truth's 'imlist' must be a list of database image names") from None
+        return max(listed, n_rows)
+    return None
+
+
+def _checked_ranks(ranks: Any, n_db: int | None, n_q: int, short_list: bool) -> np.ndarray:
+    """``check_ranks`` plus the completeness rule: a ranking of a known database lists every image
+    unless the caller says it is a short list."""
+    ranks = check_ranks(as_numpy(ranks), n_db, n_q)
+    if n_db is not None and not short_list and ranks.shape[0] < n_db:
+        raise CSAInputError(f"ranks has {ranks.shape[0]} rows but the database has {n_db} images: a partial ranking "
+                            f"would be scored as if the missing positives were never retrieved; give the full (N, Q) "
+                            f"ranking, or pass short_list=True if a top-{ranks.shape[0]} list is meant")
+    return ranks
 
 
 def _compute_map(ranks: np.ndarray, gnd: Sequence[dict], kappas: list[int]
@@ -104,7 +137,7 @@ def _compute_map(ranks: np.ndarray, gnd: Sequence[dict], kappas: list[int]
     aps = np.zeros(nq)
     prs = np.zeros((nq, len(kappas)))
     for i in range(nq):
-        ok = np.asarray(gnd[i]["ok"]).ravel()
+        ok = np.asarray(gnd[i]["ok"]).ravel().astype(np.int64)
         if ok.size == 0:
             aps[i] = np.nan
             prs[i, :] = np.nan
@@ -136,20 +169,24 @@ def protocol_summary(aps: np.ndarray, prs: np.ndarray, kappas: Sequence[int]) ->
             "aps": 100.0 * aps}
 
 
-def evaluate_revisited(ranks: Any, gnd: Any, kappas: Sequence[int] = (1, 5, 10), n_db: int | None = None
-                       ) -> dict[str, dict]:
+def evaluate_revisited(ranks: Any, gnd: Any, kappas: Sequence[int] = (1, 5, 10), n_db: int | None = None,
+                       short_list: bool = False) -> dict[str, dict]:
     """Easy / Medium / Hard results in percent from the raw revisitop ground truth.
 
-    ``gnd``: the revisitop dict or its ``'gnd'`` list; ``n_db``: the database size, when known
-    (ranks and ground truth must then index below it; see :func:`compute_map` for the checks).  Returns
+    ``gnd``: the revisitop dict or its ``'gnd'`` list; ``n_db``: the database size, by default the
+    length of the dict's ``imlist`` (:func:`database_size`).  With a known size, indices must lie in
+    ``[0, n_db)`` and the ranking must list the whole database unless ``short_list=True`` (a top-K
+    list; positives below it count as never retrieved).  Returns
     ``{'easy'|'medium'|'hard': {'map': float, 'mp@k': {k: float}, 'aps': (Q,) array}}``;
     ``aps`` has ``nan`` for queries without positives under that protocol.
     """
+    rows = np.shape(ranks)[0] if np.ndim(ranks) == 2 else 0
+    n_db = database_size(gnd, rows, n_db)
     gnd = check_gnd(gnd, n_db=n_db)
     if any("ok" in g for g in gnd):
         raise CSAInputError("evaluate_revisited needs the raw revisitop gnd (easy/hard/junk per query); for a "
                             "single ok/junk protocol call compute_map")
-    ranks = check_ranks(as_numpy(ranks), n_db, len(gnd))
+    ranks = _checked_ranks(ranks, n_db, len(gnd), short_list)
     kappas = check_kappas(kappas)
     results = {}
     for proto in PROTOCOLS:

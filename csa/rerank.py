@@ -22,7 +22,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from csa.affinity import query_affinity
-from csa.device import resolve_precision
+from csa.device import resolve_device, resolve_precision
 from csa.model import unwrap
 from csa.search import rerank_depth, resort_topk
 from csa.validation import CSAInputError, as_tensor, check_descriptors, check_int, check_ranks, check_topk
@@ -77,7 +77,7 @@ def _score_topk(model, qvecs, dbvecs, ranks, topk, anchor_len, batch_size, devic
         model_device = next(model.parameters()).device
     except StopIteration:
         model_device = torch.device("cpu")
-    dev = torch.device(device) if device is not None else model_device
+    dev = resolve_device(device) if device is not None else model_device
     amp_dtype = resolve_precision(precision, dev)
     if model_device != dev:
         raise CSAInputError(f"the model is on {model_device} but device={dev}; move it with model.to({str(dev)!r})")

@@ -388,16 +388,19 @@ def check_gnd(gnd: Any, n_db: int | None = None, n_q: int | None = None) -> Sequ
             raise CSAInputError(f"gnd[{i}] is missing key(s) {missing}; each query needs 'easy', 'hard', 'junk' "
                                 f"(raw revisitop) or 'ok' (+ optional 'junk') (one protocol)")
         for k in ("ok", "easy", "hard", "junk"):
-            if k in g:
-                _check_index_list(np.asarray(g[k]), f"gnd[{i}]['{k}']", n_db)
+            if k in g:  # a protocol's ok/junk may be floats: revisitop builds them with np.concatenate
+                _check_index_list(np.asarray(g[k]), f"gnd[{i}]['{k}']", n_db, whole_floats="ok" in g)
     return gnd
 
 
-def _check_index_list(idx: np.ndarray, name: str, n_db: int | None) -> None:
+def _check_index_list(idx: np.ndarray, name: str, n_db: int | None, whole_floats: bool = False) -> None:
     if idx.size == 0:
         return
     if not np.issubdtype(idx.dtype, np.integer):
-        raise CSAInputError(f"{name} must hold integer database indices, got {idx.dtype}")
+        whole = (whole_floats and np.issubdtype(idx.dtype, np.floating)
+                 and bool(np.all(np.isfinite(idx) & (idx == np.round(idx)))))
+        if not whole:
+            raise CSAInputError(f"{name} must hold integer database indices, got {idx.dtype}")
     if idx.min() < 0 or (n_db is not None and idx.max() >= n_db):
         bound = f"[0, {n_db - 1}]" if n_db is not None else "[0, N)"
         raise CSAInputError(f"{name} has indices outside {bound}; does the ground truth belong to this database?")

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from _subprocess import run as run_isolated
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -41,7 +42,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def demo_features() -> Path:
     """The demo data root with descriptors extracted (the main job's first step; a no-op when up to date)."""
-    subprocess.run([sys.executable, "-m", "csa", "demo", "extract", "--root", str(DEMO_ROOT)], check=True, cwd=REPO_ROOT)
+    run_isolated([sys.executable, "-m", "csa", "demo", "extract", "--root", str(DEMO_ROOT)], check=True, cwd=REPO_ROOT)
     return DEMO_ROOT
 
 

@@ -1,7 +1,6 @@
 """Tests of csa.notebook.batch: value parsing, fail-fast parameter checks, and real papermill grid runs."""
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -9,6 +8,7 @@ import nbformat
 import pandas as pd
 import pytest
 
+from _subprocess import run
 from csa.notebook.batch import main, parse_grid, parse_params, parse_value, run_grid, run_name
 from csa.validation import CSAInputError
 
@@ -86,7 +86,7 @@ def test_grid_2x2_collects_four_runs_into_one_csv(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "csa", "batch", str(nb), "--grid", "topk=2,3", "anchor_len=10,20",
            "--param", "label=run", "--out", str(out), "--no-progress"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    proc = run(cmd)
     assert proc.returncode == 0, proc.stderr
     table = pd.read_csv(out / "results.csv")
     assert list(table.columns) == ["topk", "anchor_len", "protocol", "map", "label", "cwd"]

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from _subprocess import run
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BENCH = REPO_ROOT / "benchmarks"
@@ -20,8 +21,7 @@ BENCH = REPO_ROOT / "benchmarks"
 
 def run_script(name: str, *args: str, expect_rc: int = 0) -> str:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MPLBACKEND="Agg")
-    proc = subprocess.run([sys.executable, str(BENCH / name), *args], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = run([sys.executable, str(BENCH / name), *args], cwd=REPO_ROOT, env=env)
     assert proc.returncode == expect_rc, f"{name} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout + proc.stderr
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from _subprocess import run as run_isolated
+
 REPO = Path(__file__).resolve().parents[1]
 BOOK = REPO / "book"
 ARTIFACTS = REPO / "artifacts"
@@ -104,8 +106,8 @@ def test_book_builds_without_warnings_and_renders_results_page(executed_notebook
     with tempfile.TemporaryDirectory(prefix="csa-book-") as tmp:
         book, missing = prepare_book_copy(Path(tmp), executed_notebooks.out)
         assert not missing, f"pages missing from the papermill run: {missing}"
-        proc = subprocess.run([str(jb), "build", str(book), "-W", "--keep-going"], capture_output=True,
-                              text=True, timeout=900, cwd=tmp)
+        proc = run_isolated([str(jb), "build", str(book), "-W", "--keep-going"], capture_output=True,
+                            text=True, cwd=tmp)
         log = proc.stdout + proc.stderr
         assert proc.returncode == 0, f"book build failed:\n{log[-6000:]}"
         warnings = [line for line in log.splitlines() if re.search(r"\bWARNING\b", line)]
@@ -123,14 +125,14 @@ def test_book_builds_without_warnings_and_renders_results_page(executed_notebook
         flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
                  "--virtual-time-budget=5000", "--hide-scrollbars"]
-        dom = subprocess.run([chromium, *flags, "--dump-dom", page], capture_output=True, text=True, timeout=120)
+        dom = run_isolated([chromium, *flags, "--dump-dom", page], capture_output=True, text=True)
         assert dom.returncode == 0, dom.stderr[-2000:]
         assert "<table" in dom.stdout, "no <table> in the rendered results page"
         assert re.search(r"<img[^>]+src=", dom.stdout), "no <img> in the rendered results page"
         assert "<h1" in dom.stdout
         # equations render from the built site itself (MathJax in _static/, no network needed)
-        model = subprocess.run([chromium, *flags, "--dump-dom", (html / "csa_model.html").as_uri()],
-                               capture_output=True, text=True, timeout=120)
+        model = run_isolated([chromium, *flags, "--dump-dom", (html / "csa_model.html").as_uri()],
+                             capture_output=True, text=True)
         assert model.returncode == 0, model.stderr[-2000:]
         assert model.stdout.count("<mjx-container") >= 10, "equations of the model page are not rendered"
         assert "\\[" not in model.stdout and "$$" not in model.stdout, "raw TeX left on the model page"
@@ -138,8 +140,8 @@ def test_book_builds_without_warnings_and_renders_results_page(executed_notebook
         ARTIFACTS.mkdir(exist_ok=True)
         shot = ARTIFACTS / "book_results_page.png"
         shot.unlink(missing_ok=True)
-        grab = subprocess.run([chromium, *flags, "--window-size=1400,1200", f"--screenshot={shot}", page],
-                              capture_output=True, text=True, timeout=120)
+        grab = run_isolated([chromium, *flags, "--window-size=1400,1200", f"--screenshot={shot}", page],
+                            capture_output=True, text=True)
         assert grab.returncode == 0, grab.stderr[-2000:]
         assert shot.is_file() and shot.stat().st_size > 10_000, "the screenshot is missing or empty"
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -147,7 +149,7 @@ def test_book_builds_without_warnings_and_renders_results_page(executed_notebook
 
 def test_generated_tables_match_the_package():
     """The published numbers are typed once (csa.compare.published); the book includes the generated files."""
-    out = subprocess.run([sys.executable, str(BOOK / "make_tables.py"), "--check"], capture_output=True, text=True)
+    out = run_isolated([sys.executable, str(BOOK / "make_tables.py"), "--check"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     for page in ("comparison.md", "reproduce.md"):
         assert "{include} generated/published_" in (BOOK / page).read_text()

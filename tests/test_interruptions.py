@@ -2,12 +2,12 @@
 csa batch stopped by Ctrl-C or SIGKILL and started again."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import nbformat
@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
+from _subprocess import finish, kill_group, run, running, wait_for_file, wait_until
 from _train_helpers import tiny_config, write_toy_trainset
 from csa.training.config import config_to_argv
 from csa.training.train import main as train_main
@@ -60,14 +61,18 @@ def test_kill_then_resume_auto_is_bit_identical_and_clears_temporaries(tmp_path)
     run_training(tiny_config(tmp_path, "full", **long))
     killed = tiny_config(tmp_path, "killed", **long)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "csa.training", *config_to_argv(killed)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     history = tmp_path / "killed" / "history.json"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (history.is_file() and len(json.loads(history.read_text())) >= 2):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+
+    def two_epochs_done() -> bool:
+        with contextlib.suppress(OSError, ValueError):
+            return len(json.loads(history.read_text())) >= 2
+        return False
+
+    with running([sys.executable, "-m", "csa.training", *config_to_argv(killed)], env=env,
+                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
+        wait_until(two_epochs_done, proc, "two finished epochs")
+        kill_group(proc)
+        proc.wait()
     stopped_at = torch.load(tmp_path / "killed" / "checkpoint.pth", weights_only=True)["epoch"]
     assert 2 <= stopped_at < 8
     orphan = tmp_path / "killed" / ".checkpoint.pth.k1lledxx.tmp"     # what a kill during a save leaves
@@ -89,19 +94,12 @@ def _slow_grid_notebook(folder: Path, marker: Path) -> Path:
     return path
 
 
-def _start_batch(notebook: Path, out: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "csa", "batch", str(notebook), "--grid", "topk=2,3,4", "--out", str(out),
-           "--no-progress"]
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+def _batch_command(notebook: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "csa", "batch", str(notebook), "--grid", "topk=2,3,4", "--out", str(out),
+            "--no-progress"]
 
 
-def _wait_for(path: Path, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while not path.exists():
-        assert time.time() < deadline, f"{path} never appeared"
-        time.sleep(0.05)
+_BATCH_ENV = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
 
 
 @pytest.mark.slow
@@ -111,24 +109,25 @@ def test_batch_stopped_then_run_again_keeps_finished_runs(tmp_path, stop):
     marker.touch()
     notebook = _slow_grid_notebook(tmp_path, marker)
     out = tmp_path / "out"
-    proc = _start_batch(notebook, out)
-    _wait_for(out / ".grid__topk-3.running.ipynb")                  # run 1 finished, run 2 is executing
-    first = (out / "grid__topk-2.ipynb").stat().st_mtime_ns
-    if stop == "ctrl-c":
-        os.killpg(proc.pid, signal.SIGINT)                          # what a terminal sends
-        _, err = proc.communicate(timeout=60)
-        assert proc.returncode == 130
-        assert err.strip().splitlines()[-1].startswith("csa batch: interrupted")
-        assert not list(out.rglob("*.running.*"))                   # nothing half-written left
-    else:
-        proc.kill()
-        proc.communicate(timeout=60)
+    with running(_batch_command(notebook, out), env=_BATCH_ENV, stdout=subprocess.PIPE,
+                 stderr=subprocess.PIPE) as proc:
+        wait_for_file(out / ".grid__topk-3.running.ipynb", proc)      # run 1 finished, run 2 is executing
+        first = (out / "grid__topk-2.ipynb").stat().st_mtime_ns
+        if stop == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)                          # what a terminal sends
+            _, err = finish(proc)
+            assert proc.returncode == 130
+            assert err.strip().splitlines()[-1].startswith("csa batch: interrupted")
+            assert not list(out.rglob("*.running.*"))                   # nothing half-written left
+        else:
+            kill_group(proc)                                            # the batch and its kernel
+            finish(proc)
     assert not (out / "grid__topk-3.ipynb").exists() and not (out / "runs" / "grid__topk-3.csv").exists()
     assert pd.read_csv(out / "results.csv")["topk"].tolist() == [2, 2]   # lists exactly the finished run
 
     marker.unlink()
-    proc = _start_batch(notebook, out)
-    stdout, stderr = proc.communicate(timeout=180)
+    proc = run(_batch_command(notebook, out), env=_BATCH_ENV)
+    stdout, stderr = proc.stdout, proc.stderr
     assert proc.returncode == 0, stderr
     assert "1 already finished" in stdout
     assert (out / "grid__topk-2.ipynb").stat().st_mtime_ns == first    # not executed again
@@ -176,3 +175,51 @@ def test_interrupted_extraction_resumes_from_its_finished_shards(tmp_path, monke
     resumed = out.read_bytes()
     prepare.prepare_test_features(tmp_path, "toy", "fake", force=True, **kw)
     assert out.read_bytes() == resumed   # same file as an uninterrupted extraction
+
+
+def _processes_with(marker: str) -> dict[int, dict[str, str]]:
+    """pid -> environment of the live processes whose environment holds ``CSA_TEST_MARKER=marker``."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            env = dict(item.split("=", 1) for item in (entry / "environ").read_bytes().decode(errors="replace")
+                       .split("\0") if "=" in item)
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            if env.get("CSA_TEST_MARKER") == marker and state != "Z":
+                found[int(entry.name)] = env
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc to find the training processes")
+def test_a_training_process_killed_under_torchrun_is_named_in_one_line(tmp_path, monkeypatch):
+    import threading
+
+    from csa.training.launch import launch_training
+
+    write_toy_trainset(tmp_path)
+    marker = f"ddp-kill-{os.getpid()}-{tmp_path.name}"
+    monkeypatch.setenv("CSA_TEST_MARKER", marker)
+    killed: list[int] = []
+
+    def kill_rank_one() -> None:
+        def rank_one() -> list[int]:
+            return [pid for pid, env in _processes_with(marker).items() if env.get("RANK") == "1"]
+        wait_until(lambda: bool(rank_one()), what="rank 1 starting")
+        history = tmp_path / "run" / "history.json"
+        wait_until(history.exists, what="a finished epoch")               # the ranks are training together
+        killed.append(rank_one()[0])
+        os.kill(killed[0], signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_rank_one, daemon=True)
+    killer.start()
+    with pytest.raises(RuntimeError) as err:
+        launch_training(tiny_config(tmp_path, num_epochs=60, warmup_epochs=1), nproc_per_node=2, echo=lambda _: None,
+                        threads_per_process=1)
+    killer.join()
+    message = str(err.value)
+    assert message.startswith(f"training failed: training process rank 1 (pid {killed[0]}) was killed by SIGKILL")
+    assert "\n" not in message and "Connection" not in message
+    wait_until(lambda: not _processes_with(marker), what="every training process gone")

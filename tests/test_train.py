@@ -5,13 +5,13 @@ import csv
 import json
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from _subprocess import run
 from _train_helpers import TOY_TRAINSET, tiny_config, write_toy_trainset
 from csa.model import RerankTransformer
 from csa.training.config import TrainConfig, build_parser, config_from_argv
@@ -121,7 +121,7 @@ def test_torchrun_two_processes_equal_single_process(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
     cmd = [str(TORCHRUN), "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
            "-m", "csa.training", *common, "--output-dir", str(tmp_path / "two")]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    proc = run(cmd, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es) x 8" in proc.stdout
     one, two = state(tmp_path / "one" / "checkpoint.pth"), state(tmp_path / "two" / "checkpoint.pth")

@@ -31,17 +31,21 @@ __all__ = ["diffusion", "mutual_knn_graph"]
 def _conjugate_gradient(matvec: Callable[[np.ndarray], np.ndarray], b: np.ndarray, iterations: int,
                         tol: float = 1e-6) -> np.ndarray:
     """Solve A x = b for symmetric positive definite A: at most ``iterations`` CG steps from x0 = 0,
-    stopping when the residual is below ``tol`` times ``||b||``."""
+    stopping when the residual is below ``tol`` times ``||b||`` or at a breakdown (``p·Ap`` not positive
+    and finite, e.g. underflowed to 0 once the residual is already tiny), keeping the iterate reached."""
     x = np.zeros_like(b)
     r = b.copy()
     p = r.copy()
     rs = float(r @ r)
     stop = tol * tol * max(rs, 1e-300)
     for _ in range(iterations):
-        if rs <= stop:
+        if not rs > stop:  # also stops on a nan residual
             break
         ap = matvec(p)
-        step = rs / float(p @ ap)
+        curvature = float(p @ ap)
+        if not (np.isfinite(curvature) and curvature > 0.0):
+            break
+        step = rs / curvature
         x += step * p
         r -= step * ap
         rs_new = float(r @ r)

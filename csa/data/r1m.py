@@ -9,14 +9,17 @@ chunk by chunk.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from csa.fileio import disk_full_error, is_disk_full
 from csa.validation import as_cpu_tensor
 from csa.validation import CSAInputError
 
@@ -82,17 +85,46 @@ def simulate_distractors(n: int, d: int, seed: int = 0, dtype: Any = np.float32,
         return arr
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=dt, shape=(n, d))
+    with _memmap_written(path, dt, (n, d)) as mm:
         fill(mm)
+    return np.load(path, mmap_mode="r")
+
+
+def _reserve_blocks(path: Path) -> None:
+    """Allocate every block of ``path`` now (a full disk raises ENOSPC here); a no-op where unsupported."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    with open(path, "rb+") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+
+
+@contextlib.contextmanager
+def _memmap_written(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> Iterator[np.ndarray]:
+    """A writable ``.npy`` memory map at ``.<name>.partial``, moved onto ``path`` when the body succeeds.
+
+    The file's blocks are reserved before any row is written (``posix_fallocate``), so a full disk
+    raises :class:`csa.fileio.DiskFullError` up front instead of a bus error inside the mapping; on
+    any failure the partial file is removed and ``path`` is left untouched.
+    """
+    tmp = path.with_name(f".{path.name}.partial")   # a killed run's partial file is overwritten here
+    try:
+        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        _reserve_blocks(tmp)
+        yield mm
         mm.flush()
         del mm
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if is_disk_full(exc):
+            raise disk_full_error(path) from exc
         raise
-    return np.load(path, mmap_mode="r")
 
 
 def save_distractors(vecs: Any, path: str | os.PathLike, dtype: Any = "float32", chunk: int = 65536) -> Path:
@@ -109,19 +141,9 @@ def save_distractors(vecs: Any, path: str | os.PathLike, dtype: Any = "float32",
     if path.suffix != ".npy":
         raise CSAInputError(f"distractors are stored as .npy files (memory-mappable); got {path.name!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=dt, shape=shape)
+    with _memmap_written(path, dt, shape) as mm:
         for start in range(0, shape[0], chunk):
             mm[start:start + chunk] = _rows_numpy(vecs, start, min(start + chunk, shape[0]))
-        mm.flush()
-        del mm
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -131,11 +153,17 @@ def load_distractors(path: str | os.PathLike, mmap: bool = True) -> np.ndarray:
     if not path.is_file():
         raise CSAInputError(f"distractor file {str(path)!r} does not exist; create it with "
                             f"csa.data.r1m.save_distractors or simulate_distractors(path=...)")
+    if path.suffix != ".npy":
+        raise CSAInputError(f"distractor file {str(path)!r} is not a .npy file; distractors are read from one (n, d) "
+                            f".npy array (write it with csa.data.r1m.save_distractors)")
     try:
         arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except ValueError as e:
         raise CSAInputError(f"{str(path)!r} is not a valid .npy descriptor file ({e}); "
                             f"it may be truncated: delete it and write it again") from e
+    if not isinstance(arr, np.ndarray):
+        raise CSAInputError(f"{str(path)!r} is not a single .npy array (it reads as {type(arr).__name__}); write the "
+                            f"distractors with csa.data.r1m.save_distractors")
     if arr.ndim != 2 or arr.dtype.name not in _STORAGE_DTYPES:
         raise CSAInputError(f"{str(path)!r} holds an array of shape {arr.shape} and dtype {arr.dtype}; "
                             f"expected (n, d) float16 or float32 descriptors")

@@ -20,6 +20,9 @@ always means a finished run, and running the same command again skips the runs w
 finished with the same parameters (``--force`` runs them again); temporaries left by a killed
 batch are removed when the next one starts.  ``results.csv`` is rebuilt from every finished run of
 the grid.  Ctrl-C stops the batch cleanly: the finished runs stay, ``results.csv`` lists them.
+``DIR/batch.json`` records the notebook, the grid keys and the sha256 of every finished run's table: a
+folder holding another grid's runs is refused (its ``results.csv`` would be replaced), and a table
+edited after its run finished is detected and its run executed again.
 
 Values are Python literals (``ast.literal_eval``: ``128``, ``0.5``, ``True``, ``None``, ``'x'``);
 anything that is not a literal is kept as a string.  Grid values are separated by commas, so a
@@ -43,7 +46,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from csa.fileio import check_output_dir, save_table
+from csa.fileio import atomic_write, check_output_dir, remove_stale_temporaries, save_table, sha256_file
 from csa.validation import CSAInputError, run_command
 
 __all__ = ["parse_value", "parse_grid", "parse_params", "run_name", "check_parameters", "BatchResult", "run_grid", "main"]
@@ -183,6 +186,48 @@ def _finished(notebook: Path, table: Path, parameters: dict[str, Any]) -> bool:
     return not meta.get("exception") and _comparable(meta.get("parameters", {})) == _comparable(parameters)
 
 
+#: The batch's record in its ``--out`` folder: which notebook and grid keys it runs, and the sha256 of every
+#: finished run's table (a table edited by hand after its run no longer matches and is run again).
+RECORD = "batch.json"
+
+
+def _read_record(out_dir: Path) -> dict[str, Any]:
+    path = out_dir / RECORD
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CSAInputError(f"{path} is damaged ({exc}); remove it (the finished runs are run again) or choose "
+                            f"another --out") from exc
+    if not isinstance(record, dict) or not isinstance(record.get("tables", {}), dict):
+        raise CSAInputError(f"{path} is damaged (not a batch record); remove it or choose another --out")
+    return record
+
+
+def _check_same_batch(out_dir: Path, record: dict[str, Any], notebook: Path, keys: list[str],
+                      names: list[str]) -> None:
+    """Refuse an ``--out`` folder that holds the runs of another notebook or grid (their results would be lost)."""
+    ours = {f"{n}.ipynb" for n in names} | {f"{n}{FAILED}" for n in names}
+    foreign = sorted(p.name for p in out_dir.glob("*.ipynb")
+                     if p.name not in ours and not p.name.startswith("."))   # hidden: a killed run's leftovers
+    other = record and (record.get("notebook") != notebook.stem or record.get("keys") != keys)
+    # a folder from before batch.json existed is adopted when it holds runs of this grid
+    unowned = not record and (out_dir / "results.csv").is_file() and not any((out_dir / f"{n}.ipynb").is_file()
+                                                                            for n in names)
+    if foreign or other or unowned:
+        what = (f"runs of another grid ({', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''})" if foreign else
+                f"the batch {record.get('notebook')!r} over {record.get('keys')}" if other else
+                "a results.csv this batch did not write")
+        raise CSAInputError(f"--out {out_dir} holds {what}; re-running there would replace its results.csv: choose "
+                            f"another --out folder (or delete that one)")
+
+
+def _write_record(out_dir: Path, notebook: Path, keys: list[str], tables: dict[str, str]) -> None:
+    with atomic_write(out_dir / RECORD, "w") as f:
+        json.dump({"notebook": notebook.stem, "keys": keys, "tables": tables}, f, indent=1, sort_keys=True)
+
+
 def _remove_leftovers(*folders: Path) -> None:
     """Delete the temporary run files a killed batch left behind."""
     for folder in folders:
@@ -239,8 +284,14 @@ def run_grid(
     if len(set(names)) != len(names):
         raise CSAInputError("two grid points map to the same file name: make the grid values distinct as text")
     out_dir = check_output_dir(out_dir, "--out")
+    record = _read_record(out_dir)
+    _check_same_batch(out_dir, record, notebook, keys, names)
     runs_dir = check_output_dir(out_dir / "runs", "--out")
     _remove_leftovers(out_dir, runs_dir)
+    remove_stale_temporaries(out_dir)
+    remove_stale_temporaries(runs_dir)
+    digests: dict[str, str] = dict(record.get("tables", {}))
+    _write_record(out_dir, notebook, keys, digests)
     results_csv = out_dir / "results.csv"
     tables: dict[int, pd.DataFrame] = {}
     failures: dict[int, str] = {}
@@ -257,7 +308,11 @@ def run_grid(
         final_nb, final_csv = out_dir / f"{names[i]}.ipynb", runs_dir / f"{names[i]}.csv"
         running_nb, running_csv = out_dir / f".{names[i]}{RUNNING}.ipynb", runs_dir / f".{names[i]}{RUNNING}.csv"
         parameters = {**params, **points[i], RESULTS_PARAMETER: str(running_csv.resolve())}
-        if not force and _finished(final_nb, final_csv, parameters):
+        unchanged = final_csv.is_file() and digests.get(names[i]) == sha256_file(final_csv)
+        if not force and final_csv.is_file() and not unchanged:
+            print(f"[csa batch] {final_csv} changed after its run finished (edited by hand?): running "
+                  f"{names[i]} again", file=sys.stderr, flush=True)
+        if not force and unchanged and _finished(final_nb, final_csv, parameters):
             try:
                 table = with_grid_columns(i, pd.read_csv(final_csv))
             except Exception:  # noqa: BLE001 - an unreadable table: run again
@@ -298,6 +353,8 @@ def run_grid(
     def collect(i: int, table: pd.DataFrame | None, error: str | None) -> None:
         if error is None:
             tables[i] = table
+            digests[names[i]] = sha256_file(runs_dir / f"{names[i]}.csv")
+            _write_record(out_dir, notebook, keys, digests)
             write_table()
         else:
             failures[i] = error

@@ -332,7 +332,7 @@ def plot_method_bars(df: Any, protocols: Sequence[str] = ("medium", "hard"), tit
             gain = part[f"{proto}_gain"].to_numpy(float)
             low = values - (gain - part[f"{proto}_gain_low"].to_numpy(float))
             high = values + (part[f"{proto}_gain_high"].to_numpy(float) - gain)
-            err = np.vstack([values - low, high - values])
+            err = np.clip(np.vstack([values - low, high - values]), 0.0, None)  # an interval may miss its estimate
             top = max(top, float(np.nanmax(high)))
             ax.bar(x + (j - (len(protocols) - 1) / 2) * width, values, width, yerr=err, capsize=3,
                    color=f"C{j}", label=f"{proto.capitalize()} mAP")

@@ -22,7 +22,8 @@ from csa.validation import CSAInputError
 
 Rule = type | tuple | Callable[[Any], bool] | None
 
-__all__ = ["ParameterGuard", "parse_pairs", "parse_names", "positive_int"]
+__all__ = ["ParameterGuard", "parse_pairs", "parse_names", "positive_int", "at_least", "MIN_BOOTSTRAP",
+           "check_training_parameters"]
 
 
 class ParameterGuard:
@@ -119,3 +120,47 @@ def parse_names(text: str, parameter: str) -> list[str]:
 def positive_int(value: Any) -> bool:
     """a positive integer"""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def at_least(low: int, why: str = "") -> Callable[[Any], bool]:
+    """A rule accepting integers >= ``low`` (``why`` is added to the error's description)."""
+    def rule(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+    rule.__doc__ = f"an integer >= {low}" + (f" ({why})" if why else "")
+    return rule
+
+
+#: Fewest bootstrap resamples a notebook accepts: below it a 95% percentile interval rests on a handful of
+#: draws and may not even contain its own estimate.
+MIN_BOOTSTRAP = 100
+
+
+def check_training_parameters(data_root: str, trainsets: str, recipe: str, overrides: str) -> None:
+    """Notebook 2's parameters, checked the way ``csa train`` checks its flags, before any training.
+
+    Every name in ``trainsets`` must have its annotation under ``data_root``; ``overrides`` must be
+    ``name=value`` pairs of training options other than the recipe (set with ``recipe``), and the
+    resulting configuration must pass :meth:`csa.training.config.TrainConfig.check`.
+    """
+    from csa.data.layout import clusters_path
+    from csa.training.config import TrainConfig, parse_overrides
+    from csa.training.recipes import DEMO_SELECTED
+
+    names = parse_names(trainsets, "trainsets")
+    missing = [n for n in names if not clusters_path(data_root, n).is_file()]
+    if missing:
+        folder = clusters_path(data_root, "x").parent
+        known = sorted(p.stem for p in folder.glob("*.pkl")) if folder.is_dir() else []
+        raise CSAInputError(f"parameter trainsets names {missing}, which have no annotation in {folder}; known "
+                            f"training sets there: {known or 'none (build or download the data first)'}")
+    changed = parse_overrides(overrides)
+    if "recipe" in changed:
+        raise CSAInputError(f"overrides={overrides!r} sets the recipe, which overrides cannot change; set the "
+                            f"recipe parameter instead (e.g. recipe=\"{changed['recipe']}\")")
+    for name in names:
+        chosen = DEMO_SELECTED[name]["recipe"] if recipe == "selected" and name in DEMO_SELECTED else recipe
+        if chosen == "selected":
+            raise CSAInputError(f"recipe='selected' has no chosen recipe for {name!r} (only for "
+                                f"{sorted(DEMO_SELECTED)}); name a recipe")
+        TrainConfig.from_recipe(chosen, **changed, data_root=data_root, trainset=name).check()

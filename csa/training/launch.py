@@ -11,19 +11,67 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from csa.training.config import TrainConfig, config_to_argv
-from csa.training.train import CHECKPOINT_NAME
-from csa.validation import CSAInputError
+from csa.training.run_folder import CHECKPOINT_NAME
+from csa.validation import CSAError, CSAInputError
 
-__all__ = ["torchrun_command", "launch_training"]
+__all__ = ["torchrun_command", "launch_training", "failed_process", "peer_lost_error"]
 
 #: How ``csa train`` reports an error (see :func:`csa.validation.run_command`).
 TRAIN_ERROR = "csa train: error:"
+
+
+#: What a process's collective operations raise when a peer process has died (gloo / NCCL wording).
+_PEER_LOST = re.compile(r"Connection (reset|closed) by peer|Broken pipe|connectFullMesh|communicator was aborted|"
+                        r"Socket Timeout|peer has closed")
+
+
+def failed_process(lines: list[str]) -> str | None:
+    """One sentence naming the process torchrun reports as the root cause of a failed run, or None.
+
+    Reads the ``Root Cause (first observed failure)`` section torchrun prints (``rank`` and ``exitcode``
+    lines); a negative exit code is a signal (``-9``: SIGKILL, e.g. the out-of-memory killer).
+    """
+    start = next((i for i, line in enumerate(lines) if "Root Cause" in line), None)
+    if start is None:
+        return None
+    section = "\n".join(lines[start:])
+    rank = re.search(r"\brank\s*:\s*(\d+)", section)
+    code = re.search(r"exitcode\s*:\s*(-?\d+)\s*\(pid:\s*(\d+)\)", section)
+    if rank is None or code is None:
+        return None
+    status, pid = int(code.group(1)), code.group(2)
+    who = f"training process rank {rank.group(1)} (pid {pid})"
+    if status < 0:
+        try:
+            name = signal.Signals(-status).name
+        except ValueError:
+            name = f"signal {-status}"
+        return (f"{who} was killed by {name} (killed by hand or by the system, e.g. out of memory); the other "
+                f"processes were stopped; resume from the last checkpoint with resume / --resume")
+    return f"{who} exited with status {status}"
+
+
+#: How :func:`peer_lost_error` begins its message after the rank.
+_PEER_LOST_PREFIX = "another training process stopped"
+
+
+def peer_lost_error(exc: BaseException) -> CSAError | None:
+    """A one-line error for a training process whose peer died (gloo/NCCL socket errors), else None."""
+    text = str(exc)
+    if not _PEER_LOST.search(text):
+        return None
+    rank = os.environ.get("RANK", "?")
+    first = (text.strip().splitlines() or [""])[0][:120]
+    return CSAError(f"rank {rank}: {_PEER_LOST_PREFIX} (killed or crashed), so this one cannot go on "
+                    f"({first}); torchrun's report names the process that died; resume with --resume")
 
 
 def torchrun_command(config: TrainConfig, nproc_per_node: int = 1) -> list[str]:
@@ -62,12 +110,16 @@ def launch_training(config: TrainConfig, nproc_per_node: int = 1, echo: Callable
         for raw in proc.stdout:
             # tqdm redraws with carriage returns: show only the final state of each line
             line = raw.rstrip("\n").split("\r")[-1]
-            tail = (tail + [line])[-30:]
-            if line.startswith(TRAIN_ERROR) and error is None:
-                error = line[len(TRAIN_ERROR):].strip()
+            tail = (tail + [line])[-60:]
+            message = line[len(TRAIN_ERROR):].strip() if line.startswith(TRAIN_ERROR) else None
+            if message and (error is None or (_PEER_LOST_PREFIX in error and _PEER_LOST_PREFIX not in message)):
+                error = message  # the first cause, not a rank that only lost its peer
             echo(line)
         code = proc.wait()
     if code != 0:
+        died = failed_process(tail)
+        if died is not None and (error is None or "killed by" in died):  # a process killed: say which
+            raise RuntimeError(f"training failed: {died}")
         if error is not None:  # the training's own message, not torchrun's traceback
             raise RuntimeError(f"training failed: {error}")
         raise RuntimeError(f"training exited with status {code}; last output:\n" + "\n".join(tail))

@@ -30,15 +30,15 @@ from csa.compare.runner import run_comparison
 from csa.data.demo import CITIES, FEATURE_NAME
 from csa.data.layout import clusters_path, load_clusters, load_gnd, load_test_features, load_train_features, \
     save_clusters, save_train_features
-from csa.fileio import load_pickle
+from csa.fileio import check_output_file, load_pickle
 from csa.rerank import rerank
 from csa.training.config import TrainConfig
 from csa.training.recipes import GRID
 from csa.training.train import run_training
-from csa.validation import CSAInputError
+from csa.validation import CSAInputError, check_float, check_int
 
 __all__ = ["GRID", "TEST_TOPK", "landmark_folds", "held_out_benchmark", "csa_gain", "test_benchmarks", "select_recipe", "choose",
-           "seed_sweep", "learning_curve", "TRAIN_TO_TEST"]
+           "seed_sweep", "learning_curve", "TRAIN_TO_TEST", "check_experiment"]
 
 #: Re-ranking depth K at test time, for every demo measurement.
 TEST_TOPK = 128
@@ -46,6 +46,41 @@ TEST_TOPK = 128
 #: Training set -> the benchmark its model is tested on (the other city).
 TRAIN_TO_TEST = {"rparis6k-mini-train": "roxford5k-mini", "roxford5k-mini-train": "rparis6k-mini"}
 _TRAIN_TO_OWN = {city["trainset"]: dataset for dataset, city in CITIES.items()}
+
+
+def check_experiment(root: str | os.PathLike, trainset: str, out: str | os.PathLike | None = None,
+                     n_folds: int | None = None, seeds: Sequence[int] | None = None,
+                     fractions: Sequence[float] | None = None, setting: str | None = None) -> None:
+    """Check the arguments of a selection, seed sweep or learning curve before any training starts.
+
+    ``out`` (the CSV to write) must be a writable file path; ``n_folds`` at least 2 and at most the
+    number of landmarks; ``seeds`` distinct non-negative integers; ``fractions`` distinct shares in (0, 1];
+    ``setting`` a name of :data:`GRID`.  Raises one :class:`CSAInputError` naming the argument.
+    """
+    if trainset not in TRAIN_TO_TEST:
+        raise CSAInputError(f"unknown trainset {trainset!r}; choose one of {list(TRAIN_TO_TEST)}")
+    if not clusters_path(root, trainset).is_file():
+        raise CSAInputError(f"no trainset {trainset!r} under {os.fspath(root)}; build the demo first "
+                            f"(csa demo build, csa demo extract) or give the demo data root")
+    if out is not None:
+        check_output_file(out, "--out")
+    if setting is not None and setting not in GRID:
+        raise CSAInputError(f"unknown setting {setting!r}; choose one of {list(GRID)}")
+    if n_folds is not None:
+        n_folds = check_int("the number of folds (--folds)", n_folds, 2)
+        landmarks = len(_landmark_sizes(load_clusters(root, trainset, "train")))
+        if n_folds > landmarks:
+            raise CSAInputError(f"{n_folds} folds for {landmarks} landmarks of {trainset}; use at most {landmarks}")
+    if seeds is not None:
+        seeds = [check_int("a seed (--seeds)", s, 0) for s in seeds]
+        if not seeds or len(set(seeds)) != len(seeds):
+            raise CSAInputError(f"seeds must be a non-empty list of distinct integers, got {seeds}")
+    if fractions is not None:
+        shares = [check_float("a fraction of the training landmarks (--fractions)", f, 0.0, 1.0, low_open=True)
+                  for f in fractions]
+        if not shares or len(set(shares)) != len(shares):
+            raise CSAInputError(f"fractions must be distinct shares of the training landmarks in (0, 1], e.g. "
+                                f"0.25 0.5 1.0; got {list(fractions)}")
 
 
 def _landmark_sizes(clusters: Sequence[int]) -> dict[int, int]:
@@ -132,6 +167,7 @@ def _train(data_root: Path, trainset: str, out: Path, seed: int, overrides: Mapp
 def select_recipe(root: str | os.PathLike, trainset: str, grid: Mapping[str, Mapping[str, Any]] = GRID,
                   n_folds: int = 3, seed: int = 0, progress: bool = True) -> pd.DataFrame:
     """Score every setting of ``grid`` on held-out landmarks of ``trainset``'s own city (one row per fold)."""
+    check_experiment(root, trainset, n_folds=n_folds, seeds=[seed])
     root = Path(root)
     own = _TRAIN_TO_OWN[trainset]
     clusters = load_clusters(root, trainset, "train")
@@ -171,6 +207,7 @@ def _train_and_test(root: Path, trainset: str, data_root: Path, name: str, out: 
 def seed_sweep(root: str | os.PathLike, trainset: str, overrides: Mapping[str, Any], seeds: Sequence[int] = (0, 1, 2),
                progress: bool = True) -> pd.DataFrame:
     """Train with each seed on the whole trainset; CSA gains on the test city (official and leave-one-out)."""
+    check_experiment(root, trainset, seeds=seeds)
     root = Path(root)
     rows = []
     with tempfile.TemporaryDirectory(prefix="csa-seeds-") as tmp:
@@ -187,6 +224,7 @@ def learning_curve(root: str | os.PathLike, trainset: str, overrides: Mapping[st
     and measure the CSA gains on the test city.  The photos of the landmarks left out stay in the trainset
     without their label (neighbours and distractors, as the photos without a landmark), so only the
     supervision grows along the curve, not the pool of images."""
+    check_experiment(root, trainset, seeds=seeds, fractions=fractions)
     root = Path(root)
     clusters = load_clusters(root, trainset, "train")
     sizes = _landmark_sizes(clusters)

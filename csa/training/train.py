@@ -49,6 +49,7 @@ from csa.training.distributed import Processes, barrier, setup_processes, teardo
 from csa.training.engine import StepOptions, WarmupCosineSchedule, build_optimizer, train_one_epoch
 from csa.training.recipes import effective_lrs
 from csa.training.rng import derived_seed, rng_state, seed_all, set_rng_state
+from csa.training.launch import peer_lost_error
 from csa.training.run_folder import (CHECKPOINT_NAME, CURVES_EVERY_S, HISTORY_COLUMNS, RESUME_FIXED,
                                      check_resume_matches, neighbour_cache, prepare_output_dir, resolve_resume,
                                      write_history)
@@ -242,7 +243,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps({"config": asdict(config), "overrides": config.recipe_overrides(),
                               "effective_lrs": effective_lrs(asdict(config))}, indent=1))
             return 0
-        run_training(config)
+        try:
+            run_training(config)
+        except RuntimeError as exc:  # a peer process died: say so instead of the socket error
+            lost = peer_lost_error(exc)
+            if lost is None:
+                raise
+            raise lost from exc
         return 0
 
     return run_command("csa train", train)
