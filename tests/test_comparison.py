@@ -151,10 +151,10 @@ def test_summary_table_marks_only_gains_whose_interval_excludes_zero():
     ]
     view = summary_table(pd.DataFrame(rows, columns=COLUMNS))
     assert list(view.index) == ["first stage", "A", "B"]
-    assert view.loc["first stage", "M gain [95% CI]"] == ""
-    assert view.loc["A", "M gain [95% CI]"] == "+5.0 [+1.0, +9.0] *"
-    assert view.loc["A", "H gain [95% CI]"] == "-1.0 [-3.0, +0.5]"      # contains 0: no star
-    assert view.loc["B", "M gain [95% CI]"] == "-5.0 [-9.0, -2.0] *"    # significantly worse
+    assert view.loc["first stage", "M gain [95% CI, queries]"] == ""
+    assert view.loc["A", "M gain [95% CI, queries]"] == "+5.0 [+1.0, +9.0] *"
+    assert view.loc["A", "H gain [95% CI, queries]"] == "-1.0 [-3.0, +0.5]"      # contains 0: no star
+    assert view.loc["B", "M gain [95% CI, queries]"] == "-5.0 [-9.0, -2.0] *"    # significantly worse
     assert view.loc["A", "E"] == 32.0
     assert view.loc["A", "offline s"] == 2.5 and np.isnan(view.loc["B", "offline s"])
 

@@ -22,7 +22,8 @@ SOURCES = {
     "diffusion": "k = 50 (the node itself included), α = 0.99, γ = 3, 20 CG steps, query k = 10, no truncation: "
                  "the global-descriptor setting of the authors' code (Iscen et al. 2017)",
     "k-reciprocal": "k1 = 20, k2 = 6, λ = 0.3 (Zhong et al. 2017), on each query's own top-K",
-    "affinity cosine": "the CSA paper's untrained baseline with the CSA model's K and L",
+    "affinity cosine": "the CSA paper's untrained baseline (L = 512 in the paper); default_methods gives it the CSA "
+                       "model's K and L",
 }
 
 

@@ -3,7 +3,9 @@
 :func:`run_comparison` evaluates every method on the same first-stage ranking and reports
 Easy / Medium / Hard mAP, Medium mP@10, CPU time per query and the paired-bootstrap interval of
 each method's Medium and Hard gain over the first stage (queries resampled jointly, so the
-interval is about the *difference*, not two independent noises).  :func:`summary_table` makes it
+interval is about the *difference*, not two independent noises).  With ``groups`` (one landmark id per
+query, :func:`query_landmarks`) the interval resamples whole landmarks, the independent unit, and the
+per-query interval is kept as a labelled second column.  :func:`summary_table` makes it
 readable; :func:`gain_between` measures one method against another (not the first stage) on the same
 queries; :func:`first_stage_report` gives one dataset's first stage with intervals and chance level.
 """
@@ -13,6 +15,7 @@ import os
 import time
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
@@ -20,23 +23,28 @@ from csa.compare.published import FIRST_STAGE
 from csa.evaluate import evaluate_revisited, format_revisited, random_ranking_map, PROTOCOLS
 from csa.largescale import first_stage_large, rerank_large
 from csa.search import first_stage
-from csa.stats import bootstrap_map_ci, paired_bootstrap_gain
-from csa.validation import CSAInputError, check_descriptors, check_gnd, check_ranks, descriptors_checked
+from csa.stats import bootstrap_map_ci, count_groups, paired_bootstrap_gain
+from csa.validation import CSAInputError, check_descriptors, check_gnd, check_ranks, descriptors_checked, gnd_list
 
 __all__ = ["run_comparison", "run_comparison_large", "summary_table", "gain_between", "format_gain",
-           "first_stage_report", "COLUMNS"]
+           "first_stage_report", "query_landmarks", "COLUMNS", "QUERY_COLUMNS"]
 
 #: Columns of the table returned by :func:`run_comparison` (mAP / mP@10 / gains in percent points).
 COLUMNS = ["method", "easy_map", "medium_map", "hard_map", "medium_mp@10", "ms_per_query",
            "medium_gain", "medium_gain_low", "medium_gain_high",
            "hard_gain", "hard_gain_low", "hard_gain_high", "offline_s"]
+#: Columns added after :data:`COLUMNS` when ``groups`` is given: the number of landmarks (the unit of the
+#: gain intervals above) and the per-query intervals of the same gains.
+QUERY_COLUMNS = ["landmarks", "medium_gain_query_low", "medium_gain_query_high",
+                 "hard_gain_query_low", "hard_gain_query_high"]
 
 Method = Callable[[Any, Any, Any], Any]
 
 
 def run_comparison(qvecs: Any, dbvecs: Any, gnd: Sequence[dict], methods: Mapping[str, Method],
                    first_stage_ranks: Any = None, n_boot: int = 10000, seed: int = 0, level: float = 0.95,
-                   progress: bool = True, settings: Mapping[str, Mapping[str, Any]] | None = None) -> pd.DataFrame:
+                   progress: bool = True, settings: Mapping[str, Mapping[str, Any]] | None = None,
+                   groups: Any = None) -> pd.DataFrame:
     """Evaluate ``methods`` (name -> ``f(qvecs, dbvecs, ranks) -> ranks``) against the first stage.
 
     ``gnd`` is the raw revisitop ground truth (list of {'easy', 'hard', 'junk'}, one per query, or the
@@ -53,8 +61,11 @@ def run_comparison(qvecs: Any, dbvecs: Any, gnd: Sequence[dict], methods: Mappin
     method, queries without positives excluded).  The first-stage row has gain 0 [0, 0].
     ``settings`` (method name -> {column: value}, e.g. ``{'CSA': {'topk': 128, 'anchor_len': 64}}``)
     adds those values as columns after ``method`` (empty for the other rows).
-    ``table.attrs["aps"]`` keeps every row's per-query APs ({method: {protocol: array}}) for
-    :func:`gain_between`.
+    ``groups`` (one landmark id per query, e.g. :func:`query_landmarks`) makes the gain intervals resample
+    whole landmarks (:func:`csa.stats.paired_bootstrap_gain` with ``groups``) and appends
+    :data:`QUERY_COLUMNS`: the number of landmarks and the per-query intervals, labelled as such.
+    ``table.attrs["aps"]`` keeps every row's per-query APs ({method: {protocol: array}}) and
+    ``table.attrs["groups"]`` the landmark ids (or None) for :func:`gain_between`.
     """
     qvecs, dbvecs = check_descriptors(qvecs, dbvecs, normalize="warn")
     n_q, n_db = qvecs.shape[0], dbvecs.shape[0]
@@ -67,6 +78,7 @@ def run_comparison(qvecs: Any, dbvecs: Any, gnd: Sequence[dict], methods: Mappin
             first_stage_ranks = first_stage(qvecs, dbvecs)
         first_ms = 1000.0 * (time.perf_counter() - start) / n_q
     check_ranks(first_stage_ranks, n_db, n_q)
+    groups = _check_groups(groups, n_q)
 
     def run(method: Method) -> Any:
         with descriptors_checked():  # checked once above; the methods skip the full pass
@@ -78,13 +90,13 @@ def run_comparison(qvecs: Any, dbvecs: Any, gnd: Sequence[dict], methods: Mappin
 
     return _comparison_table(methods, run, lambda ranks: evaluate_revisited(ranks, gnd),
                              evaluate_revisited(first_stage_ranks, gnd), first_ms, n_q, n_boot, seed, level,
-                             progress, settings, prepare)
+                             progress, settings, prepare, groups)
 
 
 def run_comparison_large(qvecs: Any, db: Any, gnd: Sequence[dict], methods: Mapping[str, Method], depth: int,
                          n_boot: int = 10000, seed: int = 0, level: float = 0.95, chunk_size: int = 8192,
                          batch_size: int = 8, progress: bool = True,
-                         settings: Mapping[str, Mapping[str, Any]] | None = None) -> pd.DataFrame:
+                         settings: Mapping[str, Mapping[str, Any]] | None = None, groups: Any = None) -> pd.DataFrame:
     """:func:`run_comparison` over a database too large for memory (e.g. +R1M distractors, memory-mapped).
 
     The first stage streams ``db`` once (:func:`csa.largescale.first_stage_large`) and keeps the top
@@ -92,16 +104,18 @@ def run_comparison_large(qvecs: Any, db: Any, gnd: Sequence[dict], methods: Mapp
     those short lists from their rows only (:func:`csa.largescale.rerank_large`, blocks of
     ``batch_size`` queries), so ``depth`` must cover what every method reads (CSA: max(K, L-1)).
     The evaluation is exact (positions below the re-ranked top are the first stage's). Same table as
-    :func:`run_comparison`; the first-stage ``ms_per_query`` is the streaming search.
+    :func:`run_comparison` (``groups``: landmark-level intervals); the first-stage ``ms_per_query`` is the
+    streaming search.
     """
     _check_methods(methods)
     start = time.perf_counter()
     shortlist = first_stage_large(qvecs, db, gnd, depth=depth, chunk_size=chunk_size, progress=progress)
     n_q = shortlist.ranks.shape[1]
+    groups = _check_groups(groups, n_q)
     first_ms = 1000.0 * (time.perf_counter() - start) / n_q
     return _comparison_table(methods, lambda m: rerank_large(m, qvecs, db, shortlist.ranks, batch_size, False),
                              shortlist.evaluate, shortlist.evaluate(), first_ms, n_q, n_boot, seed, level,
-                             progress, settings)
+                             progress, settings, None, groups)
 
 
 def _check_methods(methods: Mapping[str, Method]) -> None:
@@ -114,16 +128,26 @@ def _check_methods(methods: Mapping[str, Method]) -> None:
             raise CSAInputError(f"methods[{name!r}] is not callable: {method!r}")
 
 
+def _check_groups(groups: Any, n_q: int) -> list | None:
+    if groups is None:
+        return None
+    ids = np.asarray(groups).ravel()
+    if ids.size != n_q:
+        raise CSAInputError(f"groups has {ids.size} entries but there are {n_q} queries; give one landmark id per "
+                            f"query, in query order (csa.compare.runner.query_landmarks)")
+    return ids.tolist()  # a plain list: pandas compares attrs when frames are concatenated
+
+
 def _comparison_table(methods: Mapping[str, Method], run: Callable[[Method], Any], evaluate: Callable[[Any], dict],
                       base: dict, first_ms: float, n_q: int, n_boot: int, seed: int, level: float, progress: bool,
                       settings: Mapping[str, Mapping[str, Any]] | None,
-                      prepare: Callable[[Any], Any] | None = None) -> pd.DataFrame:
+                      prepare: Callable[[Any], Any] | None = None, groups: list | None = None) -> pd.DataFrame:
     """The rows of a comparison: the first stage (``base``), then each method run, timed and evaluated.
 
     With ``prepare``, a method that has an ``offline`` step (database-side work done once before any
     query, e.g. αDBA's augmentation) is prepared first and that time reported apart (``offline_s``).
     """
-    rows = [_row(FIRST_STAGE, base, base, first_ms, n_boot, seed, level, float("nan"))]
+    rows = [_row(FIRST_STAGE, base, base, first_ms, n_boot, seed, level, float("nan"), groups)]
     aps = {FIRST_STAGE: _per_query_aps(base)}
     for name, method in tqdm(list(methods.items()), desc="methods", disable=not progress):
         offline_s = float("nan")
@@ -136,10 +160,11 @@ def _comparison_table(methods: Mapping[str, Method], run: Callable[[Method], Any
         ranks = run(method)
         ms = 1000.0 * (time.perf_counter() - start) / n_q
         result = evaluate(ranks)
-        rows.append(_row(name, result, base, ms, n_boot, seed, level, offline_s))
+        rows.append(_row(name, result, base, ms, n_boot, seed, level, offline_s, groups))
         aps[name] = _per_query_aps(result)
-    table = pd.DataFrame(rows, columns=COLUMNS)
+    table = pd.DataFrame(rows, columns=COLUMNS + (QUERY_COLUMNS if groups is not None else []))
     table.attrs["aps"] = aps
+    table.attrs["groups"] = groups
     extra = list(dict.fromkeys(key for values in (settings or {}).values() for key in values))
     for position, key in enumerate(extra, start=1):
         table.insert(position, key, [(settings or {}).get(name, {}).get(key) for name in table["method"]])
@@ -152,13 +177,22 @@ def _per_query_aps(result: dict) -> dict:
 
 
 def gain_between(table: pd.DataFrame, new: str, base: str, protocol: str = "medium", n_boot: int = 10000,
-                 seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+                 seed: int = 0, level: float = 0.95, unit: str = "auto") -> tuple[float, float, float]:
     """(gain, lower, upper) in mAP points of method ``new`` over method ``base`` of one comparison table.
 
     Both rows come from the same :func:`run_comparison` call, so their queries are the same and the
     interval is a paired bootstrap (:func:`csa.stats.paired_bootstrap_gain`), e.g. whether CSA beats an
-    untrained re-ranker rather than the first stage.
+    untrained re-ranker rather than the first stage.  ``unit``: 'landmarks' resamples whole landmarks
+    (the table must have been made with ``groups``), 'queries' resamples queries, 'auto' (default)
+    takes landmarks when the table has them.
     """
+    if unit not in ("auto", "landmarks", "queries"):
+        raise CSAInputError(f"unit must be 'auto', 'landmarks' or 'queries', not {unit!r}")
+    groups = table.attrs.get("groups")
+    if unit == "landmarks" and groups is None:
+        raise CSAInputError("this table has no landmark ids; make it with run_comparison(..., groups=...) "
+                            "or pass unit='queries'")
+    groups = None if unit == "queries" else groups
     aps = table.attrs.get("aps")
     if not aps:
         raise CSAInputError("this table has no per-query APs (table.attrs['aps']); pass a table returned by "
@@ -168,18 +202,40 @@ def gain_between(table: pd.DataFrame, new: str, base: str, protocol: str = "medi
             raise CSAInputError(f"no method {name!r} in this table; it has {sorted(aps)}")
     if protocol not in PROTOCOLS:
         raise CSAInputError(f"protocol must be one of {list(PROTOCOLS)}, not {protocol!r}")
-    return paired_bootstrap_gain(aps[new][protocol], aps[base][protocol], n_boot=n_boot, seed=seed, level=level)
+    return paired_bootstrap_gain(aps[new][protocol], aps[base][protocol], n_boot=n_boot, seed=seed, level=level,
+                                 groups=groups)
+
+
+def query_landmarks(gnd: Any) -> np.ndarray:
+    """Landmark id of every query of a benchmark (0..n-1), the unit of a landmark-level interval.
+
+    ``gnd`` is the revisitop ground truth (dict or its 'gnd' list).  Queries whose positive sets
+    overlap (IoU >= 0.3, :func:`csa.data.demo.group_queries`) are one landmark: they share their
+    positives, so their APs are not independent.
+    """
+    from csa.data.demo import group_queries
+
+    gnd = gnd_list(gnd)
+    if not gnd:
+        raise CSAInputError("the ground truth has no queries; nothing to group into landmarks")
+    return group_queries(gnd)
 
 
 def _row(name: str, result: dict, base: dict, ms: float, n_boot: int, seed: int, level: float,
-         offline_s: float) -> dict:
+         offline_s: float, groups: list | None = None) -> dict:
     row = {"method": name, "easy_map": result["easy"]["map"], "medium_map": result["medium"]["map"],
            "hard_map": result["hard"]["map"], "medium_mp@10": result["medium"]["mp@k"][10],
            "ms_per_query": ms, "offline_s": offline_s}
     for proto in ("medium", "hard"):
         gain, low, high = paired_bootstrap_gain(result[proto]["aps"], base[proto]["aps"], n_boot=n_boot,
-                                                seed=seed, level=level)
+                                                seed=seed, level=level, groups=groups)
         row.update({f"{proto}_gain": gain, f"{proto}_gain_low": low, f"{proto}_gain_high": high})
+        if groups is not None:
+            _, q_low, q_high = paired_bootstrap_gain(result[proto]["aps"], base[proto]["aps"], n_boot=n_boot,
+                                                     seed=seed, level=level)
+            row.update({f"{proto}_gain_query_low": q_low, f"{proto}_gain_query_high": q_high})
+    if groups is not None:
+        row["landmarks"] = count_groups(groups)
     return row
 
 
@@ -188,18 +244,21 @@ def format_gain(gain: float, low: float, high: float) -> str:
     return f"{gain:+.1f} [{low:+.1f}, {high:+.1f}]" + (" *" if low > 0 or high < 0 else "")
 
 
-def _gain_text(row: Mapping[str, Any], protocol: str) -> str:
+def _gain_text(row: Mapping[str, Any], protocol: str, interval: str = "") -> str:
     if row["method"] == FIRST_STAGE:
         return ""
-    return format_gain(*(row[f"{protocol}_gain{s}"] for s in ("", "_low", "_high")))
+    return format_gain(*(row[f"{protocol}_gain{s}"] for s in ("", f"{interval}_low", f"{interval}_high")))
 
 
 def summary_table(results: pd.DataFrame) -> pd.DataFrame:
     """A compact, readable view of :func:`run_comparison` rows (with an optional ``dataset`` column).
 
     mAPs rounded to 0.1; gains as ``+g [low, high]`` with ``*`` when the 95% interval excludes 0 (the
-    gain is beyond bootstrap noise); time per query in ms.
+    gain is beyond bootstrap noise); time per query in ms.  A table made with landmark ids shows the
+    landmark-level interval first, with the number of landmarks, and the per-query one after it.
     """
+    by_landmark = "landmarks" in results.columns and results["landmarks"].notna().any()
+    unit = "landmarks" if by_landmark else "queries"
     view = pd.DataFrame({
         **({"dataset": results["dataset"]} if "dataset" in results.columns else {}),
         "method": results["method"],
@@ -207,8 +266,11 @@ def summary_table(results: pd.DataFrame) -> pd.DataFrame:
         "M": results["medium_map"].round(1),
         "H": results["hard_map"].round(1),
         "mP@10 (M)": results["medium_mp@10"].round(1),
-        "M gain [95% CI]": results.apply(_gain_text, axis=1, protocol="medium"),
-        "H gain [95% CI]": results.apply(_gain_text, axis=1, protocol="hard"),
+        **({"landmarks": results["landmarks"]} if by_landmark else {}),
+        f"M gain [95% CI, {unit}]": results.apply(_gain_text, axis=1, protocol="medium"),
+        f"H gain [95% CI, {unit}]": results.apply(_gain_text, axis=1, protocol="hard"),
+        **({"M gain [95% CI, queries]": results.apply(_gain_text, axis=1, protocol="medium", interval="_query")}
+           if by_landmark else {}),
         "ms / query": results["ms_per_query"].round(1),
         **({"offline s": results["offline_s"].round(2)} if results.get("offline_s") is not None
            and results["offline_s"].notna().any() else {}),

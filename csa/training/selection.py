@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from csa.compare.runner import run_comparison
+from csa.compare.runner import query_landmarks, run_comparison
 from csa.data.demo import CITIES, FEATURE_NAME
 from csa.data.layout import clusters_path, load_clusters, load_gnd, load_test_features, load_train_features, \
     save_clusters, save_train_features
@@ -136,15 +136,19 @@ def held_out_benchmark(root: str | os.PathLike, dataset: str, query_names: set[s
 
 def csa_gain(model: torch.nn.Module, qvecs: np.ndarray, dbvecs: np.ndarray, gnd: list[dict],
              topk: int = TEST_TOPK, n_boot: int = 1000) -> dict[str, float]:
-    """First-stage and CSA Medium / Hard mAP, and the CSA Medium gain with its 95% paired-bootstrap interval."""
+    """First-stage and CSA Medium / Hard mAP, and the CSA Medium gain with its 95% paired-bootstrap interval
+    over queries (``medium_gain_low/high``) and over landmarks (``medium_gain_landmark_low/high``, with the
+    number of ``test_landmarks``)."""
     k = min(topk, dbvecs.shape[0])
     method = {"CSA": lambda q, d, r: rerank(model, q, d, r, topk=k, anchor_len=model.config["anchor_len"],
                                             progress=False)}
-    table = run_comparison(qvecs, dbvecs, gnd, method, n_boot=n_boot, progress=False)
+    table = run_comparison(qvecs, dbvecs, gnd, method, n_boot=n_boot, progress=False, groups=query_landmarks(gnd))
     first, csa = table.iloc[0], table.iloc[1]
     return {"queries": len(gnd), "first_medium": first["medium_map"], "csa_medium": csa["medium_map"],
             "first_hard": first["hard_map"], "csa_hard": csa["hard_map"], "medium_gain": csa["medium_gain"],
-            "medium_gain_low": csa["medium_gain_low"], "medium_gain_high": csa["medium_gain_high"]}
+            "medium_gain_low": csa["medium_gain_query_low"], "medium_gain_high": csa["medium_gain_query_high"],
+            "test_landmarks": csa["landmarks"], "medium_gain_landmark_low": csa["medium_gain_low"],
+            "medium_gain_landmark_high": csa["medium_gain_high"]}
 
 
 def test_benchmarks(trainset: str) -> tuple[str, str]:
