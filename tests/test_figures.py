@@ -150,6 +150,17 @@ def test_plot_ablation_one_line_per_hue_sorted_by_x():
     assert not math.isnan(lines[1].get_ydata()[0])
 
 
+def test_plot_ablation_draws_the_baseline_and_shades_the_interval():
+    df = pd.DataFrame({"topk": [64, 32], "map": [30.0, 25.0], "low": [28.0, 20.0], "high": [33.0, 27.0]})
+    fig = plot_ablation(df, x="topk", y="map", ci=("low", "high"), baseline=21.5)
+    ax = fig.axes[0]
+    dashed = [line for line in ax.lines if line.get_linestyle() == "--"]
+    assert len(dashed) == 1 and np.allclose(dashed[0].get_ydata(), 21.5)
+    assert "first stage (21.5)" in [t.get_text() for t in ax.get_legend().get_texts()]
+    band = ax.collections[0].get_paths()[0].vertices
+    assert band[:, 1].min() == 20.0 and band[:, 1].max() == 33.0
+
+
 def test_plot_method_bars_draws_one_panel_per_dataset_with_interval_bars():
     import pandas as pd
 

@@ -287,9 +287,11 @@ def plot_map_vs_time(
 
 
 def plot_ablation(df: Any, x: str, y: str, hue: str | None = None, title: str | None = None,
-                  ci: tuple[str, str] | None = None, xlabel: str | None = None, ylabel: str | None = None) -> Figure:
+                  ci: tuple[str, str] | None = None, xlabel: str | None = None, ylabel: str | None = None,
+                  baseline: float | None = None, baseline_label: str = "first stage") -> Figure:
     """Line plot of ``y`` against ``x``, one line per value of ``hue``; ``ci=(low_col, high_col)`` shades an
-    interval; ``xlabel`` / ``ylabel`` name the axes with their units (default: the column names)."""
+    interval; ``baseline`` draws a dashed reference line (e.g. the first stage's mAP); ``xlabel`` / ``ylabel``
+    name the axes with their units (default: the column names)."""
     for col in [x, y] + ([hue] if hue else []) + (list(ci) if ci else []):
         if col not in df.columns:
             raise CSAInputError(f"column {col!r} not in the table (columns: {list(df.columns)})")
@@ -301,11 +303,13 @@ def plot_ablation(df: Any, x: str, y: str, hue: str | None = None, title: str | 
         ax.plot(part[x], part[y], marker="o", color=f"C{i}", label=None if key is None else f"{hue} = {key}")
         if ci:
             ax.fill_between(part[x], part[ci[0]], part[ci[1]], color=f"C{i}", alpha=0.15, linewidth=0)
+    if baseline is not None:
+        ax.axhline(baseline, color="0.4", linestyle="--", linewidth=1.2, label=f"{baseline_label} ({baseline:.1f})")
     ax.set_xlabel(xlabel or x.replace("_", " "))
     ax.set_ylabel(ylabel or y.replace("_", " "))
     ax.set_title(title or f"{y.replace('_', ' ')} vs. {x.replace('_', ' ')}", fontsize=12, fontweight="bold")
     ax.grid(alpha=0.3)
-    if hue is not None:
+    if hue is not None or baseline is not None:
         ax.legend(fontsize=9, frameon=False)
     return fig
 
