@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-CHECKPOINT_HELP = "checkpoint written by `csa train` or by the official CSA code ({'epoch', 'state_dict'})"
+CHECKPOINT_HELP = "checkpoint written by csa train or by the official CSA code ({'epoch', 'state_dict'})"
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -245,12 +245,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="csa", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="csa", description=__doc__.splitlines()[0].replace("``", ""))
     sub = parser.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("train", help="train a CSA model (also under torchrun); `csa train --help`", add_help=False)
+    sub.add_parser("train", help="train a CSA model (also under torchrun); see: csa train --help", add_help=False)
     sub.add_parser("download", help="download the full data (ROxf, RPar, R1M, rSfM120k, networks)", add_help=False)
-    sub.add_parser("batch", help="run a notebook over a parameter grid with papermill; `csa batch --help`",
+    sub.add_parser("batch", help="run a notebook over a parameter grid with papermill; see: csa batch --help",
                    add_help=False)
 
     p = sub.add_parser("rerank", help="first stage + CSA re-ranking + revisited evaluation",
@@ -274,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_data_args(p)
     p.add_argument("--ranks", type=Path, default=None,
-                   help="(N, Q) ranks as .npy (with --r1m also the top rows saved by `csa rerank --r1m`); "
+                   help="(N, Q) ranks as .npy (with --r1m also the top rows saved by csa rerank --r1m); "
                         "default: first-stage ranking")
     p.set_defaults(func=_cmd_evaluate)
 

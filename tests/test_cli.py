@@ -95,3 +95,16 @@ def test_rerank_r1m_streams_the_distractors_and_prints_the_in_memory_results(tmp
     assert [line.split("):")[1] for line in result_lines()] == [line.split("):")[1] for line in got[2:]]
     assert main(["evaluate", *common, "--features", "feat", "--r1m", str(distractors)]) == 0
     assert result_lines() == got[:2]
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["download"], ["batch"], ["rerank"], ["evaluate"],
+                                     ["extract"], ["demo"], ["demo", "extract"], ["demo", "select"]])
+def test_help_is_plain_text_without_rst_markup(command, capsys):
+    from csa.cli import main as csa_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        csa_main([*command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "usage: csa" in text
+    assert "`" not in text, f"csa {' '.join(command)} --help shows markup: {text}"

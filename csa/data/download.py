@@ -473,7 +473,7 @@ def download_dataset(dataset: str, data_root: str | os.PathLike, progress: bool 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: ``csa download NAME [NAME ...] --data-root DIR``."""
-    parser = argparse.ArgumentParser(prog="csa download", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="csa download", description=__doc__.split("\n")[0].replace("``", ""))
     parser.add_argument("names", nargs="*", help=f"datasets ({', '.join(DATASETS)}) or resource names")
     parser.add_argument("--data-root", default="data", help="data root (default: ./data)")
     parser.add_argument("--mirror", default=None, help=f"base URL of a flat mirror (default: ${MIRROR_ENV} "
