@@ -26,12 +26,14 @@ class UniformDropout(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, p: float) -> torch.Tensor:
+        """``x`` times the scaled keep-mask; the mask is saved for the backward pass."""
         mask = torch.rand(x.shape).ge_(p).mul_(1.0 / (1.0 - p)).to(x.dtype)
         ctx.save_for_backward(mask)
         return x * mask
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """The gradient times the same mask (none for ``p``)."""
         (mask,) = ctx.saved_tensors
         return grad * mask, None
 
@@ -56,6 +58,7 @@ class CPUDropoutAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float, scale: float) -> torch.Tensor:
+        """The attention output; saves the scaled queries, keys, values, probabilities and mask."""
         with torch.autocast("cpu", enabled=False):
             qs = q * scale
             probs = torch.softmax(torch.matmul(qs, k.transpose(-2, -1)), dim=-1, dtype=torch.float32)
@@ -67,6 +70,7 @@ class CPUDropoutAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None]:
+        """Gradients of ``q``, ``k`` and ``v`` through the mask and the softmax (none for ``p``, ``scale``)."""
         qs, k, v, probs, mask = ctx.saved_tensors
         with torch.autocast("cpu", enabled=False):
             grad = grad.to(v.dtype)
