@@ -20,10 +20,12 @@ from torch import nn
 from csa.descriptors.pooling import GeM, Whitening, l2n
 from csa.validation import CSAInputError
 
-__all__ = ["GeMNetwork", "load_backbone", "LITE0"]
+__all__ = ["GeMNetwork", "load_backbone", "LITE0", "LITE_BACKBONES"]
 
 #: Name of the offline backbone (EfficientNet-Lite0 + GeM) used by the demo.
 LITE0 = "lite0"
+#: The offline backbones (EfficientNet-Lite0/1/2 + GeM); the demo's augmented training stacks all three.
+LITE_BACKBONES = ("lite0", "lite1", "lite2")
 
 
 class GeMNetwork(nn.Module):
@@ -48,14 +50,14 @@ class GeMNetwork(nn.Module):
 
 
 def load_backbone(backbone: str, data_root: str | os.PathLike, device: str | torch.device = "cpu") -> GeMNetwork:
-    """``'lite0'`` (offline EfficientNet-Lite0 GeM) or a cirtorch network name found in ``<root>/networks/``.
+    """``'lite0'``/``'lite1'``/``'lite2'`` (offline EfficientNet-Lite GeM) or a cirtorch network name found in ``<root>/networks/``.
 
     The cirtorch ``-gem-w`` networks carry their learned whitening inside the checkpoint; it is applied.
     """
-    if backbone == LITE0:
-        from csa.descriptors.lite0 import efficientnet_lite0_gem
+    if backbone in LITE_BACKBONES:
+        from csa.descriptors.lite0 import efficientnet_lite_gem
 
-        return efficientnet_lite0_gem().to(device).eval()
+        return efficientnet_lite_gem(backbone).to(device).eval()
     from csa.descriptors.cirtorch import load_cirtorch_network
 
     candidates = sorted(Path(data_root, "networks").glob(f"{backbone}*.pth"))

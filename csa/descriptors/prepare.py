@@ -31,7 +31,7 @@ from csa.data.demo import CITIES, FEATURE_NAME
 from csa.data.layout import (REFERENCE_TRAINSET, clusters_path, load_gnd, load_test_features, save_test_features,
                              save_train_features, test_features_path, train_features_path)
 from csa.descriptors.extract import extract_descriptors
-from csa.descriptors.networks import LITE0, load_backbone
+from csa.descriptors.networks import LITE0, LITE_BACKBONES, load_backbone
 from csa.device import resolve_device
 from csa.fileio import atomic_write, check_output_dir, check_output_file, fingerprint, load_pickle
 from csa.validation import CSAInputError
@@ -128,10 +128,10 @@ def prepare_test_features(data_root: str | os.PathLike, dataset: str, backbone: 
 
 def prepare_demo_features(root: str | os.PathLike = "data/demo", image_size: int = 512,
                           scales: Sequence[float] = (1.0,), batch_size: int = 8, num_workers: int = 0,
-                          force: bool = False, feature_name: str = FEATURE_NAME, device: str = "auto",
-                          progress: bool = True) -> dict[str, Path]:
-    """The demo's descriptors: both mini benchmarks (EfficientNet-Lite0 GeM), their leave-one-out
-    benchmarks and their cross-city trainsets.
+                          force: bool = False, feature_name: str | None = None, device: str = "auto",
+                          progress: bool = True, backbone: str = LITE0) -> dict[str, Path]:
+    """The demo's descriptors: both mini benchmarks (EfficientNet-Lite0/1/2 GeM, ``<backbone>-gem`` unless
+    ``feature_name``), their leave-one-out benchmarks and their cross-city trainsets.
 
     A trainset's descriptors, and a leave-one-out benchmark's queries and database, are rows of its city's
     database descriptors (same photos, whole images), picked by image name.  Returns
@@ -141,9 +141,12 @@ def prepare_demo_features(root: str | os.PathLike = "data/demo", image_size: int
     if not (root / "annotations").is_dir():
         raise CSAInputError(f"{root} is not a demo data root (it has no annotations/ folder); give the folder "
                             f"`csa demo build` wrote (default data/demo)")
+    if backbone not in LITE_BACKBONES:
+        raise CSAInputError(f"the demo extracts offline backbones only; choose one of {', '.join(LITE_BACKBONES)}")
+    feature_name = feature_name or (FEATURE_NAME if backbone == LITE0 else f"{backbone}-gem")
     written: dict[str, Path] = {}
     for dataset, city in CITIES.items():
-        written[dataset] = prepare_test_features(root, dataset, LITE0, image_size=image_size, scales=scales,
+        written[dataset] = prepare_test_features(root, dataset, backbone, image_size=image_size, scales=scales,
                                                  device=device, batch_size=batch_size, num_workers=num_workers,
                                                  feature_name=feature_name, force=force, progress=progress)
         written.update(_derive_from_database(root, dataset, feature_name, _derived_outputs(root, city, feature_name),
