@@ -25,11 +25,20 @@ from csa.descriptors.compact import compact_path
 from csa.fileio import atomic_write, fingerprint, sha256_file
 from csa.stats import count_groups, paired_bootstrap_gain
 
-__all__ = ["PAPER_METHODS", "paper_table", "paper_comparisons", "published_rows", "results_fingerprint",
+__all__ = ["PAPER_METHODS", "DEFAULT_SETTINGS", "paper_table", "paper_comparisons", "published_rows", "results_fingerprint",
            "run_or_load"]
 
 #: The published rows printed beside the demo table (csa.compare.published).
 PAPER_METHODS = (FIRST_STAGE, "affinity cosine (L = 512)", "CSA", "CSA (augmented training)")
+#: The runs behind the committed results: the three backbones' compact sets, each cross-city direction
+#: (trained on, tested on, the recipe chosen on the training city), the pooled protocol's recipe and folds.
+DEFAULT_SETTINGS: Mapping[str, Any] = {
+    "features": ["lite0-gem", "lite1-gem", "lite2-gem"],
+    "cross_city": [["rparis6k-mini", "roxford5k-mini", "demo-paris"], ["roxford5k-mini", "rparis6k-mini", "demo-oxford"]],
+    "pooled_recipe": "demo",
+    "pooled_folds": 3,
+    "seed": 0,
+}
 _KEYS = ["protocol", "benchmark", "whitening", "descriptors"]
 _TRANSFER = "CSA (Lite0 model, transfer)"
 
