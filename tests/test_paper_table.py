@@ -112,3 +112,25 @@ def test_compact_copy_round_trips_and_refuses_a_changed_file(tmp_path):
     path.write_bytes(path.read_bytes() + b"x")
     with pytest.raises(CSAInputError, match="sha256"):
         load_compact(tmp_path, "f", "d")
+
+
+def test_run_or_load_reads_a_cache_only_when_its_fingerprint_matches(tmp_path, monkeypatch):
+    from csa.training import paper_table as pt
+
+    save_gnd(tmp_path, "d", {"imlist": ["a", "b"], "qimlist": ["q"], "gnd": [{"easy": [0], "hard": [], "junk": [],
+                                                                             "bbx": [0, 0, 1, 1]}]})
+    db = np.eye(2, 4, dtype=np.float32)
+    save_test_features(tmp_path, "d", "f", query=db[:1], db=db)
+    save_compact(tmp_path, "f", ["d"], command="test")
+    settings = {"features": ["f"], "cross_city": [], "pooled_recipe": "demo", "pooled_folds": 0, "seed": 0}
+    out = tmp_path / "results"
+    out.mkdir()
+    _aps_frame().to_csv(out / "paper_aps.csv", index=False)
+    pd.DataFrame({"whitening": ["none"]}).to_csv(out / "paper_whitening.csv", index=False)
+    (out / "paper_aps.fingerprint.json").write_text(json.dumps({"fingerprint": pt.results_fingerprint(tmp_path, settings)}))
+    aps, _, recomputed = pt.run_or_load(tmp_path, out, settings)
+    assert not recomputed and len(aps) == len(_aps_frame())
+    ran = []
+    monkeypatch.setattr("csa.training.landmark_pool.load_city", lambda *a, **k: ran.append(a) or None)
+    aps, _, recomputed = pt.run_or_load(tmp_path, out, {**settings, "seed": 1})   # other settings: recomputed
+    assert recomputed and len(ran) == 2 and aps.empty

@@ -105,7 +105,8 @@ def paper_comparisons(aps: pd.DataFrame, n_boot: int = 10000) -> pd.DataFrame:
             if paired:
                 rows.append({**dict(zip(_KEYS, key)), "comparison": what, **paired,
                              "medium": _interval(paired, "medium"), "hard": _interval(paired, "hard")})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=[*_KEYS, "comparison", "queries", "landmarks", "medium_gain", "medium_low",
+                                       "medium_high", "hard_gain", "hard_low", "hard_high", "medium", "hard"])
 
 
 def published_rows() -> pd.DataFrame:
@@ -119,12 +120,34 @@ def results_fingerprint(root: str | os.PathLike, settings: Mapping[str, Any]) ->
     return fingerprint({"descriptors": digests, "settings": dict(settings)})
 
 
+def _parts(settings: Mapping[str, Any]) -> list[str]:
+    return [f"cross-city-{train}" for train, _, _ in settings["cross_city"]] + \
+        [f"pooled-fold{f}" for f in range(settings["pooled_folds"])]
+
+
+def _run_part(part: str, cities: Mapping[str, Any], settings: Mapping[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    from csa.training.pooled import cross_city_runs, pooled_runs
+
+    if part.startswith("cross-city-"):
+        train, test, recipe = next(c for c in settings["cross_city"] if part == f"cross-city-{c[0]}")
+        aps, sel = cross_city_runs(cities[train], cities[test], recipe, seed=settings["seed"])
+        return aps, sel.assign(protocol="cross-city")
+    fold = int(part.removeprefix("pooled-fold"))
+    aps, sel = pooled_runs(list(cities.values()), settings["pooled_recipe"], settings["pooled_folds"],
+                           seed=settings["seed"], folds=[fold])
+    return aps, sel.assign(protocol="pooled", trained_on="both cities")
+
+
 def run_or_load(root: str | os.PathLike, out_dir: str | os.PathLike, settings: Mapping[str, Any],
                 recompute: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, bool]:
     """``(per-query APs, whitening selections, recomputed?)``: read ``<out_dir>/paper_aps.csv`` and
     ``paper_whitening.csv`` when their fingerprint matches ``settings`` and the descriptors, else run
-    :func:`csa.training.pooled.cross_city_runs` (both directions) and :func:`~csa.training.pooled.pooled_runs`
-    and write them (atomically, fingerprint last)."""
+    both cross-city directions (:func:`csa.training.pooled.cross_city_runs`) and every pooled fold
+    (:func:`~csa.training.pooled.pooled_runs`) and write them (atomically, fingerprint last).
+
+    Each direction and fold is kept under ``<root>/cache/paper/<fingerprint>/`` as it finishes, so an
+    interrupted run resumes where it stopped; ``recompute`` ignores the final files, not those parts.
+    """
     out_dir = Path(out_dir)
     digest = results_fingerprint(root, settings)
     stamp = out_dir / "paper_aps.fingerprint.json"
@@ -133,19 +156,20 @@ def run_or_load(root: str | os.PathLike, out_dir: str | os.PathLike, settings: M
             and json.loads(stamp.read_text()).get("fingerprint") == digest:
         return pd.read_csv(files[0]), pd.read_csv(files[1]), False
     from csa.training.landmark_pool import load_city
-    from csa.training.pooled import cross_city_runs, pooled_runs
 
     cities = {d: load_city(root, d, settings["features"]) for d in ("roxford5k-mini", "rparis6k-mini")}
+    cache = Path(root, "cache", "paper", digest[:16])
+    cache.mkdir(parents=True, exist_ok=True)
     frames, selections = [], []
-    for train, test, recipe in settings["cross_city"]:
-        a, s = cross_city_runs(cities[train], cities[test], recipe, seed=settings["seed"])
-        frames.append(a)
-        selections.append(s.assign(protocol="cross-city"))
-    a, s = pooled_runs(list(cities.values()), settings["pooled_recipe"], settings["pooled_folds"],
-                       seed=settings["seed"])
-    frames.append(a)
-    selections.append(s.assign(protocol="pooled", trained_on="both cities"))
-    aps, sel = pd.concat(frames, ignore_index=True), pd.concat(selections, ignore_index=True)
+    for part in _parts(settings):
+        paths = cache / f"{part}_aps.csv", cache / f"{part}_whitening.csv"
+        if not all(p.is_file() for p in paths):
+            for frame, path in zip(_run_part(part, cities, settings), paths):
+                with atomic_write(path, "w") as f:
+                    frame.to_csv(f, index=False)
+        frames.append(pd.read_csv(paths[0]))
+        selections.append(pd.read_csv(paths[1]))
+    aps, sel = (pd.concat(f, ignore_index=True) if f else pd.DataFrame() for f in (frames, selections))
     out_dir.mkdir(parents=True, exist_ok=True)
     for frame, path in zip((aps, sel), files):
         with atomic_write(path, "w") as f:

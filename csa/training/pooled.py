@@ -48,12 +48,14 @@ TRANSFER_FEATURE = "lite2-gem"
 
 
 def train_on_pool(pool: Sequence[PoolPart], features: Sequence[str], whitenings: Mapping[str, Any], recipe: str,
-                  seed: int = 0, workdir: str | Path | None = None) -> torch.nn.Module:
+                  seed: int = 0, workdir: str | Path | None = None,
+                  overrides: Mapping[str, Any] | None = None) -> torch.nn.Module:
     """Train CSA (``recipe``, CPU) on the pool's rows; several ``features`` are stacked as more samples.
 
     ``whitenings`` maps each feature to the whitening learned on this pool (or ``None``).  The pool is
     written as a temporary trainset (its photos' landmarks as clusters, photos without one as their own
-    cluster: neighbours, never training queries under the demo recipes).
+    cluster: neighbours, never training queries under the demo recipes).  ``overrides`` change single
+    recipe fields (e.g. ``num_epochs`` for a quick check).
     """
     with tempfile.TemporaryDirectory(prefix="csa-pool-", dir=workdir) as tmp:
         clusters = None
@@ -63,7 +65,7 @@ def train_on_pool(pool: Sequence[PoolPart], features: Sequence[str], whitenings:
             x = w.apply(x) if w is not None else x
             save_train_features(tmp, "pool", name, x, x[:1])
         save_clusters(tmp, "pool", {"train": {"cluster": clusters.tolist()}, "val": {"cluster": [0]}})
-        config = TrainConfig.from_recipe(recipe, data_root=tmp, trainset="pool", feature_names=list(features),
+        config = TrainConfig.from_recipe(recipe, **dict(overrides or {}), data_root=tmp, trainset="pool", feature_names=list(features),
                                          output_dir=str(Path(tmp, "run")), device="cpu", num_workers=0,
                                          progress=False, seed=seed)
         return run_training(config)["model"].eval()
