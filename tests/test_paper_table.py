@@ -58,7 +58,7 @@ def test_city_pool_drops_held_out_landmarks_and_whitening_ignores_rows_outside_t
 def test_select_whitening_scores_held_out_landmarks_only():
     city = _city(3, "a", n_landmarks=6)
     table = select_whitening([city_pool(city)], "f", candidates=["none", "lw"], n_folds=3)
-    assert set(table["whitening"]) == {"none", "lw"} and set(table["fold"]) == {0, 1, 2}
+    assert set(table["whitening"]) == {"none", "lw"} and set(table["inner_fold"]) == {0, 1, 2}
     # each fold's held-out LOO queries are scored once per candidate; together they are all LOO queries
     assert table[table["whitening"] == "none"]["queries"].sum() == len(city.loo_gnd)
     # the unwhitened score is the first-stage Medium mAP of those queries against the whole database
@@ -134,3 +134,17 @@ def test_run_or_load_reads_a_cache_only_when_its_fingerprint_matches(tmp_path, m
     monkeypatch.setattr("csa.training.landmark_pool.load_city", lambda *a, **k: ran.append(a) or None)
     aps, _, recomputed = pt.run_or_load(tmp_path, out, {**settings, "seed": 1})   # other settings: recomputed
     assert recomputed and len(ran) == 2 and aps.empty
+
+
+def test_committed_compact_sets_verify_and_match_the_demo_ground_truth():
+    from conftest import REPO_ROOT
+    from csa.data.layout import load_gnd
+    from csa.training.paper_table import DEFAULT_SETTINGS
+
+    root = REPO_ROOT / "data" / "demo"
+    for name in DEFAULT_SETTINGS["features"]:
+        for dataset in ("roxford5k-mini", "rparis6k-mini"):
+            db, q = load_compact(root, name, dataset)
+            gt = load_gnd(root, dataset)
+            assert db.shape == (len(gt["imlist"]), 1280) and q.shape == (len(gt["qimlist"]), 1280)
+            np.testing.assert_allclose(np.linalg.norm(db, axis=1), 1, atol=1e-5)

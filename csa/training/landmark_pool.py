@@ -162,7 +162,7 @@ def select_whitening(pool: Sequence[PoolPart], feature: str, candidates: Sequenc
                 db, _ = whiten_city(part.city, feature, whitening)
                 n, score = _held_out_map(part.city, db, [lm for q, lm in held if q == p])
                 if n:
-                    rows.append({"fold": f, "city": part.city.dataset, "whitening": name,
+                    rows.append({"inner_fold": f, "city": part.city.dataset, "whitening": name,
                                  "descriptors": whitened_name(feature, (WHITENING_CANDIDATES[name] or (None,))[0]),
                                  "queries": n, "first_medium": score})
     return pd.DataFrame(rows)

@@ -166,7 +166,7 @@ def cross_city_runs(train_city: City, test_city: City, recipe: str, variants: Se
     tests = [(test_city, test_city.dataset, None), (test_city, loo, np.arange(len(test_city.loo_gnd)))]
     columns = {"protocol": "cross-city", "trained_on": train_city.dataset, "fold": -1, "selected": chosen}
     frames = [_variant_rows(pool, tests, v, recipe, augmented and v == chosen, seed, columns) for v in variants]
-    return pd.concat(frames, ignore_index=True), selection.assign(trained_on=train_city.dataset)
+    return pd.concat(frames, ignore_index=True), selection.assign(trained_on=train_city.dataset, fold=-1)
 
 
 def pooled_folds(cities: Sequence[City], n_folds: int = 4) -> list[list[tuple[int, int]]]:
