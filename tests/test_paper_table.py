@@ -114,7 +114,7 @@ def test_compact_copy_round_trips_and_refuses_a_changed_file(tmp_path):
         load_compact(tmp_path, "f", "d")
 
 
-def test_run_or_load_reads_a_cache_only_when_its_fingerprint_matches(tmp_path, monkeypatch):
+def test_run_or_load_reads_a_cache_only_when_its_fingerprint_matches(tmp_path):
     from csa.training import paper_table as pt
 
     save_gnd(tmp_path, "d", {"imlist": ["a", "b"], "qimlist": ["q"], "gnd": [{"easy": [0], "hard": [], "junk": [],
@@ -127,13 +127,14 @@ def test_run_or_load_reads_a_cache_only_when_its_fingerprint_matches(tmp_path, m
     out.mkdir()
     _aps_frame().to_csv(out / "paper_aps.csv", index=False)
     pd.DataFrame({"whitening": ["none"]}).to_csv(out / "paper_whitening.csv", index=False)
-    (out / "paper_aps.fingerprint.json").write_text(json.dumps({"fingerprint": pt.results_fingerprint(tmp_path, settings)}))
-    aps, _, recomputed = pt.run_or_load(tmp_path, out, settings)
-    assert not recomputed and len(aps) == len(_aps_frame())
-    ran = []
-    monkeypatch.setattr("csa.training.landmark_pool.load_city", lambda *a, **k: ran.append(a) or None)
-    aps, _, recomputed = pt.run_or_load(tmp_path, out, {**settings, "seed": 1})   # other settings: recomputed
-    assert recomputed and len(ran) == 2 and aps.empty
+    (out / "paper_aps.fingerprint.json").write_text(json.dumps({"fingerprint": pt.results_fingerprint(tmp_path, settings),
+                                                                "parts": ["p"], "missing": []}))
+    aps, _, info = pt.run_or_load(tmp_path, out, settings)
+    assert not info["recomputed"] and info["parts"] == ["p"] and len(aps) == len(_aps_frame())
+    # other settings: the cache is stale; with one pooled fold and run_missing=False nothing runs
+    aps, _, info = pt.run_or_load(tmp_path, out, {**settings, "seed": 1, "pooled_folds": 1}, run_missing=False)
+    assert info == {"recomputed": True, "parts": [], "missing": ["pooled-fold0"]} and aps.empty
+    assert json.loads((out / "paper_aps.fingerprint.json").read_text())["missing"] == ["pooled-fold0"]
 
 
 def test_committed_compact_sets_verify_and_match_the_demo_ground_truth():

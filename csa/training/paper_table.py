@@ -139,42 +139,52 @@ def _run_part(part: str, cities: Mapping[str, Any], settings: Mapping[str, Any])
 
 
 def run_or_load(root: str | os.PathLike, out_dir: str | os.PathLike, settings: Mapping[str, Any],
-                recompute: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, bool]:
-    """``(per-query APs, whitening selections, recomputed?)``: read ``<out_dir>/paper_aps.csv`` and
-    ``paper_whitening.csv`` when their fingerprint matches ``settings`` and the descriptors, else run
+                recompute: bool = False, run_missing: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """``(per-query APs, whitening selections, info)``: read ``<out_dir>/paper_aps.csv`` and
+    ``paper_whitening.csv`` when their fingerprint matches ``settings`` and the descriptors; else run
     both cross-city directions (:func:`csa.training.pooled.cross_city_runs`) and every pooled fold
     (:func:`~csa.training.pooled.pooled_runs`) and write them (atomically, fingerprint last).
 
     Each direction and fold is kept under ``<root>/cache/paper/<fingerprint>/`` as it finishes, so an
-    interrupted run resumes where it stopped; ``recompute`` ignores the final files, not those parts.
+    interrupted run resumes where it stopped; ``recompute`` ignores the final files, not those parts;
+    ``run_missing=False`` writes the final files from the finished parts only.  ``info`` has
+    ``recomputed`` (bool), ``parts`` (those in the results) and ``missing`` (those not run).
     """
     out_dir = Path(out_dir)
     digest = results_fingerprint(root, settings)
     stamp = out_dir / "paper_aps.fingerprint.json"
     files = out_dir / "paper_aps.csv", out_dir / "paper_whitening.csv"
-    if not recompute and stamp.is_file() and all(f.is_file() for f in files) \
-            and json.loads(stamp.read_text()).get("fingerprint") == digest:
-        return pd.read_csv(files[0]), pd.read_csv(files[1]), False
-    from csa.training.landmark_pool import load_city
-
-    cities = {d: load_city(root, d, settings["features"]) for d in ("roxford5k-mini", "rparis6k-mini")}
+    if not recompute and stamp.is_file() and all(f.is_file() for f in files):
+        info = json.loads(stamp.read_text())
+        if info.get("fingerprint") == digest:
+            return pd.read_csv(files[0]), pd.read_csv(files[1]), {"recomputed": False, "parts": info["parts"],
+                                                                   "missing": info["missing"]}
     cache = Path(root, "cache", "paper", digest[:16])
     cache.mkdir(parents=True, exist_ok=True)
-    frames, selections = [], []
+    cities: dict[str, Any] = {}
+    frames, selections, done, missing = [], [], [], []
     for part in _parts(settings):
         paths = cache / f"{part}_aps.csv", cache / f"{part}_whitening.csv"
         if not all(p.is_file() for p in paths):
+            if not run_missing:
+                missing.append(part)
+                continue
+            if not cities:
+                from csa.training.landmark_pool import load_city
+
+                cities = {d: load_city(root, d, settings["features"]) for d in ("roxford5k-mini", "rparis6k-mini")}
             for frame, path in zip(_run_part(part, cities, settings), paths):
                 with atomic_write(path, "w") as f:
                     frame.to_csv(f, index=False)
         frames.append(pd.read_csv(paths[0]))
         selections.append(pd.read_csv(paths[1]))
+        done.append(part)
     aps, sel = (pd.concat(f, ignore_index=True) if f else pd.DataFrame() for f in (frames, selections))
     out_dir.mkdir(parents=True, exist_ok=True)
     for frame, path in zip((aps, sel), files):
         with atomic_write(path, "w") as f:
             frame.to_csv(f, index=False)
     with atomic_write(stamp, "w") as f:
-        json.dump({"fingerprint": digest, "settings": dict(settings)}, f, indent=1)
+        json.dump({"fingerprint": digest, "settings": dict(settings), "parts": done, "missing": missing}, f, indent=1)
         f.write("\n")
-    return aps, sel, True
+    return aps, sel, {"recomputed": True, "parts": done, "missing": missing}
