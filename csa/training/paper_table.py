@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -24,6 +24,7 @@ from csa.compare.published import FIRST_STAGE, published_table
 from csa.descriptors.compact import compact_path
 from csa.fileio import atomic_write, fingerprint, sha256_file
 from csa.stats import count_groups, paired_bootstrap_gain
+from csa.validation import CSAInputError
 
 __all__ = ["PAPER_METHODS", "DEFAULT_SETTINGS", "paper_table", "paper_comparisons", "published_rows", "results_fingerprint",
            "run_or_load"]
@@ -139,7 +140,8 @@ def _run_part(part: str, cities: Mapping[str, Any], settings: Mapping[str, Any])
 
 
 def run_or_load(root: str | os.PathLike, out_dir: str | os.PathLike, settings: Mapping[str, Any],
-                recompute: bool = False, run_missing: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+                recompute: bool = False, run_missing: bool = True,
+                order: Sequence[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """``(per-query APs, whitening selections, info)``: read ``<out_dir>/paper_aps.csv`` and
     ``paper_whitening.csv`` when their fingerprint matches ``settings`` and the descriptors; else run
     both cross-city directions (:func:`csa.training.pooled.cross_city_runs`) and every pooled fold
@@ -147,7 +149,8 @@ def run_or_load(root: str | os.PathLike, out_dir: str | os.PathLike, settings: M
 
     Each direction and fold is kept under ``<root>/cache/paper/<fingerprint>/`` as it finishes, so an
     interrupted run resumes where it stopped; ``recompute`` ignores the final files, not those parts;
-    ``run_missing=False`` writes the final files from the finished parts only.  ``info`` has
+    ``run_missing=False`` writes the final files from the finished parts only; ``order`` runs the missing
+    parts in that order (names as in ``info['parts']``; the results keep the settings' order).  ``info`` has
     ``recomputed`` (bool), ``parts`` (those in the results) and ``missing`` (those not run).
     """
     out_dir = Path(out_dir)
@@ -162,13 +165,12 @@ def run_or_load(root: str | os.PathLike, out_dir: str | os.PathLike, settings: M
     cache = Path(root, "cache", "paper", digest[:16])
     cache.mkdir(parents=True, exist_ok=True)
     cities: dict[str, Any] = {}
-    frames, selections, done, missing = [], [], [], []
-    for part in _parts(settings):
+    all_parts = _parts(settings)
+    if order is not None and set(order) != set(all_parts):
+        raise CSAInputError(f"order must list every run once: {all_parts}")
+    for part in order or all_parts:
         paths = cache / f"{part}_aps.csv", cache / f"{part}_whitening.csv"
-        if not all(p.is_file() for p in paths):
-            if not run_missing:
-                missing.append(part)
-                continue
+        if run_missing and not all(p.is_file() for p in paths):
             if not cities:
                 from csa.training.landmark_pool import load_city
 
@@ -176,6 +178,12 @@ def run_or_load(root: str | os.PathLike, out_dir: str | os.PathLike, settings: M
             for frame, path in zip(_run_part(part, cities, settings), paths):
                 with atomic_write(path, "w") as f:
                     frame.to_csv(f, index=False)
+    frames, selections, done, missing = [], [], [], []
+    for part in all_parts:
+        paths = cache / f"{part}_aps.csv", cache / f"{part}_whitening.csv"
+        if not all(p.is_file() for p in paths):
+            missing.append(part)
+            continue
         frames.append(pd.read_csv(paths[0]))
         selections.append(pd.read_csv(paths[1]))
         done.append(part)
