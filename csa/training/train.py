@@ -52,7 +52,7 @@ from csa.model import RerankTransformer, unwrap
 from csa.training.config import TrainConfig, config_from_argv, option_flag, resume_given
 from csa.training.recipes import effective_lrs
 from csa.training.engine import WarmupCosineSchedule, build_optimizer, train_one_epoch
-from csa.training.sampler import GlobalBatchSampler, NeighbourTable, TrainingSet, neighbour_cache_path
+from csa.training.sampler import stacked_clusters, GlobalBatchSampler, NeighbourTable, TrainingSet, neighbour_cache_path
 from csa.validation import CSAInputError, check_rows, run_command
 
 __all__ = ["main", "run_training", "build_optimization", "CHECKPOINT_NAME", "HISTORY_COLUMNS", "RESUME_FIXED"]
@@ -273,7 +273,7 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> 
     if table is None:
         table = NeighbourTable(feats, config.topk, config.anchor_len, cache, config.neighbour_chunk, device,
                                progress=False)
-    dataset = TrainingSet(table, np.tile(clusters, len(feats)), seed=config.seed, permute=True,
+    dataset = TrainingSet(table, stacked_clusters(clusters, len(feats)), seed=config.seed, permute=True,
                           samples=config.samples)
     features = torch.from_numpy(np.concatenate(feats, axis=0)).to(device)
     del feats
