@@ -149,3 +149,13 @@ def test_committed_compact_sets_verify_and_match_the_demo_ground_truth():
             gt = load_gnd(root, dataset)
             assert db.shape == (len(gt["imlist"]), 1280) and q.shape == (len(gt["qimlist"]), 1280)
             np.testing.assert_allclose(np.linalg.norm(db, axis=1), 1, atol=1e-5)
+
+
+def test_pooled_rows_of_two_cities_are_paired_by_city_and_count_their_landmarks_apart():
+    a = _aps_frame().assign(protocol="pooled", fold=0, benchmark="a-loo")
+    b = _aps_frame().assign(protocol="pooled", fold=0, benchmark="b-loo")
+    b.loc[b["method"] == "CSA", "medium_ap"] += 20.0          # city b gains 20 more on every query
+    table = paper_table(pd.concat([a, b], ignore_index=True), n_boot=200).set_index("method")
+    assert table.loc["CSA", "benchmark"] == "pooled LOO"
+    assert table.loc["CSA", "landmarks"] == 6 and table.loc["CSA", "queries"] == 8
+    assert table.loc["CSA", "medium_gain"] == pytest.approx(11.5 + 10.0)

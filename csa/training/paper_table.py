@@ -44,14 +44,21 @@ _KEYS = ["protocol", "benchmark", "whitening", "descriptors"]
 _TRANSFER = "CSA (Lite0 model, transfer)"
 
 
+def _with_units(aps: pd.DataFrame) -> pd.DataFrame:
+    """Add ``unit`` (the landmark as an independent unit: its city's benchmark and its id there), then merge
+    the pooled folds' benchmarks of both cities into one ``pooled LOO`` benchmark."""
+    aps = aps.assign(unit=aps["benchmark"] + ":" + aps["landmark"].astype(str))
+    return aps.assign(benchmark=aps["benchmark"].where(aps["protocol"] != "pooled", "pooled LOO"))
+
+
 def _groups(frame: pd.DataFrame) -> np.ndarray:
-    return (frame["benchmark"] + ":" + frame["fold"].astype(str) + ":" + frame["landmark"].astype(str)).to_numpy()
+    return frame["unit"].to_numpy()
 
 
 def _paired(frame: pd.DataFrame, new: str, base: str, n_boot: int) -> dict[str, Any] | None:
     """Paired landmark-bootstrap difference of two methods' Medium / Hard APs on the same queries."""
-    a = frame[frame["method"] == new].sort_values(["benchmark", "fold", "query"])
-    b = frame[frame["method"] == base].sort_values(["benchmark", "fold", "query"])
+    a = frame[frame["method"] == new].sort_values(["fold", "unit", "query"], kind="stable")
+    b = frame[frame["method"] == base].sort_values(["fold", "unit", "query"], kind="stable")
     if a.empty or b.empty or len(a) != len(b):
         return None
     out = {"queries": len(a), "landmarks": count_groups(_groups(a))}
@@ -69,7 +76,7 @@ def _interval(row: Mapping[str, Any], proto: str) -> str:
 def paper_table(aps: pd.DataFrame, n_boot: int = 10000) -> pd.DataFrame:
     """One row per (protocol, benchmark, whitening, descriptors, method): mAPs and the landmark-level
     interval of the gain over the first stage of the same descriptors (``*``: the interval excludes 0)."""
-    aps = aps.assign(benchmark=aps["benchmark"].where(aps["protocol"] != "pooled", "pooled LOO"))
+    aps = _with_units(aps)
     rows = []
     for key, frame in aps.groupby(_KEYS, sort=False):
         for method in dict.fromkeys(frame["method"]):
@@ -89,7 +96,7 @@ def paper_comparisons(aps: pd.DataFrame, n_boot: int = 10000) -> pd.DataFrame:
     """The paired differences behind the paper's claims, per (protocol, benchmark, whitening): CSA minus
     each untrained re-ranker and minus the better of the two on this benchmark, augmented minus
     single-backbone CSA (landmark-level intervals)."""
-    aps = aps.assign(benchmark=aps["benchmark"].where(aps["protocol"] != "pooled", "pooled LOO"))
+    aps = _with_units(aps)
     rows = []
     for key, frame in aps.groupby(_KEYS, sort=False):
         methods = list(dict.fromkeys(frame["method"]))
