@@ -232,15 +232,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         check_int(flag, value, low)
     if args.threads:
         torch.set_num_threads(args.threads)
-    scales = _scales(args.scales)
+    name = args.name or f"{args.backbone}-gem"
     paths = _under_torchrun("auto", lambda ranks: prepare_demo_features(
-        args.root, args.image_size, scales, args.batch_size, args.workers, args.force, args.name,
-        shard_size=args.shard_size, ranks=ranks))
+        args.root, args.image_size, _scales(args.scales), args.batch_size, args.workers, args.force, name,
+        shard_size=args.shard_size, ranks=ranks, backbone=args.backbone))
     for key, p in paths.items():  # empty on the ranks other than 0
         print(f"{key}: {p}")
     if paths and not args.no_report:
         for dataset in CITIES:
-            print(first_stage_report(args.root, dataset, args.name)[1])
+            print(first_stage_report(args.root, dataset, name)[1])
     return 0
 
 
@@ -305,14 +305,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--source", default="../shared/data", help="offline data folder")
     b.add_argument("--out", default="data/demo", help="demo data root to write")
     b.add_argument("--quality", type=int, default=75, help="JPEG quality")
-    e = demo.add_parser("extract", help="extract lite0-gem descriptors and print first-stage results",
+    e = demo.add_parser("extract", help="extract lite0/1/2-gem descriptors and print first-stage results",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     e.add_argument("--root", default="data/demo")
     e.add_argument("--image-size", type=int, default=512)
     e.add_argument("--scales", default="1", help="comma-separated scales, e.g. 1,0.7071,1.4142")
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--workers", type=int, default=0)
-    e.add_argument("--name", default="lite0-gem", help="feature name")
+    e.add_argument("--backbone", default="lite0", choices=["lite0", "lite1", "lite2"],
+                   help="offline EfficientNet-Lite GeM backbone")
+    e.add_argument("--name", default=None, help="feature name (default: <backbone>-gem)")
     e.add_argument("--force", action="store_true", help="re-extract even when outputs are up to date")
     e.add_argument("--no-report", action="store_true", help="skip the first-stage evaluation")
     e.add_argument("--threads", type=int, default=None, help="torch CPU threads")

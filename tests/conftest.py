@@ -79,6 +79,7 @@ def _tiny_parameters(ex: ExecutedNotebooks) -> dict[str, dict]:
         "04_qualitative_top10": {"data_root": data, "checkpoints": ckpts, "topk": 32, "n_examples": 1},
         "05_comparison": {"data_root": data, "checkpoints": ckpts, "topk": 32, "n_boot": 200},
         "07_recipe_selection": {"data_root": data},
+        "08_paper_table": {"data_root": data, "n_boot": 200},
         "06_ablation": {"checkpoints": ckpts, "topk_grid": "16,32", "anchor_grid": "16", "n_boot": 100,
                         "out_dir": str(ex.ablation), "notebook": str(REPO_ROOT / "notebooks" / "03_reranking.ipynb")},
     }
@@ -95,7 +96,7 @@ def executed_notebooks(tmp_path_factory, demo_features) -> ExecutedNotebooks:
     for name, params in _tiny_parameters(ex).items():
         source = REPO_ROOT / "notebooks" / f"{name}.ipynb"
         target = ex.out / f"{name}.ipynb"
-        if name not in ("00_inference_in_a_few_lines", "06_ablation", "07_recipe_selection"):
+        if name not in ("00_inference_in_a_few_lines", "06_ablation", "07_recipe_selection", "08_paper_table"):
             params = {**params, "results_csv": str(ex.root / f"{name}.csv")}
             ex.csv[name] = ex.root / f"{name}.csv"
         pm.execute_notebook(str(source), str(target), parameters=params, kernel_name="python3",

@@ -45,6 +45,32 @@ def test_lite0_timm_trunk_equals_package_architecture(lite0):
     assert net.meta["mean"] == [0.5] * 3 and net.meta["std"] == [0.5] * 3  # pixels in [-1, 1]
 
 
+@pytest.mark.parametrize("variant, size", [("lite1", 240), ("lite2", 260)])
+def test_lite1_lite2_match_package_architecture_and_classify_a_cat(variant, size):
+    """Lite1/Lite2 load through the same renaming: timm's trunk + GeM equals the package's own network, and the
+    classifier puts skimage's chelsea photo in a cat class (281-285)."""
+    from PIL import Image
+    from skimage import data
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from csa.descriptors.lite0 import _lite_weights_path, efficientnet_lite_gem, efficientnet_lite_imagenet
+
+    ref = EfficientNet.from_pretrained(f"efficientnet-{variant}", weights_path=_lite_weights_path(variant),
+                                       image_size=None).eval()
+    net = efficientnet_lite_gem(variant)
+    x = torch.randn(1, 3, 131, 197)
+    with torch.no_grad():
+        gem = ref.extract_features(x).double().clamp(min=1e-6).pow(3).mean(dim=(2, 3)).pow(1 / 3)
+        got = net(x).double()
+    torch.testing.assert_close(got, gem / gem.norm(dim=1, keepdim=True), rtol=1e-4, atol=1e-5)
+    img = Image.fromarray(data.chelsea()).resize((size, size), Image.BICUBIC)
+    x = torch.from_numpy(np.array(img, dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1
+    with torch.no_grad():
+        assert 281 <= int(efficientnet_lite_imagenet(variant)(x).argmax()) <= 285
+    with pytest.raises(CSAInputError, match="unknown EfficientNet-Lite variant"):
+        efficientnet_lite_gem("lite9")
+
+
 def _official_like_checkpoint(arch, whitening, p=2.7, lw=None, seed=0):
     torch.manual_seed(seed)
     net = cirtorch_gem_network(arch, whitening=whitening)

@@ -137,3 +137,21 @@ def test_global_batch_sampler_union_over_ranks_equals_single_process():
     assert list(single) != batches
     with pytest.raises(CSAInputError, match="multiple of the number of processes"):
         GlobalBatchSampler(103, 12, rank=0, world_size=5)
+
+
+def test_stacked_sets_keep_lone_images_out_of_with_positives_queries():
+    """Three stacked feature sets of 5 images (clusters 0,0,1,2,2: image 2 is alone): 4 queries per set, not 5."""
+    from csa.training.sampler import NeighbourTable, TrainingSet, stacked_clusters
+
+    rng = np.random.default_rng(0)
+    feats = [rng.normal(size=(5, 4)).astype(np.float32) for _ in range(3)]
+    clusters = np.array([0, 0, 1, 2, 2])
+    stacked = stacked_clusters(clusters, 3)
+    assert stacked.tolist() == [0, 0, 1, 2, 2, 3, 3, 4, 5, 5, 6, 6, 7, 8, 8]
+    table = NeighbourTable(feats, topk=2, anchor_len=2, progress=False)
+    ds = TrainingSet(table, stacked, samples="with-positives")
+    assert ds.queries.tolist() == [0, 1, 3, 4, 5, 6, 8, 9, 10, 11, 13, 14]
+    # a token's target is 1 exactly for the query's landmark-mates within its own set
+    item = ds[0]
+    assert item["tokens"][0] == 0
+    assert all(bool(t) == (int(k) in (0, 1)) for k, t in zip(item["tokens"], item["targets"]))

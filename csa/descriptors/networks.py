@@ -18,10 +18,12 @@ from torch import nn
 
 from csa.descriptors.pooling import GeM, Whitening, l2n
 
-__all__ = ["GeMNetwork", "LITE0"]
+__all__ = ["GeMNetwork", "LITE0", "LITE_BACKBONES"]
 
 #: Name of the offline backbone (EfficientNet-Lite0 + GeM) used by the demo.
 LITE0 = "lite0"
+#: The offline backbones (EfficientNet-Lite0/1/2 + GeM); the demo's augmented training stacks all three.
+LITE_BACKBONES = ("lite0", "lite1", "lite2")
 
 
 class GeMNetwork(nn.Module):

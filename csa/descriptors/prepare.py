@@ -38,7 +38,7 @@ from csa.data.layout import (REFERENCE_TRAINSET, clusters_path, load_gnd, load_t
 from csa.descriptors.distributed import Ranks, extraction_device, synchronize
 from csa.descriptors.extract import extract_descriptors
 from csa.descriptors.backbones import load_backbone
-from csa.descriptors.networks import LITE0
+from csa.descriptors.networks import LITE0, LITE_BACKBONES
 from csa.fileio import atomic_write, check_output_dir, check_output_file, fingerprint, load_pickle
 from csa.validation import CSAInputError
 
@@ -144,11 +144,11 @@ def prepare_test_features(data_root: str | os.PathLike, dataset: str, backbone: 
 
 def prepare_demo_features(root: str | os.PathLike = "data/demo", image_size: int = 512,
                           scales: Sequence[float] = (1.0,), batch_size: int = 8, num_workers: int = 0,
-                          force: bool = False, feature_name: str = FEATURE_NAME, device: str = "auto",
+                          force: bool = False, feature_name: str | None = None, device: str = "auto",
                           progress: bool = True, shard_size: int | None = None,
-                          ranks: Ranks | None = None) -> dict[str, Path]:
-    """The demo's descriptors: both mini benchmarks (EfficientNet-Lite0 GeM), their leave-one-out
-    benchmarks and their cross-city trainsets.
+                          ranks: Ranks | None = None, backbone: str = LITE0) -> dict[str, Path]:
+    """The demo's descriptors: both mini benchmarks (EfficientNet-Lite0/1/2 GeM, ``<backbone>-gem`` unless
+    ``feature_name``), their leave-one-out benchmarks and their cross-city trainsets.
 
     A trainset's descriptors, and a leave-one-out benchmark's queries and database, are rows of its city's
     database descriptors (same photos, whole images), picked by image name.  Returns
@@ -158,9 +158,12 @@ def prepare_demo_features(root: str | os.PathLike = "data/demo", image_size: int
     if not (root / "annotations").is_dir():
         raise CSAInputError(f"{root} is not a demo data root (it has no annotations/ folder); give the folder "
                             f"`csa demo build` wrote (default data/demo)")
+    if backbone not in LITE_BACKBONES:
+        raise CSAInputError(f"the demo extracts offline backbones only; choose one of {', '.join(LITE_BACKBONES)}")
+    feature_name = feature_name or (FEATURE_NAME if backbone == LITE0 else f"{backbone}-gem")
     written: dict[str, Path] = {}
     for dataset, city in CITIES.items():
-        path = prepare_test_features(root, dataset, LITE0, image_size=image_size, scales=scales, device=device,
+        path = prepare_test_features(root, dataset, backbone, image_size=image_size, scales=scales, device=device,
                                      batch_size=batch_size, num_workers=num_workers, feature_name=feature_name,
                                      force=force, progress=progress, shard_size=shard_size, ranks=ranks)
         if path is None:

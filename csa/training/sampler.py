@@ -28,6 +28,7 @@ __all__ = [
     "TrainingSet",
     "GlobalBatchSampler",
     "sample_permutation",
+    "stacked_clusters",
 ]
 
 
@@ -145,6 +146,18 @@ def sample_permutation(seed: int, epoch: int, index: int, k: int) -> np.ndarray:
     A pure function of (seed, epoch, index): the same for any number of processes or workers.
     """
     return np.concatenate(([0], 1 + _rng(seed, 1, epoch, index).permutation(k))).astype(np.int64)
+
+
+def stacked_clusters(clusters: Any, n_sets: int) -> np.ndarray:
+    """Cluster ids of ``n_sets`` stacked feature sets: set s gets ``clusters + s * (max + 1)``.
+
+    Neighbours are searched within a set, so a cluster is only ever compared within its own set; keeping
+    the sets' ids apart makes ``samples='with-positives'`` count an image's positives in its own set
+    (an image alone in its cluster must not become a query because its copies in other sets share its id).
+    """
+    c = np.asarray(clusters).astype(np.int64).ravel()
+    step = int(c.max(initial=-1)) + 1 - min(int(c.min(initial=0)), 0)
+    return np.concatenate([c + s * step for s in range(int(n_sets))])
 
 
 class TrainingSet(torch.utils.data.Dataset):

@@ -53,7 +53,7 @@ from csa.training.launch import peer_lost_error
 from csa.training.run_folder import (CHECKPOINT_NAME, CURVES_EVERY_S, HISTORY_COLUMNS, RESUME_FIXED,
                                      check_resume_matches, neighbour_cache, prepare_output_dir, resolve_resume,
                                      write_history)
-from csa.training.sampler import GlobalBatchSampler, NeighbourTable, TrainingSet
+from csa.training.sampler import GlobalBatchSampler, NeighbourTable, TrainingSet, stacked_clusters
 from csa.validation import CSAInputError, check_rows, run_command
 
 __all__ = ["main", "run_training", "build_optimization", "CHECKPOINT_NAME", "HISTORY_COLUMNS", "RESUME_FIXED"]
@@ -104,7 +104,7 @@ def _training_data(config: TrainConfig, procs: Processes, out: Path, log: Callab
     if table is None:
         table = NeighbourTable(feats, config.topk, config.anchor_len, cache, config.neighbour_chunk, procs.device,
                                progress=False)
-    dataset = TrainingSet(table, np.tile(clusters, len(feats)), seed=config.seed, permute=True,
+    dataset = TrainingSet(table, stacked_clusters(clusters, len(feats)), seed=config.seed, permute=True,
                           samples=config.samples)
     features = torch.from_numpy(np.concatenate(feats, axis=0)).to(procs.device)
     sampler = GlobalBatchSampler(len(dataset), config.batch_size, procs.rank, procs.world, seed=config.seed,
