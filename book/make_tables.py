@@ -14,9 +14,11 @@ import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from csa.compare.published import FIRST_STAGE, PUBLISHED, published_table
 from csa.fileio import atomic_write
+from csa.training.paper_table import paper_comparisons, paper_table
 from csa.training.recipes import DEPARTURES, RECIPE_FIELDS, RECIPES, effective_lrs
 
 GENERATED = Path(__file__).resolve().parent / "generated"
@@ -64,6 +66,52 @@ def recipes_markdown() -> str:
     return lines[0] + "\n" + "\n".join(lines[1:]) + "\n\nWhere `official` departs from `paper` (bold above):\n\n" + notes + "\n"
 
 
+PAPER_APS = Path(__file__).resolve().parents[1] / "data" / "demo" / "results" / "paper_aps.csv"
+BENCHMARK_LABELS = {"pooled LOO": "pooled LOO", "roxford5k-mini-loo": "Oxford LOO", "rparis6k-mini-loo": "Paris LOO",
+                    "roxford5k-mini": "Oxford official", "rparis6k-mini": "Paris official"}
+WHITENING_LABELS = {"none": "unwhitened", "lw": "Lw (learned)", "pcaw": "PCA-whitened"}
+BEST = "CSA minus the best untrained (on this benchmark)"
+HEADLINE_METHODS = ["untrained raw", "untrained centred", "CSA", "CSA augmented (Lite0/1/2)"]
+
+
+def _paper_results() -> tuple[Any, Any]:
+    import pandas as pd
+
+    aps = pd.read_csv(PAPER_APS)
+    return paper_table(aps), paper_comparisons(aps)
+
+
+def paper_demo_markdown(table: Any) -> str:
+    """Every row of notebook 08's table: Medium / Hard mAP and the gain over the first stage of the same
+    descriptors with its 95% interval over landmarks (``*``: excludes 0)."""
+    lines = ["| benchmark (landmarks) | whitening | descriptors | method | Medium | gain [95% CI, landmarks] | "
+             "Hard | gain [95% CI, landmarks] |", "|---|---|---|---|---|---|---|---|"]
+    for r in table.itertuples():
+        gains = ("", "") if r.method == FIRST_STAGE else (r.medium_vs_first, r.hard_vs_first)
+        lines.append(f"| {BENCHMARK_LABELS[r.benchmark]} ({r.landmarks}) | {WHITENING_LABELS[r.whitening]} | "
+                     f"`{r.descriptors}` | {r.method} | {r.medium:.1f} | {gains[0]} | {r.hard:.1f} | {gains[1]} |")
+    return "\n".join(lines) + "\n"
+
+
+def paper_headline_markdown(table: Any, comparisons: Any) -> str:
+    """The Lite0 rows of the leave-one-out and pooled benchmarks: Medium gain over the first stage per
+    method and CSA minus the best untrained re-ranker, all with landmark-level intervals."""
+    lines = ["| Medium mAP, gain [95% CI over landmarks] | first stage | " + " | ".join(HEADLINE_METHODS)
+             + " | CSA minus best untrained |", "|---" * (len(HEADLINE_METHODS) + 3) + "|"]
+    lite0 = table[table["descriptors"].str.startswith("lite0")]
+    for (bench, whitening), part in lite0.groupby(["benchmark", "whitening"], sort=False):
+        if not bench.endswith("LOO") and not bench.endswith("-loo"):
+            continue
+        rows = {r.method: r for r in part.itertuples()}
+        first = rows[FIRST_STAGE]
+        cells = [f"{rows[m].medium:.1f}, {rows[m].medium_vs_first}" if m in rows else "–" for m in HEADLINE_METHODS]
+        best = comparisons[(comparisons["benchmark"] == bench) & (comparisons["whitening"] == whitening)
+                           & (comparisons["comparison"] == BEST)]
+        lines.append(f"| {BENCHMARK_LABELS[bench]}, {first.landmarks} landmarks, {WHITENING_LABELS[whitening]} | "
+                     f"{first.medium:.1f} | " + " | ".join(cells) + f" | {best['medium'].iloc[0] if len(best) else '–'} |")
+    return "\n".join(lines) + "\n"
+
+
 def tables() -> dict[str, str]:
     """File name -> Markdown content of every generated table."""
     csa = published_table(CSA_METHODS)
@@ -76,7 +124,15 @@ def tables() -> dict[str, str]:
     return {"published_csa.md": HEADER + markdown(csa),
             "published_rerankers.md": HEADER + markdown(others),
             "published_csa_log.md": HEADER + f"{log_text} {{cite}}`csa2021code`\n",
-            "recipes.md": HEADER + recipes_markdown()}
+            "recipes.md": HEADER + recipes_markdown(),
+            **paper_tables()}
+
+
+def paper_tables() -> dict[str, str]:
+    """The demo's paper-shaped table (notebook 08's committed results) in full and as the README headline."""
+    table, comparisons = _paper_results()
+    return {"paper_demo.md": HEADER + paper_demo_markdown(table),
+            "paper_headline.md": HEADER + paper_headline_markdown(table, comparisons)}
 
 
 def _cpu_model() -> str:

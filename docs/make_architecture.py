@@ -41,6 +41,8 @@ WING_EDGES: dict[tuple[str, str], str] = {
     ("csa.training", "csa.data"): "training reads the trainset's descriptors and clusters",
     ("csa.training", "csa.compare"): "recipe selection and seed sweeps score held-out benchmarks with the "
                                      "comparison runner (experiments that live in the training wing for now)",
+    ("csa.training", "csa.descriptors"): "the paper-table experiments learn whitenings and read the compact "
+                                         "descriptor copies (experiments that live in the training wing for now)",
     ("csa.compare", "csa.data"): "the comparison of a benchmark loads its ground truth and descriptors",
     ("csa.notebook", "csa.training"): "notebook 2's parameters are checked as `csa train` checks its flags",
     ("csa.notebook", "csa.data"): "notebook parameters naming a trainset are checked against the data layout",
