@@ -165,3 +165,10 @@ def test_build_times_are_measured_per_run_and_not_tracked():
     assert tracked.stdout.strip() == "", "book/generated/build_times.md is tracked; run_all.sh would modify it"
     ignored = subprocess.run(["git", "check-ignore", "-q", "book/generated/build_times.md"], cwd=root)
     assert ignored.returncode == 0, "book/generated/build_times.md must be git-ignored"
+
+
+def test_readme_shows_the_generated_paper_table_unchanged():
+    """The README's paper-shaped demo table is the one book/make_tables.py generates from the committed results."""
+    generated = (BOOK / "generated" / "paper_headline.md").read_text().split("\n", 1)[1].strip()
+    readme = (BOOK.parent / "README.md").read_text()
+    assert generated in readme, "README's paper table differs from book/generated/paper_headline.md: paste it again"
