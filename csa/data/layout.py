@@ -54,6 +54,13 @@ _HOW_TO_CREATE = (
     "`csa download` (the paper's data) or the csa.data.layout.save_* functions "
     "(see notebooks/ on feature extraction)"
 )
+_HOW_TO_EXTRACT = (
+    "extract it with `csa demo extract --root data/demo` (demo data; its test descriptors can also be "
+    "restored in seconds from their committed float16 copy with "
+    "csa.descriptors.compact.ensure_demo_features(\"data/demo\")), "
+    "`csa extract <dataset> --data-root data --backbone <network> --download` (the paper's data) "
+    "or the csa.data.layout.save_* functions"
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,7 +192,8 @@ def load_test_features(data_root: str | os.PathLike, dataset: str, name: str,
     ``annotations/<dataset>/gnd_<dataset>.pkl`` when that exists (features of another dataset or version
     are refused).
     """
-    path = _require(test_features_path(data_root, dataset, name), f"test features '{name}' of '{dataset}'")
+    path = _require(test_features_path(data_root, dataset, name), f"test features '{name}' of '{dataset}'",
+                    _HOW_TO_EXTRACT)
     obj = _load(path, "test features")
     if not isinstance(obj, dict) or not {"db", "query"} <= set(obj):
         raise CSAInputError(f"{path} must hold a dict with 'db' and 'query' descriptor arrays")
@@ -221,7 +229,7 @@ def _train_file(data_root: str | os.PathLike, trainset: str, name: str) -> Path:
         flat = Path(data_root) / "train" / f"{name}.pkl"  # the official layout
         if flat.is_file():
             return flat
-    return _require(path, f"training features '{name}' of '{trainset}'")
+    return _require(path, f"training features '{name}' of '{trainset}'", _HOW_TO_EXTRACT)
 
 
 def load_train_features(data_root: str | os.PathLike, trainset: str, name: str, split: str = "train",
