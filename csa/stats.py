@@ -18,7 +18,7 @@ import numpy as np
 
 from csa.validation import CSAInputError
 
-__all__ = ["bootstrap_map_ci", "paired_bootstrap_gain", "count_groups"]
+__all__ = ["bootstrap_map_ci", "paired_bootstrap_gain", "count_groups", "check_groups"]
 
 
 def _check(n_boot: int, level: float) -> None:
@@ -50,13 +50,14 @@ def _bootstrap_mean(values: np.ndarray, n_boot: int, seed: int, level: float,
     return float(values.mean()), float(lo), float(hi)
 
 
-def _check_groups(groups: Any, n: int) -> np.ndarray | None:
+def check_groups(groups: Any, n: int) -> np.ndarray | None:
+    """``groups`` as a flat array of ``n`` landmark ids (None stays None); one clear error otherwise."""
     if groups is None:
         return None
     g = np.asarray(groups).ravel()
     if g.size != n:
         raise CSAInputError(f"groups has {g.size} entries but there are {n} queries; give one landmark id "
-                            f"per query, in query order")
+                            f"per query, in query order (csa.compare.runner.query_landmarks gives them)")
     return g
 
 
@@ -70,7 +71,7 @@ def bootstrap_map_ci(aps: Any, n_boot: int = 10000, seed: int = 0, level: float 
     """(mean AP, lower, upper): percentile bootstrap over queries, or over landmarks with ``groups``."""
     _check(n_boot, level)
     a = np.asarray(aps, dtype=np.float64).ravel()
-    g = _check_groups(groups, a.size)
+    g = check_groups(groups, a.size)
     keep = ~np.isnan(a)
     a = a[keep]
     if a.size == 0:
@@ -91,7 +92,7 @@ def paired_bootstrap_gain(aps_new: Any, aps_base: Any, n_boot: int = 10000, seed
     if a.shape != b.shape:
         raise CSAInputError(f"aps_new has {a.size} queries but aps_base has {b.size}; they must be the same "
                             f"queries in the same order")
-    g = _check_groups(groups, a.size)
+    g = check_groups(groups, a.size)
     keep = ~(np.isnan(a) | np.isnan(b))
     d = a[keep] - b[keep]
     if d.size == 0:

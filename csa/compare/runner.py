@@ -23,7 +23,7 @@ from csa.compare.published import FIRST_STAGE
 from csa.evaluate import evaluate_revisited, format_revisited, random_ranking_map, PROTOCOLS
 from csa.largescale import first_stage_large, rerank_large
 from csa.search import first_stage
-from csa.stats import bootstrap_map_ci, count_groups, paired_bootstrap_gain
+from csa.stats import bootstrap_map_ci, check_groups, count_groups, paired_bootstrap_gain
 from csa.validation import CSAInputError, check_descriptors, check_gnd, check_ranks, descriptors_checked, gnd_list
 
 __all__ = ["run_comparison", "run_comparison_large", "summary_table", "gain_between", "format_gain",
@@ -129,13 +129,8 @@ def _check_methods(methods: Mapping[str, Method]) -> None:
 
 
 def _check_groups(groups: Any, n_q: int) -> list | None:
-    if groups is None:
-        return None
-    ids = np.asarray(groups).ravel()
-    if ids.size != n_q:
-        raise CSAInputError(f"groups has {ids.size} entries but there are {n_q} queries; give one landmark id per "
-                            f"query, in query order (csa.compare.runner.query_landmarks)")
-    return ids.tolist()  # a plain list: pandas compares attrs when frames are concatenated
+    ids = check_groups(groups, n_q)
+    return None if ids is None else ids.tolist()  # a plain list: pandas compares attrs when frames are concatenated
 
 
 def _comparison_table(methods: Mapping[str, Method], run: Callable[[Method], Any], evaluate: Callable[[Any], dict],
