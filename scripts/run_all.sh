@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job: set up the environment, execute every notebook on the embedded Oxford/Paris demo with
 # papermill (outputs land in book/notebooks/), then build the Jupyter Book into book/_build/html.
-# About 7 minutes on 2 CPU cores from a fresh clone (set-up ~1 min, descriptor extraction ~2 min,
+# About 9 minutes on 2 CPU cores from a fresh clone (set-up ~1.5 min, descriptor extraction ~2.5 min,
 # training ~2.5 min; the measured times per notebook land in book/generated/build_times.md).
 # For parameter grids over one notebook use `csa batch` (see README).
 set -euo pipefail
