@@ -7,6 +7,7 @@ repository itself is never modified, except that the screenshot goes to ``artifa
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import re
 import shutil
 import subprocess
@@ -53,8 +54,10 @@ def prepare_book_copy(dest: Path, executed: Path) -> tuple[Path, list[str]]:
     for nb in executed.glob("*.ipynb"):
         shutil.copy2(nb, book / "notebooks" / nb.name)
     # the build-times page is measured by each run (git-ignored), as scripts/run_all.sh writes it
-    subprocess.run([sys.executable, str(book / "make_tables.py"), "--build-times", str(executed)], check=True,
-                   capture_output=True)
+    make_tables = importlib.util.spec_from_file_location("make_tables", BOOK / "make_tables.py")
+    module = importlib.util.module_from_spec(make_tables)
+    make_tables.loader.exec_module(module)
+    (book / "generated" / "build_times.md").write_text(module.build_times_markdown(executed))
     missing = [entry for entry in toc_files()
                if not any((book / entry).with_suffix(ext).exists() for ext in (".md", ".ipynb"))]
     return book, missing
