@@ -20,6 +20,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from csa.compare.published import FIRST_STAGE
+from csa.data.demo import group_queries
 from csa.evaluate import evaluate_revisited, format_revisited, random_ranking_map, PROTOCOLS
 from csa.largescale import first_stage_large, rerank_large
 from csa.search import first_stage
@@ -208,8 +209,6 @@ def query_landmarks(gnd: Any) -> np.ndarray:
     overlap (IoU >= 0.3, :func:`csa.data.demo.group_queries`) are one landmark: they share their
     positives, so their APs are not independent.
     """
-    from csa.data.demo import group_queries
-
     gnd = gnd_list(gnd)
     if not gnd:
         raise CSAInputError("the ground truth has no queries; nothing to group into landmarks")

@@ -20,6 +20,7 @@ from csa.compare.inputs import Ranker
 from csa.compare.diffusion import diffusion
 from csa.compare.expansion import AugmentDatabase, alpha_qe, aqe
 from csa.compare.k_reciprocal import k_reciprocal
+from csa.data.demo import CITIES, LOO_BASE
 from csa.evaluate import PROTOCOLS, evaluate_revisited
 from csa.search import first_stage
 from csa.validation import CSAInputError, check_descriptors, check_gnd, descriptors_checked
@@ -47,8 +48,6 @@ def training_benchmark(dataset: str) -> str:
     ``roxford5k-mini`` and ``roxford5k-mini-loo`` give ``rparis6k-mini-loo``: the queries on which the
     settings of everything that re-ranks Oxford are chosen.
     """
-    from csa.data.demo import CITIES, LOO_BASE
-
     city = LOO_BASE.get(dataset, dataset)
     if city not in CITIES:
         raise CSAInputError(f"{dataset!r} is not a demo benchmark; choose one of "
