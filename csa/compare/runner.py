@@ -8,6 +8,9 @@ query, :func:`query_landmarks`) the interval resamples whole landmarks, the inde
 per-query interval is kept as a labelled second column.  :func:`summary_table` makes it
 readable; :func:`gain_between` measures one method against another (not the first stage) on the same
 queries; :func:`first_stage_report` gives one dataset's first stage with intervals and chance level.
+:func:`compare_benchmark` is the one comparison loop: it takes a loaded
+:class:`csa.data.benchmark.Benchmark`, in memory or streamed (+R1M), which :func:`run_comparison` and
+:func:`run_comparison_large` build from arrays.
 """
 from __future__ import annotations
 

@@ -33,7 +33,7 @@ __all__ = ["Benchmark", "FullRanking", "FirstStage"]
 Ranker = Callable[[Any, Any, Any], Any]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class FullRanking:
     """A first stage held in memory: ``ranks`` (N or K, Q) of a database of ``n_db`` images.
 
@@ -56,7 +56,7 @@ class FullRanking:
 FirstStage = FullRanking | ShortList
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Benchmark:
     """One test benchmark: checked descriptors and raw revisitop ground truth, in memory or streamed.
 
