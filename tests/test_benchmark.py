@@ -146,3 +146,19 @@ def test_compare_on_benchmarks_matches_a_float64_rederivation_and_the_per_benchm
         assert table.attrs["aps"] == loop.attrs["aps"]
     with pytest.raises(CSAInputError, match="MethodPlan"):
         compare_on_benchmarks(root, "f", ["a"], lambda bench: {"x": reverse_top3})
+
+
+def test_csa_rerank_scans_the_descriptors_once(tmp_path, monkeypatch, capsys):
+    """From loading to the re-ranked evaluation, each descriptor array gets one full check (no second pass)."""
+    from _toy_data import write_toy_root
+    from csa import validation
+    from csa.cli import main
+
+    root = write_toy_root(tmp_path)
+    scanned = []
+    original = validation._row_stats
+    monkeypatch.setattr(validation, "_row_stats", lambda t, *args: scanned.append(t.shape[0]) or original(t, *args))
+    assert main(["rerank", "--data-root", str(root), "--dataset", "toy", "--features", "feat", "--checkpoint",
+                 str(root / "model.pth"), "--topk", "10", "--device", "cpu"]) == 0
+    assert sorted(scanned) == [2, 40]  # the 2 queries and the 40 database rows, once each
+    assert "CSA top-10" in capsys.readouterr().out
