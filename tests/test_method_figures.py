@@ -1,0 +1,90 @@
+"""Tests of csa.notebook.method_figures: one axis per city, the numbers in titles, label colours, readable fonts."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.colors import to_hex
+
+from csa.notebook.figures import NEGATIVE_COLOR, POSITIVE_COLOR
+from csa.notebook.method_figures import (
+    FONT_SIZE,
+    plot_affinity_views,
+    plot_ap_gains,
+    plot_attention,
+    plot_headline_gains,
+    plot_rank_moves,
+    plot_score_distributions,
+)
+from csa.validation import CSAInputError
+
+LABELS = ["query", "pos", "neg", "junk", "pos"]
+
+
+def _texts(fig):
+    return [t for ax in fig.axes for t in [ax.title, ax.xaxis.label, ax.yaxis.label, *ax.get_xticklabels(),
+                                            *ax.get_yticklabels()] if t.get_text()]
+
+
+def _main_axes(fig):
+    return [ax for ax in fig.axes if ax.get_label() != "<colorbar>" and ax.get_title()]
+
+
+def test_affinity_views_one_panel_per_view_and_labels_checked():
+    rng = np.random.default_rng(0)
+    views = {"raw": rng.uniform(0.4, 1, (5, 4)), "centred": rng.normal(size=(5, 4)), "whitened": rng.normal(size=(5, 4))}
+    fig = plot_affinity_views(views, LABELS)
+    assert [ax.get_title() for ax in _main_axes(fig)] == ["raw", "centred", "whitened"]
+    assert min(t.get_fontsize() for t in _texts(fig)) >= FONT_SIZE - 0.5
+    with pytest.raises(CSAInputError, match="labels"):
+        plot_affinity_views(views, LABELS[:3])
+
+
+def test_attention_two_rows_per_block_and_query_row_values():
+    att = np.full((1, 2, 5, 5), 0.2)
+    att[0, :, 0] = [0.05, 0.6, 0.15, 0.1, 0.1]
+    fig = plot_attention([att, att], LABELS)
+    assert len(_main_axes(fig)) == 4
+    bottom = [ax for ax in fig.axes if ax.get_title().startswith("block 1: what")][0]
+    # the positives' points carry the query row's weights at positions 1 and 4
+    pos = [c for c in bottom.collections if to_hex(c.get_facecolor()[0]) == POSITIVE_COLOR][0]
+    np.testing.assert_allclose(pos.get_offsets(), [[1, 0.6], [4, 0.1]])
+
+
+def test_score_distributions_one_row_per_city():
+    df = pd.DataFrame({"label": ["pos", "neg", "neg", "junk"], "first_stage": [0.9, 0.5, 0.6, 1.0],
+                       "csa": [0.9, -0.9, -0.8, 1.0]})
+    fig = plot_score_distributions({"Oxford": df, "Paris": df})
+    titles = [ax.get_title() for ax in fig.axes]
+    assert len(titles) == 4 and sum(t.startswith("Paris") for t in titles) == 2
+
+
+def test_rank_moves_title_gives_the_shares():
+    moves = pd.DataFrame({"rank_before": [1, 5, 9, 20], "rank_after": [1, 2, 12, 3]})
+    fig = plot_rank_moves({"Oxford": moves, "Paris": moves.iloc[:2]})
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles[0].startswith("Oxford: 4 positives") and "up 50%, down 25%, kept 25%" in titles[0]
+    assert "up 50%, down 0%, kept 50%" in titles[1]
+    assert all(ax.get_xscale() == "log" and ax.get_yscale() == "log" for ax in fig.axes)
+
+
+def test_ap_gains_bars_coloured_by_sign_and_interval_shaded():
+    gains = pd.DataFrame({"gain": [-2.0, 0.0, 1.0, 4.0], "outcome": ["hurt", "unchanged", "helped", "helped"]})
+    fig = plot_ap_gains({"Oxford": gains}, intervals={"Oxford": (-0.5, 2.0)})
+    ax = fig.axes[0]
+    assert "helped 50%, hurt 25%" in ax.get_title()
+    colors = [to_hex(p.get_facecolor()) for p in ax.patches[:4]]
+    assert colors[0] == NEGATIVE_COLOR and colors[2] == colors[3] == POSITIVE_COLOR
+    assert any("[-0.5, +2.0]" in t.get_text() for t in ax.get_legend().get_texts())
+
+
+def test_headline_gains_one_axis_per_city_with_intervals_written():
+    table = pd.DataFrame({"city": ["Oxford", "Oxford", "Paris"], "benchmark": ["official", "LOO", "LOO"],
+                          "medium_gain": [0.9, 1.5, 3.6], "medium_gain_low": [-1.1, -0.2, 2.2],
+                          "medium_gain_high": [4.2, 2.6, 4.7]})
+    fig = plot_headline_gains(table)
+    assert [ax.get_title() for ax in fig.axes] == ["Oxford", "Paris"]
+    notes = [t.get_text() for t in fig.axes[0].texts]
+    assert "+1.5 [-0.2, +2.6]" in notes and "+0.9 [-1.1, +4.2]" in notes
+    with pytest.raises(CSAInputError, match="city"):
+        plot_headline_gains(table.drop(columns="city"))
