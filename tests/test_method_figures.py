@@ -40,6 +40,14 @@ def test_affinity_views_one_panel_per_view_and_labels_checked():
         plot_affinity_views(views, LABELS[:3])
 
 
+def test_affinity_views_grouped_by_label_permute_rows_and_anchors():
+    a = np.arange(20, dtype=float).reshape(5, 4)
+    fig = plot_affinity_views({"raw": a}, LABELS, group_by_label=True)
+    shown = np.asarray(_main_axes(fig)[0].images[0].get_array())
+    # rows: query 0, positives 1 and 4, junk 3, negative 2; anchors (tokens 0..3): query 0, pos 1, junk 3, neg 2
+    np.testing.assert_array_equal(shown, a[[0, 1, 4, 3, 2]][:, [0, 1, 3, 2]])
+
+
 def test_attention_two_rows_per_block_and_query_row_values():
     att = np.full((1, 2, 5, 5), 0.2)
     att[0, :, 0] = [0.05, 0.6, 0.15, 0.1, 0.1]

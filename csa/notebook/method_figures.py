@@ -59,7 +59,8 @@ def _label_legend(fig: Figure, present: set[str], **kwargs: Any) -> None:
     fig.legend(handles=handles, ncol=len(handles), frameon=False, **kwargs)
 
 
-def plot_affinity_views(views: Mapping[str, np.ndarray], labels: Sequence[str], title: str | None = None) -> Figure:
+def plot_affinity_views(views: Mapping[str, np.ndarray], labels: Sequence[str], title: str | None = None,
+                        group_by_label: bool = False) -> Figure:
     """Heatmaps of one query's (K+1, L) affinity matrix, one panel per view (e.g. raw, centred, whitened).
 
     Rows are the tokens (query first, then the candidates in first-stage order), columns the anchors
@@ -67,11 +68,23 @@ def plot_affinity_views(views: Mapping[str, np.ndarray], labels: Sequence[str], 
     label (``labels``: K+1 labels from :func:`csa.notebook.method_views.token_labels`).  Each panel has
     its own colour scale, clipped at the 1st / 99th percentile (raw) or at the 99th percentile of the
     absolute values (the others), so the self-similarity diagonal does not flatten the rest.
+    ``group_by_label=True`` reorders rows and anchors by label (query, positives, junk, negatives; first-stage
+    order within a label), so blocks of positives show as blocks.
     """
     if not views:
         raise CSAInputError("views is empty: pass {name: (K+1, L) array}, e.g. from affinity_views")
     first = next(iter(views.values()))
     lab = _check_labels(labels, first.shape[0], "plot_affinity_views")
+    if first.shape[1] > lab.size:
+        raise CSAInputError(f"L = {first.shape[1]} anchors but only K+1 = {lab.size} labelled tokens: the anchors must "
+                            "be the first L tokens (L - 1 <= K)")
+    rows, cols = np.arange(lab.size), np.arange(first.shape[1])
+    if group_by_label:
+        rank = {"query": 0, "pos": 1, "junk": 2, "neg": 3}
+        rows = np.argsort([rank[v] for v in lab], kind="stable")
+        cols = np.argsort([rank[v] for v in lab[: first.shape[1]]], kind="stable")
+    views = {name: np.asarray(a)[rows][:, cols] for name, a in views.items()}
+    col_lab, lab = lab[cols], lab[rows]
     with matplotlib.rc_context(_STYLE):
         fig = Figure(figsize=(min(11.0, 3.7 * len(views)), 4.6), layout="constrained")
         axes = np.atleast_1d(fig.subplots(1, len(views)))
@@ -80,10 +93,11 @@ def plot_affinity_views(views: Mapping[str, np.ndarray], labels: Sequence[str], 
             im = ax.imshow(a, aspect="auto", cmap="viridis" if name == "raw" else "RdBu_r", interpolation="nearest",
                            **(_percentiles(a) if name == "raw" else _symmetric(a)))
             _label_strip(ax, lab, "left")
-            _label_strip(ax, lab[: a.shape[1]], "top")
+            _label_strip(ax, col_lab, "top")
             ax.set_title(name, pad=14)
-            ax.set_xlabel(f"anchor (L = {a.shape[1]})")
-            ax.set_ylabel(f"token (query + K = {a.shape[0] - 1})", labelpad=4)
+            order = ", grouped by label" if group_by_label else ""
+            ax.set_xlabel(f"anchor (L = {a.shape[1]}{order})")
+            ax.set_ylabel(f"token (query + K = {a.shape[0] - 1}{order})", labelpad=4)
             fig.colorbar(im, ax=ax, shrink=0.85, pad=0.02)
         _label_legend(fig, set(lab), loc="outside lower center")
         if title:
