@@ -18,6 +18,7 @@ from csa.notebook.method_views import (
     attention_maps,
     candidate_scores,
     pick_median_gain_query,
+    pick_median_positives_sample,
     positive_rank_moves,
     score_separation,
     token_labels,
@@ -216,3 +217,15 @@ def test_ap_gains_sort_and_classify_and_the_median_rule():
     assert pick_median_gain_query(before, after) == 1
     with pytest.raises(CSAInputError, match="no query"):
         pick_median_gain_query([np.nan], [np.nan])
+
+
+def test_median_positives_sample_recounts_the_targets_of_every_sample():
+    from csa.training.sampler import NeighbourTable, TrainingSet
+
+    rng = np.random.default_rng(2)
+    features = unit_rows(60, 6, 9)
+    clusters = rng.integers(0, 6, 60)
+    ts = TrainingSet(NeighbourTable(features, topk=10, anchor_len=8, progress=False), clusters, samples="with-positives")
+    counts = [int(ts[i]["targets"].sum().item()) - 1 for i in range(len(ts))]     # positives among the K tokens
+    median = sorted(counts)[(len(counts) - 1) // 2]
+    assert pick_median_positives_sample(ts) == counts.index(median)

@@ -25,7 +25,8 @@ from csa.notebook.figures import label_ranked
 from csa.validation import CSAInputError
 
 __all__ = ["AFFINITY_VIEWS", "affinity_views", "token_labels", "attention_maps", "candidate_scores",
-           "score_separation", "positive_rank_moves", "ap_gains", "pick_median_gain_query"]
+           "score_separation", "positive_rank_moves", "ap_gains", "pick_median_gain_query",
+           "pick_median_positives_sample"]
 
 #: The affinity views :func:`affinity_views` returns, in display order.
 AFFINITY_VIEWS = ("raw", "centred", "whitened")
@@ -203,3 +204,18 @@ def pick_median_gain_query(aps_before: Any, aps_after: Any) -> int:
         raise CSAInputError("no query has positives under this protocol: there is no gain to take the median of")
     median = gains["gain"].iloc[(len(gains) - 1) // 2]
     return int(gains.loc[gains["gain"] == median, "query"].min())
+
+
+def pick_median_positives_sample(training_set: Any) -> int:
+    """The training sample whose count of positives among its K tokens is the median (lower median; ties:
+    the first sample).  ``training_set`` is a :class:`csa.training.sampler.TrainingSet`; returns its item index.
+
+    The token set of a sample does not depend on the epoch's random order, so neither does the choice.
+    """
+    table, clusters, queries = training_set.table, np.asarray(training_set.clusters), np.asarray(training_set.queries)
+    if queries.size == 0:
+        raise CSAInputError("the training set has no samples")
+    neighbours = np.asarray(table.indices)[queries, 1: table.topk + 1]
+    counts = (clusters[neighbours] == clusters[queries][:, None]).sum(axis=1)
+    median = np.sort(counts)[(counts.size - 1) // 2]
+    return int(np.flatnonzero(counts == median)[0])
