@@ -46,6 +46,14 @@ def test_affinity_views_grouped_by_label_permute_rows_and_anchors():
     shown = np.asarray(_main_axes(fig)[0].images[0].get_array())
     # rows: query 0, positives 1 and 4, junk 3, negative 2; anchors (tokens 0..3): query 0, pos 1, junk 3, neg 2
     np.testing.assert_array_equal(shown, a[[0, 1, 4, 3, 2]][:, [0, 1, 3, 2]])
+    # more anchors than tokens (L - 1 > K): the anchors' own labels order the columns
+    wide = np.arange(15, dtype=float).reshape(3, 5)
+    fig = plot_affinity_views({"raw": wide}, ["query", "neg", "pos"], group_by_label=True,
+                              anchor_labels=["query", "neg", "pos", "junk", "pos"])
+    shown = np.asarray(_main_axes(fig)[0].images[0].get_array())
+    np.testing.assert_array_equal(shown, wide[[0, 2, 1]][:, [0, 2, 4, 3, 1]])
+    with pytest.raises(CSAInputError, match="anchor_labels"):
+        plot_affinity_views({"raw": wide}, ["query", "neg", "pos"])
 
 
 def test_attention_two_rows_per_block_and_query_row_values():

@@ -60,12 +60,13 @@ def _label_legend(fig: Figure, present: set[str], **kwargs: Any) -> None:
 
 
 def plot_affinity_views(views: Mapping[str, np.ndarray], labels: Sequence[str], title: str | None = None,
-                        group_by_label: bool = False) -> Figure:
+                        group_by_label: bool = False, anchor_labels: Sequence[str] | None = None) -> Figure:
     """Heatmaps of one query's (K+1, L) affinity matrix, one panel per view (e.g. raw, centred, whitened).
 
     Rows are the tokens (query first, then the candidates in first-stage order), columns the anchors
     (the query and the top L-1); the strips on the left and on top colour each row / anchor by its
-    label (``labels``: K+1 labels from :func:`csa.notebook.method_views.token_labels`).  Each panel has
+    label (``labels``: K+1 labels from :func:`csa.notebook.method_views.token_labels`; ``anchor_labels``: the
+    L anchors' labels, by default the first L of ``labels``, as when L - 1 <= K).  Each panel has
     its own colour scale, clipped at the 1st / 99th percentile (raw) or at the 99th percentile of the
     absolute values (the others), so the self-similarity diagonal does not flatten the rest.
     ``group_by_label=True`` reorders rows and anchors by label (query, positives, junk, negatives; first-stage
@@ -75,16 +76,18 @@ def plot_affinity_views(views: Mapping[str, np.ndarray], labels: Sequence[str], 
         raise CSAInputError("views is empty: pass {name: (K+1, L) array}, e.g. from affinity_views")
     first = next(iter(views.values()))
     lab = _check_labels(labels, first.shape[0], "plot_affinity_views")
-    if first.shape[1] > lab.size:
-        raise CSAInputError(f"L = {first.shape[1]} anchors but only K+1 = {lab.size} labelled tokens: the anchors must "
-                            "be the first L tokens (L - 1 <= K)")
+    if anchor_labels is None and first.shape[1] > lab.size:
+        raise CSAInputError(f"L = {first.shape[1]} anchors but only K+1 = {lab.size} labelled tokens: pass "
+                            "anchor_labels=token_labels(ranks, gnd_entry, query, L - 1)")
+    col_lab = _check_labels(lab[: first.shape[1]] if anchor_labels is None else anchor_labels, first.shape[1],
+                            "anchor_labels")
     rows, cols = np.arange(lab.size), np.arange(first.shape[1])
     if group_by_label:
         rank = {"query": 0, "pos": 1, "junk": 2, "neg": 3}
         rows = np.argsort([rank[v] for v in lab], kind="stable")
-        cols = np.argsort([rank[v] for v in lab[: first.shape[1]]], kind="stable")
+        cols = np.argsort([rank[v] for v in col_lab], kind="stable")
     views = {name: np.asarray(a)[rows][:, cols] for name, a in views.items()}
-    col_lab, lab = lab[cols], lab[rows]
+    col_lab, lab = col_lab[cols], lab[rows]
     with matplotlib.rc_context(_STYLE):
         fig = Figure(figsize=(min(11.0, 3.7 * len(views)), 4.6), layout="constrained")
         axes = np.atleast_1d(fig.subplots(1, len(views)))
