@@ -34,7 +34,8 @@ def test_affinity_views_one_panel_per_view_and_labels_checked():
     rng = np.random.default_rng(0)
     views = {"raw": rng.uniform(0.4, 1, (5, 4)), "centred": rng.normal(size=(5, 4)), "whitened": rng.normal(size=(5, 4))}
     fig = plot_affinity_views(views, LABELS)
-    assert [ax.get_title() for ax in _main_axes(fig)] == ["raw", "centred", "whitened"]
+    assert [ax.get_title() for ax in _main_axes(fig)] == ["raw (5 x 4)", "centred (5 x 4)", "whitened (5 x 4)"]
+    assert fig.get_figwidth() <= 9.0
     assert min(t.get_fontsize() for t in _texts(fig)) >= FONT_SIZE - 0.5
     with pytest.raises(CSAInputError, match="labels"):
         plot_affinity_views(views, LABELS[:3])
@@ -104,3 +105,23 @@ def test_headline_gains_one_axis_per_city_with_intervals_written():
     assert "+1.5 [-0.2, +2.6]" in notes and "+0.9 [-1.1, +4.2]" in notes
     with pytest.raises(CSAInputError, match="city"):
         plot_headline_gains(table.drop(columns="city"))
+
+
+def test_every_figure_fits_the_page_with_readable_text():
+    """At most 9 inches (900 px at 100 dpi, shown in a ~680 px column) and no text under 11 pt (>= 10 px)."""
+    df = pd.DataFrame({"label": ["pos", "neg"], "first_stage": [0.9, 0.5], "csa": [0.9, -0.9]})
+    moves = pd.DataFrame({"rank_before": [1, 5], "rank_after": [2, 1]})
+    gains = pd.DataFrame({"gain": [-1.0, 2.0], "outcome": ["hurt", "helped"]})
+    table = pd.DataFrame({"city": ["A", "B"], "benchmark": ["x", "x"], "medium_gain": [1.0, 2.0],
+                          "medium_gain_low": [0.0, 1.0], "medium_gain_high": [2.0, 3.0]})
+    cities = ["Oxford", "Paris", "Rome"]
+    figures = [plot_affinity_views({k: np.eye(5, 4) for k in ("raw", "centred", "whitened")}, LABELS),
+               plot_attention([np.full((1, 2, 5, 5), 0.2)] * 3, LABELS),
+               plot_score_distributions({c: df for c in cities}), plot_rank_moves({c: moves for c in cities}),
+               plot_ap_gains({c: gains for c in cities}), plot_headline_gains(table)]
+    for fig in figures:
+        fig.canvas.draw()
+        assert fig.get_figwidth() <= 9.0
+        sizes = [t.get_fontsize() for t in fig.findobj(lambda a: hasattr(a, "get_fontsize") and hasattr(a, "get_text"))
+                 if t.get_text().strip()]
+        assert sizes and min(sizes) >= 11

@@ -2,8 +2,9 @@
 
 The data come from :mod:`csa.notebook.method_views`; every function returns a
 :class:`matplotlib.figure.Figure` built without pyplot's global state (see :mod:`csa.notebook.figures`).
-Text is at least 11 pt and figures at most 11 inches wide, so labels stay readable on a 1280-pixel
-page; plots over several cities give each city its own axis.  Colours follow the top-k grids: green
+Text is at least 11 pt and figures at most 9 inches wide (900 pixels at the notebooks' 100 dpi), so on a
+1280-pixel page, where the book's text column is about 680 pixels wide, no label falls under 10 pixels;
+plots over several cities give each city its own axis.  Colours follow the top-k grids: green
 positive, red negative, grey junk, orange the query.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ __all__ = ["FONT_SIZE", "plot_affinity_views", "plot_attention", "plot_score_dis
            "plot_ap_gains", "plot_headline_gains"]
 
 #: Base font size (points) of every figure here.
-FONT_SIZE = 11
+FONT_SIZE = 12
 _STYLE = {"font.size": FONT_SIZE, "axes.titlesize": FONT_SIZE + 1, "axes.labelsize": FONT_SIZE,
           "xtick.labelsize": FONT_SIZE - 0.5, "ytick.labelsize": FONT_SIZE - 0.5, "legend.fontsize": FONT_SIZE - 0.5}
 _ORDER = ("query", "pos", "neg", "junk")
@@ -89,7 +90,7 @@ def plot_affinity_views(views: Mapping[str, np.ndarray], labels: Sequence[str], 
     views = {name: np.asarray(a)[rows][:, cols] for name, a in views.items()}
     col_lab, lab = col_lab[cols], lab[rows]
     with matplotlib.rc_context(_STYLE):
-        fig = Figure(figsize=(min(11.0, 3.7 * len(views)), 4.6), layout="constrained")
+        fig = Figure(figsize=(min(9.0, 3.2 * len(views)), 4.2), layout="constrained")
         axes = np.atleast_1d(fig.subplots(1, len(views)))
         for ax, (name, a) in zip(axes, views.items()):
             a = np.asarray(a)
@@ -97,10 +98,10 @@ def plot_affinity_views(views: Mapping[str, np.ndarray], labels: Sequence[str], 
                            **(_percentiles(a) if name == "raw" else _symmetric(a)))
             _label_strip(ax, lab, "left")
             _label_strip(ax, col_lab, "top")
-            ax.set_title(name, pad=14)
-            order = ", grouped by label" if group_by_label else ""
-            ax.set_xlabel(f"anchor (L = {a.shape[1]}{order})")
-            ax.set_ylabel(f"token (query + K = {a.shape[0] - 1}{order})", labelpad=4)
+            ax.set_title(f"{name} ({a.shape[0]} x {a.shape[1]})", pad=14)
+            order = " (by label)" if group_by_label else ""
+            ax.set_xlabel(f"anchor{order}")
+            ax.set_ylabel(f"token{order}", labelpad=4)
             fig.colorbar(im, ax=ax, shrink=0.85, pad=0.02)
         _label_legend(fig, set(lab), loc="outside lower center")
         if title:
@@ -134,7 +135,7 @@ def plot_attention(maps: Sequence[Any], labels: Sequence[str], title: str | None
     lab = _check_labels(labels, atts[0].shape[0], "plot_attention")
     positions = np.arange(lab.size)
     with matplotlib.rc_context(_STYLE):
-        fig = Figure(figsize=(min(11.0, 5.2 * len(atts)), 8.6), layout="constrained")
+        fig = Figure(figsize=(min(9.0, 4.6 * len(atts)), 8.4), layout="constrained")
         axes = fig.subplots(2, len(atts), squeeze=False, height_ratios=[1.15, 1.0])
         for b, att in enumerate(atts):
             top, bottom = axes[0, b], axes[1, b]
@@ -173,7 +174,7 @@ def plot_score_distributions(tables: Mapping[str, Any], bins: int = 60) -> Figur
     if not tables:
         raise CSAInputError("tables is empty: pass {city: candidate_scores(...)}")
     with matplotlib.rc_context(_STYLE):
-        fig = Figure(figsize=(10.0, 3.4 * len(tables) + 0.5), layout="constrained")
+        fig = Figure(figsize=(9.0, 3.4 * len(tables) + 0.5), layout="constrained")
         axes = fig.subplots(len(tables), 2, squeeze=False)
         for row, (city, df) in zip(axes, tables.items()):
             for ax, column, name in zip(row, ("first_stage", "csa"), ("first stage: cosine of descriptors",
@@ -202,7 +203,7 @@ def plot_rank_moves(moves: Mapping[str, Any], topk: int | None = None) -> Figure
     if not moves:
         raise CSAInputError("moves is empty: pass {city: positive_rank_moves(...)}")
     with matplotlib.rc_context(_STYLE):
-        fig = Figure(figsize=(min(11.0, 5.0 * len(moves)), 5.0), layout="constrained")
+        fig = Figure(figsize=(min(9.0, 4.6 * len(moves)), 4.8), layout="constrained")
         axes = np.atleast_1d(fig.subplots(1, len(moves)))
         for ax, (city, df) in zip(axes, moves.items()):
             before, after = df["rank_before"].to_numpy(float), df["rank_after"].to_numpy(float)
@@ -235,7 +236,7 @@ def plot_ap_gains(gains: Mapping[str, Any], intervals: Mapping[str, tuple[float,
     if not gains:
         raise CSAInputError("gains is empty: pass {city: ap_gains(...)}")
     with matplotlib.rc_context(_STYLE):
-        fig = Figure(figsize=(min(11.0, 5.0 * len(gains)), 4.2), layout="constrained")
+        fig = Figure(figsize=(min(9.0, 4.6 * len(gains)), 4.2), layout="constrained")
         axes = np.atleast_1d(fig.subplots(1, len(gains)))
         for ax, (city, df) in zip(axes, gains.items()):
             g = df["gain"].to_numpy(float)
@@ -271,7 +272,7 @@ def plot_headline_gains(table: Any, protocol: str = "medium") -> Figure:
                             "of run_comparison")
     cities = list(dict.fromkeys(table["city"]))
     with matplotlib.rc_context(_STYLE):
-        fig = Figure(figsize=(min(11.0, 5.0 * len(cities)), 1.2 + 0.9 * table.groupby("city").size().max()),
+        fig = Figure(figsize=(min(9.0, 4.6 * len(cities)), 1.4 + 0.9 * table.groupby("city").size().max()),
                      layout="constrained")
         axes = np.atleast_1d(fig.subplots(1, len(cities), sharex=True))
         for ax, city in zip(axes, cities):
