@@ -272,7 +272,7 @@ def plot_headline_gains(table: Any, protocol: str = "medium") -> Figure:
                             "of run_comparison")
     cities = list(dict.fromkeys(table["city"]))
     with matplotlib.rc_context(_STYLE):
-        fig = Figure(figsize=(min(9.0, 4.6 * len(cities)), 1.4 + 0.9 * table.groupby("city").size().max()),
+        fig = Figure(figsize=(min(9.0, 4.6 * len(cities)), 1.8 + 1.1 * table.groupby("city").size().max()),
                      layout="constrained")
         axes = np.atleast_1d(fig.subplots(1, len(cities), sharex=True))
         for ax, city in zip(axes, cities):
