@@ -205,6 +205,10 @@ def test_positive_rank_moves_equal_a_brute_force_recount():
                 expected.append((j, image, pos_before + 1, int(np.flatnonzero(after[:, j] == image)[0]) + 1))
     got = sorted(map(tuple, moves[["query", "image", "rank_before", "rank_after"]].to_numpy().tolist()))
     assert got == sorted(expected) and len(got) > 0
+    short = after[:K].copy()
+    short[:, 0] = before[K:2 * K, 0]                  # query 0's list no longer holds its top-K
+    with pytest.raises(CSAInputError, match="missing"):
+        positive_rank_moves(before[:K], short, gnd, K)
 
 
 def test_ap_gains_sort_and_classify_and_the_median_rule():

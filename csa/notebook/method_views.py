@@ -171,6 +171,9 @@ def positive_rank_moves(before: Any, after: Any, gnd: Sequence[Mapping[str, Any]
         images = b[:k, j][labels == "pos"]
         pos_after = np.full(int(max(a[:, j].max(), b[:, j].max())) + 1, -1, dtype=np.int64)
         pos_after[a[:, j]] = np.arange(1, a.shape[0] + 1)
+        if (pos_after[images] < 0).any():
+            raise CSAInputError(f"query {j}: a positive of the first-stage top-{k} is missing from 'after'; pass a "
+                                "re-ranking of the same lists (e.g. csa.search.resort_topk of 'before')")
         frames.append(pd.DataFrame({"query": j, "image": images, "rank_before": np.flatnonzero(labels == "pos") + 1,
                                     "rank_after": pos_after[images]}))
     return pd.concat(frames, ignore_index=True)
