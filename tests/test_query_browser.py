@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from decimal import ROUND_HALF_UP, Decimal
 import sys
 import tempfile
 from html.parser import HTMLParser
@@ -252,7 +253,7 @@ def test_browser_page_shows_the_query_named_in_its_address(executed_notebooks):
                 for when in ("before", "after"):
                     value = row[f"{protocol}_ap_{when}"]
                     shown = seen.text[f"qb-ap-{protocol}-{when}"].strip()
-                    assert shown == ("\u2014" if pd.isna(value) else f"{value:.1f}"), (row["name"], protocol, when)
+                    assert shown == ("\u2014" if pd.isna(value) else _one_decimal(value)), (row["name"], protocol, when)
             for grid in ("qb-before", "qb-after"):
                 images = seen.images[grid]
                 assert len(images) == 10, (grid, len(images))
@@ -263,6 +264,11 @@ def test_browser_page_shows_the_query_named_in_its_address(executed_notebooks):
                     assert target.read_bytes()[:3] == b"\xff\xd8\xff"          # a JPEG
             # the first-stage top 10 is the cosine ranking of the descriptors (recomputed in float64)
             _assert_first_stage_top10(row["dataset"], row["query"], [img["alt"] for img in seen.images["qb-before"]])
+
+
+def _one_decimal(value: float) -> str:
+    """``value`` with one decimal as JavaScript's ``toFixed(1)`` writes it (exact ties round up, e.g. 42.25 -> 42.3)."""
+    return str(Decimal(float(value)).quantize(Decimal("0.1"), rounding=ROUND_HALF_UP))
 
 
 def _assert_first_stage_top10(dataset: str, query: int, names: list[str]) -> None:

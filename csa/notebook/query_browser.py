@@ -183,8 +183,6 @@ def write_browser_data(payload: Mapping[str, Any], path: str | os.PathLike) -> P
     return Path(path)
 
 
-
-
 def build_query_browser(data_root: str | os.PathLike, checkpoints: Mapping[str, str], out_dir: str | os.PathLike,
                         topk: int = 128, k: int = 10, thumb_size: int = 128, feature_name: str = "lite0-gem",
                         device: str = "auto", batch_size: int = 8) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -207,7 +205,9 @@ def build_query_browser(data_root: str | os.PathLike, checkpoints: Mapping[str, 
         shown = {gt["imlist"][i] for r in records for i in r["top"]["before"] + r["top"]["after"]}
         written = write_thumbnails(sorted(shown | set(gt["qimlist"])), photos, out_dir / THUMBS_DIR / photos.name,
                                    size=thumb_size)
-        payload["imlists"].setdefault(photos.name, list(gt["imlist"]))
+        if payload["imlists"].setdefault(photos.name, list(gt["imlist"])) != list(gt["imlist"]):
+            raise CSAInputError(f"{dataset} lists the photos of {photos} in another order than a benchmark before it: "
+                                f"rebuild the demo annotations (csa demo build) so that both share one database list")
         payload["benchmarks"][dataset] = {"label": benchmark_label(dataset), "photos": photos.name,
                                           "queries": len(records), "topk": min(int(topk), before.shape[0])}
         payload["queries"].extend(records)
