@@ -9,8 +9,8 @@ folder what the static page ``book/query_browser.md`` reads: ``data.html`` (the 
 A record holds, for one query: its Medium and Hard AP before and after, its top-``k`` before and after
 (database indices with one label letter each: ``e`` easy positive, ``h`` hard positive, ``j`` junk,
 ``n`` negative, as the Medium protocol sees them), where each of them stands in the other ranking
-(``moved``: 1-based rank after of the top-``k`` before, rank before of the top-``k`` after), and every Medium positive's 1-based rank in the
-full ranking before and after re-ranking (:func:`positive_ranks`).
+(``moved``: 1-based rank after of the top-``k`` before, rank before of the top-``k`` after), and every
+Medium positive's 1-based rank in the full ranking before and after re-ranking (:func:`positive_ranks`).
 """
 from __future__ import annotations
 
@@ -77,8 +77,8 @@ def positive_ranks(before: Sequence[int], after: Sequence[int], entry: Mapping[s
     if before.shape != after.shape or np.unique(before).size != before.size:
         raise CSAInputError("before and after must be two full rankings of the same database (distinct indices)")
     where_before, where_after = _rank_of_each(before), _rank_of_each(after)
-    rows = sorted((int(where_before[i]), int(where_after[i]), kind)
-                  for kind, key in (("e", "easy"), ("h", "hard")) for i in np.asarray(entry[key], dtype=np.int64).ravel())
+    rows = sorted((int(where_before[i]), int(where_after[i]), kind) for kind, key in (("e", "easy"), ("h", "hard"))
+                  for i in np.asarray(entry[key], dtype=np.int64).ravel())
     return {"before": [r[0] for r in rows], "after": [r[1] for r in rows], "kind": "".join(r[2] for r in rows)}
 
 
@@ -112,7 +112,8 @@ def query_records(dataset: str, gt: Mapping[str, Any], before: np.ndarray, after
                          for p in BROWSER_PROTOCOLS},
                   "top": {"before": before[:k, q].tolist(), "after": after[:k, q].tolist()},
                   "labels": {"before": rank_labels(before[:k, q], entry), "after": rank_labels(after[:k, q], entry)},
-                  "moved": {"before": _ranks_of(before[:k, q], after[:, q]), "after": _ranks_of(after[:k, q], before[:, q])},
+                  "moved": {"before": _ranks_of(before[:k, q], after[:, q]),
+                            "after": _ranks_of(after[:k, q], before[:, q])},
                   "positives": positive_ranks(before[:, q], after[:, q], entry)}
         if sizes is not None:
             w, h = sizes[q]
@@ -213,7 +214,8 @@ def build_query_browser(data_root: str | os.PathLike, checkpoints: Mapping[str, 
         payload["queries"].extend(records)
         scores = {when: evaluate_revisited(ranks, gt) for when, ranks in (("before", before), ("after", after))}
         summary.append({"dataset": dataset, "benchmark": benchmark_label(dataset), "queries": len(records),
-                        **{f"{p}_map_{when}": scores[when][p]["map"] for p in BROWSER_PROTOCOLS for when in scores},
+                        **{f"{p.capitalize()} mAP {when}": scores[when][p]["map"]
+                           for p in BROWSER_PROTOCOLS for when in scores},
                         "thumbnails written": written})
     write_browser_data(payload, out_dir / DATA_FILE)
     per_query = pd.DataFrame([{"dataset": r["b"], "query": r["q"], "name": r["name"],
