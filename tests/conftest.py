@@ -77,6 +77,8 @@ def _tiny_parameters(ex: ExecutedNotebooks) -> dict[str, dict]:
                                         "checkpoint": str(runs / "rparis6k-mini-train" / "checkpoint.pth")},
         "03_reranking": {"data_root": data, "checkpoints": ckpts, "topk": 32, "n_boot": 200},
         "04_qualitative_top10": {"data_root": data, "checkpoints": ckpts, "topk": 32, "n_examples": 1},
+        "10_query_browser": {"data_root": data, "topk": 32, "out_dir": str(ex.out / "query_browser"),
+                             "checkpoints": ckpts + "," + ckpts.replace("-mini:", "-mini-loo:")},
         "05_comparison": {"data_root": data, "checkpoints": ckpts, "topk": 32, "n_boot": 200},
         "07_recipe_selection": {"data_root": data},
         "08_paper_table": {"data_root": data, "n_boot": 200},

@@ -53,6 +53,11 @@ def prepare_book_copy(dest: Path, executed: Path) -> tuple[Path, list[str]]:
     (book / "notebooks").mkdir(exist_ok=True)
     for nb in executed.glob("*.ipynb"):
         shutil.copy2(nb, book / "notebooks" / nb.name)
+    # the query browser's data and thumbnails, as notebook 10 writes them (git-ignored in the repository)
+    browser = book / "_static" / "query_browser"
+    shutil.rmtree(browser, ignore_errors=True)
+    if (executed / "query_browser").is_dir():
+        shutil.copytree(executed / "query_browser", browser)
     # the build-times page is measured by each run (git-ignored), as scripts/run_all.sh writes it
     make_tables = importlib.util.spec_from_file_location("make_tables", BOOK / "make_tables.py")
     module = importlib.util.module_from_spec(make_tables)
@@ -81,6 +86,7 @@ def test_toc_chapters_exist_and_notebook_pages_are_planned():
         "notebooks/00_inference_in_a_few_lines", "notebooks/01_data_preparation", "notebooks/02_training",
         "notebooks/03_reranking", "notebooks/07_recipe_selection", "notebooks/08_paper_table", "notebooks/06_ablation",
         "notebooks/04_qualitative_top10",
+        "notebooks/10_query_browser",
         "notebooks/05_comparison",
     ]
     config = yaml.safe_load((BOOK / "_config.yml").read_text())
