@@ -185,3 +185,23 @@ def test_readme_shows_the_generated_paper_table_unchanged():
     generated = (BOOK / "generated" / "paper_headline.md").read_text().split("\n", 1)[1].strip()
     readme = (BOOK.parent / "README.md").read_text()
     assert generated in readme, "README's paper table differs from book/generated/paper_headline.md: paste it again"
+
+
+#: Width (px) of the book's text column in a 1280 px wide window (sphinx-book-theme, measured in Chromium).
+TEXT_COLUMN_PX = 760
+
+
+def test_dataflow_figure_text_is_readable_at_1280_px(tmp_path):
+    """Every text of the data-flow diagram is at least ~10 px once the SVG is scaled to the text column,
+    and the committed SVG is the one book/make_figures.py draws."""
+    spec = importlib.util.spec_from_file_location("make_figures", BOOK / "make_figures.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    fig = module.dataflow_figure()
+    width_px = fig.get_figwidth() * 96                       # CSS px of the SVG at its own size
+    scale = min(1.0, TEXT_COLUMN_PX / width_px)
+    sizes = [t.get_fontsize() * 96 / 72 * scale for t in fig.axes[0].texts]
+    assert sizes and min(sizes) >= 10, f"smallest text {min(sizes):.1f} px at 1280 px"
+    module.main(["--out", str(tmp_path)])
+    assert (tmp_path / "csa_dataflow.svg").read_bytes() == (BOOK / "figures" / "csa_dataflow.svg").read_bytes(), \
+        "book/figures/csa_dataflow.svg is stale: run python book/make_figures.py"
