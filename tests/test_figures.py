@@ -59,6 +59,18 @@ def test_select_examples_rule_gain_ties_and_nan():
     assert failures == [4, 7, 1]
 
 
+def test_select_examples_skips_queries_whose_top_k_does_not_change():
+    before = [10.0, 50.0, 20.0, 30.0, 40.0, np.nan, 60.0, 70.0]
+    after = [30.0, 40.0, 40.0, 35.0, 20.0, 90.0, 60.0, 50.0]
+    # query 0 (+20) and query 4 (-20) gain or lose only below the shown top-k: their figures would repeat
+    visible = [False, True, True, True, False, True, True, True]
+    successes, failures = select_examples(before, after, n=2, visible=visible)
+    assert successes == [2, 3]
+    assert failures == [7, 1]
+    with pytest.raises(CSAInputError, match="one bool per query"):
+        select_examples(before, after, visible=[True, False])
+
+
 def test_select_examples_input_errors():
     with pytest.raises(CSAInputError, match="same queries"):
         select_examples([1.0, 2.0], [1.0])
@@ -193,13 +205,17 @@ def test_plot_query_examples_picks_by_rule_and_draws_images_from_disk(tmp_path):
     from csa.notebook.figures import plot_query_examples
 
     names = [f"db{i}" for i in range(12)]
-    for name in names + ["q0", "q1", "q2"]:
+    for name in names + ["q0", "q1", "q2", "q3"]:
         Image.new("RGB", (24, 16), (10 * len(name), 80, 120)).save(tmp_path / f"{name}.jpg")
-    gt = {"imlist": names, "qimlist": ["q0", "q1", "q2"],
-          "gnd": [{"bbx": [1, 1, 10, 10], "easy": [0], "hard": [], "junk": []}] * 3}
-    before = np.tile(np.arange(12)[:, None], (1, 3))
+    gt = {"imlist": names, "qimlist": ["q0", "q1", "q2", "q3"],
+          "gnd": [{"bbx": [1, 1, 10, 10], "easy": [0], "hard": [], "junk": []}] * 4}
+    before = np.tile(np.arange(12)[:, None], (1, 4))
     after = before.copy()
-    examples = plot_query_examples(gt, tmp_path, before, after, [50.0, 20.0, 40.0], [60.0, 20.0, 10.0], n=2, k=10)
+    after[[0, 1], 0] = [1, 0]      # the positive moves from rank 1 to rank 2 (and back for query 2)
+    after[[0, 3], 2] = [3, 0]
+    # query 3 gains the most, but only below the top-10: its two rows would look the same, it is not shown
+    examples = plot_query_examples(gt, tmp_path, before, after, [50.0, 20.0, 40.0, 10.0], [60.0, 20.0, 10.0, 90.0],
+                                   n=2, k=10)
     assert [(kind, q) for kind, q, _ in examples] == [("success", 0), ("failure", 2)]
     fig = examples[0][2]
     assert "success: query 0 (q0)" in fig._suptitle.get_text() and len(fig.axes) == 21   # query + 2 x 10

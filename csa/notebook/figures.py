@@ -70,14 +70,16 @@ def label_ranked(ranked_db_indices: Sequence[int], gnd_entry: Mapping[str, Any],
     return labels
 
 
-def select_examples(aps_before: Sequence[float], aps_after: Sequence[float], n: int = 2) -> tuple[list[int], list[int]]:
+def select_examples(aps_before: Sequence[float], aps_after: Sequence[float], n: int = 2,
+                    visible: Sequence[bool] | None = None) -> tuple[list[int], list[int]]:
     """Pick the queries to show: ``(successes, failures)``, each a list of at most ``n`` query indices.
 
     Rule: gain = AP after - AP before.  Successes are the queries with the largest strictly positive
     gains, largest first; failures the queries with the largest strictly negative gains (AP losses),
     largest loss first.  Equal gains are ordered by query index (smaller first).  Queries whose AP is
-    NaN in either array (no positive under the protocol) are never picked; if fewer than ``n``
-    queries improved (or got worse), the list is shorter.
+    NaN in either array (no positive under the protocol) are never picked; with ``visible`` (one bool
+    per query: does the shown top-k change, e.g. its labels differ), neither are queries whose figure
+    would look the same before and after.  If fewer than ``n`` queries qualify, the list is shorter.
     """
     before = np.asarray(aps_before, dtype=np.float64).ravel()
     after = np.asarray(aps_after, dtype=np.float64).ravel()
@@ -91,6 +93,11 @@ def select_examples(aps_before: Sequence[float], aps_after: Sequence[float], n: 
     gain = after - before
     index = np.arange(gain.size)
     valid = ~np.isnan(gain)
+    if visible is not None:
+        shown = np.asarray(visible, dtype=bool).ravel()
+        if shown.shape != gain.shape:
+            raise CSAInputError(f"visible has {shown.size} entries for {gain.size} queries: pass one bool per query")
+        valid &= shown
     up = index[valid & (gain > 0)]
     down = index[valid & (gain < 0)]
     # np.lexsort sorts by the last key first: primary = gain, secondary = query index.
@@ -120,13 +127,14 @@ def plot_topk_grid(
     k: int = 10,
     title: str | None = None,
     row_titles: tuple[str, str] = ("before re-ranking", "after re-ranking"),
-    thumb_inches: float = 1.9,
+    thumb_inches: float = 1.1,
     per_row: int = 5,
 ) -> Figure:
     """Query (left, with an orange box) and its top-``k`` results before (upper block) and after (lower block).
 
-    Each ranking is laid out ``per_row`` thumbnails to a row (two rows of five for k = 10), so the
-    thumbnails stay legible at a page's width.  ``query_image`` and whatever ``image_loader(name)``
+    Each ranking is laid out ``per_row`` thumbnails to a row (two rows of five for k = 10); with the
+    default ``thumb_inches`` the figure is about 8 inches wide, the width of a book page, so its text
+    is shown at about its nominal size (no label under ~13 px at 1280 px).  ``query_image`` and whatever ``image_loader(name)``
     returns may be a PIL image or an array accepted by ``imshow``.  ``query_bbx`` is ``[x1, y1, x2, y2]``
     in the pixels of ``query_image`` (scale the ground truth's box if the image was resized) or None.
     ``labels_*`` come from :func:`label_ranked`; each result gets a green (positive), red (false
@@ -150,7 +158,7 @@ def plot_topk_grid(
     query_cols = 2                     # the query takes two thumbnail columns and every row
     height_ratios = [1.0] * rows + [0.18] + [1.0] * rows
     fig = Figure(figsize=(thumb_inches * (per_row + query_cols + 0.3),
-                          thumb_inches * (2 * rows + 0.18) + (0.9 if title else 0.6)))
+                          thumb_inches * (2 * rows + 0.18) + (1.25 if title else 0.75)))
     grid = fig.add_gridspec(2 * rows + 1, per_row + query_cols + 1, width_ratios=[1.0] * query_cols + [0.3] + [1.0] * per_row,
                             height_ratios=height_ratios, wspace=0.08, hspace=0.3)
     ax_query = fig.add_subplot(grid[:, :query_cols])
@@ -159,7 +167,7 @@ def plot_topk_grid(
         x1, y1, x2, y2 = (float(v) for v in query_bbx)
         ax_query.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=QUERY_COLOR, linewidth=3.0))
     _frame_axes(ax_query, QUERY_COLOR, width=1.5)
-    ax_query.set_title("query", fontsize=13, fontweight="bold", color=QUERY_COLOR)
+    ax_query.set_title("query", fontsize=12, fontweight="bold", color=QUERY_COLOR)
 
     for block, (names, labels, row_title) in enumerate(
         ((before_names, labels_before, row_titles[0]), (after_names, labels_after, row_titles[1]))
@@ -170,15 +178,15 @@ def plot_topk_grid(
             ax = fig.add_subplot(grid[r, query_cols + 1 + rank % per_row])
             ax.imshow(image_loader(names[rank]))
             _frame_axes(ax, _LABEL_COLORS[str(labels[rank])])
-            ax.set_title(str(rank + 1), fontsize=11, pad=3)
+            ax.set_title(str(rank + 1), fontsize=10, pad=2)
             if rank % per_row == 0:
-                ax.set_ylabel(f"{row_title}\n{n_pos}/{k} positive" if rank == 0 else "", fontsize=11, labelpad=6)
+                ax.set_ylabel(f"{row_title}\n{n_pos}/{k} positive" if rank == 0 else "", fontsize=10, labelpad=4)
     legend = [Patch(facecolor="none", edgecolor=c, linewidth=2.5, label=name)
               for name, c in (("positive", POSITIVE_COLOR), ("false positive", NEGATIVE_COLOR), ("junk", JUNK_COLOR))]
-    fig.legend(handles=legend, loc="upper right", ncol=3, fontsize=10, frameon=False, borderaxespad=0.2)
+    fig.legend(handles=legend, loc="upper right", ncol=1, fontsize=10, frameon=False, borderaxespad=0.2)
     if title:
-        fig.suptitle(title, fontsize=13, fontweight="bold", x=0.02, ha="left")
-    fig.subplots_adjust(left=0.01, right=0.995, bottom=0.02, top=0.88 if title else 0.93)
+        fig.suptitle(title, fontsize=11.5, fontweight="bold", x=0.01, ha="left", linespacing=1.3)
+    fig.subplots_adjust(left=0.01, right=0.995, bottom=0.02, top=0.8 if title else 0.88)
     return fig
 
 
@@ -198,10 +206,13 @@ def plot_query_examples(gt: Mapping[str, Any], image_dir: str | os.PathLike, bef
     ``gt`` is the revisitop dict (``imlist``, ``qimlist``, ``gnd``), images are
     ``<image_dir>/<name>.jpg``, ``before`` / ``after`` are (N, Q) rankings and ``aps_*`` their
     per-query APs under ``protocol``.  Successes come first (``kind='success'``), then failures;
-    either list may be shorter than ``n`` (e.g. no query lost AP).
+    either list may be shorter than ``n`` (e.g. no query lost AP).  Only queries whose top-``k`` labels
+    change are shown (a gain made entirely below rank ``k`` would give two identical rows).
     """
-    successes, failures = select_examples(aps_before, aps_after, n=n)
     before, after = np.asarray(before), np.asarray(after)
+    changed = [label_ranked(before[:k, q], g, protocol) != label_ranked(after[:k, q], g, protocol)
+               for q, g in enumerate(gt["gnd"])]
+    successes, failures = select_examples(aps_before, aps_after, n=n, visible=changed)
     image_dir = Path(image_dir)
 
     def load(name: str) -> Any:
@@ -215,7 +226,7 @@ def plot_query_examples(gt: Mapping[str, Any], image_dir: str | os.PathLike, bef
                 load(gt["qimlist"][q]), entry["bbx"], [gt["imlist"][i] for i in before[:k, q]],
                 [gt["imlist"][i] for i in after[:k, q]], label_ranked(before[:k, q], entry, protocol),
                 label_ranked(after[:k, q], entry, protocol), load, k=k,
-                title=(f"{dataset} - {kind}: query {q} ({gt['qimlist'][q]}), {protocol} AP "
+                title=(f"{dataset}, {kind}: query {q} ({gt['qimlist'][q]})\n{protocol} AP "
                        f"{aps_before[q]:.1f} -> {aps_after[q]:.1f}"))
             out.append((kind, q, fig))
     return out
