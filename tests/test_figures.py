@@ -6,6 +6,8 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.text import Text
 from matplotlib.colors import to_hex
 from matplotlib.patches import Rectangle
 
@@ -17,6 +19,7 @@ from csa.notebook.figures import (
     label_ranked,
     plot_ablation,
     plot_map_vs_time,
+    spread_positions,
     plot_topk_grid,
     select_examples,
 )
@@ -138,6 +141,15 @@ def test_plot_training_curves_panels_and_data():
         plot_training_curves(history.drop(columns=["lr"]))
 
 
+def test_spread_positions_keep_order_and_gap():
+    values = np.array([5.0, 1.0, 5.1, 5.05, 9.0])
+    placed = spread_positions(values, gap=0.5)
+    assert list(np.argsort(placed, kind="stable")) == list(np.argsort(values, kind="stable"))
+    assert np.diff(np.sort(placed)).min() >= 0.5 - 1e-9
+    assert abs(placed.mean() - values.mean()) < 1e-9                  # centred on the points
+    np.testing.assert_allclose(spread_positions([1.0, 3.0], gap=0.5), [1.0, 3.0])   # far apart: unchanged
+
+
 def test_plot_map_vs_time_log_axis_and_labels():
     df = pd.DataFrame({"method": ["first stage", "CSA"], "ms_per_query": [0.2, 3.0], "map_medium": [67.3, 78.2],
                        "dataset": ["ROxf", "ROxf"]})
@@ -145,6 +157,21 @@ def test_plot_map_vs_time_log_axis_and_labels():
     ax = fig.axes[0]
     assert ax.get_xscale() == "log"
     assert sorted(t.get_text() for t in ax.texts) == ["CSA", "first stage"]
+    # one panel per benchmark; clumped points get labels that do not overlap
+    rng = np.random.default_rng(0)
+    many = pd.DataFrame({"method": [f"method {i}" for i in range(12)] * 2,
+                         "ms_per_query": np.r_[rng.uniform(1, 1.3, 12), rng.uniform(1, 30, 12)],
+                         "map_medium": np.r_[rng.uniform(20, 21, 12), rng.uniform(60, 90, 12)],
+                         "dataset": ["Oxford"] * 12 + ["Paris"] * 12})
+    fig = plot_map_vs_time(many, hue="dataset")
+    assert [a.get_title(loc="left") for a in fig.axes] == ["Oxford", "Paris"]
+    FigureCanvasAgg(fig).draw()
+    renderer = fig.canvas.get_renderer()
+    for axis in fig.axes:
+        boxes = [Text.get_window_extent(t, renderer) for t in axis.texts]   # the text, not its leader line
+        assert len(boxes) == 12
+        overlaps = [(i, j) for i in range(12) for j in range(i + 1, 12) if boxes[i].overlaps(boxes[j])]
+        assert not overlaps, f"labels overlap on {axis.get_title(loc='left')}: {overlaps}"
     with pytest.raises(CSAInputError, match="<= 0"):
         plot_map_vs_time(df.assign(ms_per_query=[0.0, 1.0]))
     with pytest.raises(CSAInputError, match="not in the table"):

@@ -36,6 +36,7 @@ __all__ = [
     "plot_query_examples",
     "plot_query_positives",
     "plot_map_vs_time",
+    "spread_positions",
     "plot_ablation",
 ]
 
@@ -261,6 +262,37 @@ def plot_query_positives(benchmarks: Mapping[str, tuple[Mapping[str, Any], str |
     return fig
 
 
+def spread_positions(values: Sequence[float], gap: float) -> np.ndarray:
+    """Label positions near ``values`` that keep their order and are at least ``gap`` apart (one
+    uniform shift keeps them centred on the values)."""
+    values = np.asarray(values, dtype=np.float64)
+    order = np.argsort(values, kind="stable")
+    placed = values[order].copy()
+    for i in range(1, placed.size):
+        placed[i] = max(placed[i], placed[i - 1] + gap)
+    placed -= (placed - values[order]).mean() if placed.size else 0.0
+    out = np.empty_like(placed)
+    out[order] = placed
+    return out
+
+
+def _labelled_scatter(ax, part: Any, x: str, y: str, label: str, color: str, height_pt: float,
+                      fontsize: float) -> None:
+    """Points with their labels to the right, spread vertically so no two labels overlap."""
+    ax.scatter(part[x], part[y], s=50, color=color, zorder=3, edgecolor="white", linewidth=0.8)
+    ys = np.asarray(part[y], dtype=float)
+    low, high = float(ys.min()), float(ys.max())
+    pad = max(high - low, 1.0) * (0.08 + 0.6 * fontsize * len(ys) / max(height_pt, 1.0))
+    ax.set_ylim(low - pad, high + pad)
+    per_pt = (2 * pad + high - low) / height_pt                  # data units per point on this axis
+    label_y = spread_positions(ys, gap=1.25 * fontsize * per_pt)
+    for (_, row), ly in zip(part.iterrows(), label_y):
+        dy = (ly - row[y]) / per_pt
+        ax.annotate(str(row[label]), (row[x], row[y]), textcoords="offset points", xytext=(9, dy), va="center",
+                    fontsize=fontsize, arrowprops=dict(arrowstyle="-", color="#999999", linewidth=0.6,
+                                                       shrinkA=0, shrinkB=3) if abs(dy) > 2 else None)
+
+
 def plot_map_vs_time(
     df: Any,
     x: str = "ms_per_query",
@@ -268,32 +300,38 @@ def plot_map_vs_time(
     label: str = "method",
     hue: str | None = None,
     title: str = "accuracy vs. cost of re-ranking",
+    fontsize: float = 9.5,
 ) -> Figure:
-    """Scatter of mAP against milliseconds per query (log x axis), each point annotated with its method.
+    """mAP against milliseconds per query (log x axis), every point labelled with its method.
 
-    ``df`` is a DataFrame with columns ``x``, ``y`` and ``label``; ``hue`` (e.g. ``'dataset'``)
-    gives one colour per value and a legend.
+    ``df`` is a DataFrame with columns ``x``, ``y`` and ``label``; ``hue`` (e.g. ``'dataset'``) gives one
+    panel per value, each with its own mAP axis (benchmarks differ by tens of points).  Labels sit to the
+    right of their points and are spread vertically so that none overlaps another; the figure is a page
+    wide, so its text shows at about its nominal size.
     """
     for col in [x, y, label] + ([hue] if hue else []):
         if col not in df.columns:
             raise CSAInputError(f"column {col!r} not in the table (columns: {list(df.columns)}); pass x=, y=, label=")
     if (np.asarray(df[x], dtype=float) <= 0).any():
         raise CSAInputError(f"column {x!r} has values <= 0, which a log axis cannot show: time must be positive")
-    fig = Figure(figsize=(8.0, 5.0), layout="constrained")
-    ax = fig.subplots()
     groups = [(None, df)] if hue is None else list(df.groupby(hue, sort=False))
-    for i, (key, part) in enumerate(groups):
-        ax.scatter(part[x], part[y], s=55, color=f"C{i}", label=None if key is None else str(key), zorder=3,
-                   edgecolor="white", linewidth=0.8)
-        for _, row in part.iterrows():
-            ax.annotate(str(row[label]), (row[x], row[y]), textcoords="offset points", xytext=(6, 4), fontsize=9)
-    ax.set_xscale("log")
-    ax.set_xlabel("time per query (ms, log scale)")
-    ax.set_ylabel(y.replace("_", " "))
-    ax.set_title(title, fontsize=12, fontweight="bold")
-    ax.grid(alpha=0.3, which="both")
-    if hue is not None:
-        ax.legend(title=hue, fontsize=9, frameon=False)
+    panel_h = max(2.6, 0.26 * max(len(part) for _, part in groups) + 0.8)
+    fig = Figure(figsize=(8.4, panel_h * len(groups) + 0.6))
+    axes = fig.subplots(len(groups), 1, squeeze=False)[:, 0]
+    fig.subplots_adjust(left=0.09, right=0.98, top=1 - 0.8 / fig.get_figheight(), bottom=0.5 / fig.get_figheight(),
+                        hspace=0.45)
+    xs = np.asarray(df[x], dtype=float)
+    for i, ((key, part), ax) in enumerate(zip(groups, axes)):
+        height_pt = ax.get_position().height * fig.get_figheight() * 72
+        _labelled_scatter(ax, part, x, y, label, f"C{i}", height_pt, fontsize)
+        ax.set_xscale("log")
+        ax.set_xlim(xs.min() / 1.5, xs.max() * 12)                 # room for the labels of the slowest points
+        ax.set_ylabel(y.replace("_", " "), fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        if key is not None:
+            ax.set_title(str(key), fontsize=11, fontweight="bold", loc="left")
+    axes[-1].set_xlabel("time per query (ms, log scale)", fontsize=10)
+    fig.suptitle(title, fontsize=12, fontweight="bold", y=1 - 0.15 / fig.get_figheight(), va="top")
     return fig
 
 
