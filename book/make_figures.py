@@ -20,10 +20,11 @@ _FILL = {"data": "#e8f1fb", "op": "#fdf2e3", "loss": "#fbe9e9", "out": "#e9f6ea"
 _EDGE = {"data": "#2f6db5", "op": "#d9822b", "loss": "#c0392b", "out": "#2e8b3d"}
 
 
-#: Smallest font size (points) of the diagram.  The figure is drawn at about the width of the book's text
-#: column at 1280 px, so a point is about 1.2 px on screen and no text falls under ~12 px.
+#: Smallest font size (points) of the diagram.  The figure is drawn 8 inches wide (768 CSS px), a little
+#: more than the book's text column at 1280 px (about 640 px), so no text falls under ~11 px on screen.
 MIN_FONTSIZE = 10.5
-WIDTH, HEIGHT = 9.6, 7.4   # inches; coordinates below are in inches too
+WIDTH, HEIGHT = 9.6, 7.4   # layout units of the coordinates below
+INCHES_PER_UNIT = 8.0 / WIDTH
 COLUMNS = (1.55, 4.65, 7.75)
 BOX_W, BOX_H = 2.8, 1.05
 
@@ -42,7 +43,7 @@ def _arrow(ax, start, end, dashed=False):
 def dataflow_figure() -> Figure:
     """The CSA pipeline in three rows read like text (first stage -> affinity features -> transformer ->
     scores), and below them the training losses (dashed)."""
-    fig = Figure(figsize=(WIDTH, HEIGHT))
+    fig = Figure(figsize=(WIDTH * INCHES_PER_UNIT, HEIGHT * INCHES_PER_UNIT))
     ax = fig.add_axes([0, 0, 1, 1])
     ax.set_xlim(0, WIDTH)
     ax.set_ylim(0, HEIGHT)
@@ -71,7 +72,6 @@ def dataflow_figure() -> Figure:
     _box(ax, c3, r3, "re-sorted top-K;\nthe rest keeps\nits order", "out")
     _arrow(ax, (c2 + half, r3), (c3 - half, r3))
 
-    ax.text(0.12, r4 + edge + 0.32, "training only (dashed)", fontsize=11.5, color=_EDGE["loss"], fontweight="bold")
     _box(ax, c1, r4, "contrastive loss\n(temperature t,\nlabels y_i)", "loss")
     _arrow(ax, (c1, r3 - edge), (c1, r4 + edge), dashed=True)
     _box(ax, c2, r4, "feature_align\nlinear C -> L", "op")
@@ -81,7 +81,7 @@ def dataflow_figure() -> Figure:
     lane = c3 + half + 0.28   # A reaches the reconstruction loss along the right margin
     ax.plot([c3 + half, lane, lane], [r2, r2, r4], color="#444444", linestyle="--", linewidth=1.5)
     _arrow(ax, (lane, r4), (c3 + half, r4), dashed=True)
-    ax.text(WIDTH / 2, 0.22, "loss = contrastive + alpha * reconstruction", ha="center", fontsize=12.5,
+    ax.text(WIDTH / 2, 0.22, "training only (dashed): loss = contrastive + alpha * reconstruction", ha="center", fontsize=12.5,
             fontweight="bold", color=_EDGE["loss"])
     return fig
 
