@@ -57,7 +57,8 @@ from csa.training.run_folder import (CHECKPOINT_NAME, CURVES_EVERY_S, HISTORY_CO
 from csa.training.sampler import GlobalBatchSampler, NeighbourTable, TrainingSet, stacked_clusters
 from csa.validation import CSAInputError, check_rows, run_command
 
-__all__ = ["main", "run_training", "build_optimization", "epoch_line_due", "CHECKPOINT_NAME", "HISTORY_COLUMNS", "RESUME_FIXED"]
+__all__ = ["main", "run_training", "build_optimization", "epoch_line_due", "CHECKPOINT_NAME", "HISTORY_COLUMNS",
+           "RESUME_FIXED"]
 
 
 @dataclass
