@@ -22,6 +22,7 @@ from csa.compare.expansion import AugmentDatabase, alpha_qe, aqe
 from csa.compare.k_reciprocal import k_reciprocal
 from csa.data.demo import CITIES, LOO_BASE
 from csa.evaluate import PROTOCOLS, evaluate_revisited
+from csa.progress import progress_bar
 from csa.search import first_stage
 from csa.validation import CSAInputError, check_descriptors, check_gnd, descriptors_checked
 
@@ -122,7 +123,7 @@ def select_untrained(names: Sequence[str], qvecs: Any, dbvecs: Any, gnd: Any, to
     with descriptors_checked():
         ranks = first_stage(qvecs, dbvecs)
     chosen, rows = {}, []
-    for name in names:
+    for name in progress_bar(list(names), desc="choosing settings", unit="method"):
         if name not in grids:
             raise CSAInputError(f"no selection grid for {name!r}; choose from {sorted(grids)}")
         parameter, values = grids[name]
