@@ -300,7 +300,7 @@ def plot_map_vs_time(
     label: str = "method",
     hue: str | None = None,
     title: str = "accuracy vs. cost of re-ranking",
-    fontsize: float = 9.5,
+    fontsize: float = 10.5,
 ) -> Figure:
     """mAP against milliseconds per query (log x axis), every point labelled with its method.
 
@@ -315,7 +315,7 @@ def plot_map_vs_time(
     if (np.asarray(df[x], dtype=float) <= 0).any():
         raise CSAInputError(f"column {x!r} has values <= 0, which a log axis cannot show: time must be positive")
     groups = [(None, df)] if hue is None else list(df.groupby(hue, sort=False))
-    panel_h = max(2.6, 0.26 * max(len(part) for _, part in groups) + 0.8)
+    panel_h = max(2.6, 0.28 * max(len(part) for _, part in groups) + 0.8)
     fig = Figure(figsize=(8.4, panel_h * len(groups) + 0.6))
     axes = fig.subplots(len(groups), 1, squeeze=False)[:, 0]
     fig.subplots_adjust(left=0.09, right=0.98, top=1 - 0.8 / fig.get_figheight(), bottom=0.5 / fig.get_figheight(),
@@ -326,11 +326,12 @@ def plot_map_vs_time(
         _labelled_scatter(ax, part, x, y, label, f"C{i}", height_pt, fontsize)
         ax.set_xscale("log")
         ax.set_xlim(xs.min() / 1.5, xs.max() * 12)                 # room for the labels of the slowest points
-        ax.set_ylabel(y.replace("_", " "), fontsize=10)
+        ax.set_ylabel(y.replace("_", " "), fontsize=11)
+        ax.tick_params(labelsize=10.5)
         ax.grid(alpha=0.3, which="both")
         if key is not None:
-            ax.set_title(str(key), fontsize=11, fontweight="bold", loc="left")
-    axes[-1].set_xlabel("time per query (ms, log scale)", fontsize=10)
+            ax.set_title(str(key), fontsize=12, fontweight="bold", loc="left")
+    axes[-1].set_xlabel("time per query (ms, log scale)", fontsize=11)
     fig.suptitle(title, fontsize=12, fontweight="bold", y=1 - 0.15 / fig.get_figheight(), va="top")
     return fig
 
