@@ -145,12 +145,16 @@ def _cpu_model() -> str:
 
 def build_times_markdown(executed: Path) -> str:
     """Per-notebook run time from papermill's metadata of the executed notebooks, with the machine."""
-    rows, total = [], 0.0
+    rows, total, times = [], 0.0, {}
     for path in sorted(executed.glob("*.ipynb")):
         meta = json.loads(path.read_text()).get("metadata", {}).get("papermill", {})
         seconds = float(meta.get("duration") or 0.0)
         total += seconds
+        times[path.stem] = seconds
         rows.append(f"| {path.stem} | {seconds:.0f} |")
+    longest = sorted(times, key=times.get, reverse=True)[:2]
+    where = ("\n\nThe longest in this run: " + " and ".join(f"`{n}` ({100 * times[n] / total:.0f}% of the total)"
+                                                         for n in longest) + ".\n") if total > 0 else "\n"
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip() or "unknown"
     import torch
@@ -160,7 +164,7 @@ def build_times_markdown(executed: Path) -> str:
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     return (HEADER + f"Measured by `scripts/run_all.sh` on {when}, commit `{commit}`: {machine}; torch "
             f"{torch.__version__}.\n\n| notebook | seconds |\n|---|---|\n" + "\n".join(rows)
-            + f"\n| **all notebooks** | **{total:.0f}** |\n")
+            + f"\n| **all notebooks** | **{total:.0f}** |" + where)
 
 
 def _write(path: Path, text: str) -> None:

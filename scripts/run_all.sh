@@ -17,12 +17,15 @@ for nb in 01_data_preparation 02_training 00_inference_in_a_few_lines 03_reranki
     echo ">> executing notebooks/$nb.ipynb"
     start=$(date +%s)
     # papermill runs with notebooks/ as the working directory, so relative paths inside the notebooks
-    # resolve the same way as in Jupyter.
-    "$PY" -m papermill "notebooks/$nb.ipynb" "$PARTIAL/$nb.ipynb" --cwd notebooks --kernel python3 --progress-bar
+    # resolve the same way as in Jupyter; --log-output echoes what the cells print (long steps print a
+    # plain progress line every ~25 s when their output is not a terminal, csa.progress).
+    "$PY" -m papermill "notebooks/$nb.ipynb" "$PARTIAL/$nb.ipynb" --cwd notebooks --kernel python3 --log-output
     mv "$PARTIAL/$nb.ipynb" "$OUT/$nb.ipynb"
     echo ">> $nb done in $(( $(date +%s) - start )) s"
 done
 echo ">> building the book"
 "$PY" book/make_tables.py --build-times "$OUT" >/dev/null
+# every number the chapters state must be one this run produced (tests/test_prose_numbers.py checks the same)
+"$PY" book/check_numbers.py --executed "$OUT" || echo ">> warning: the prose states numbers this run did not produce (above)"
 .venv/bin/jupyter-book build book -W --keep-going
 echo ">> book: $(pwd)/book/_build/html/index.html"

@@ -94,11 +94,19 @@ def test_toc_chapters_exist_and_notebook_pages_are_planned():
     assert (BOOK / "figures" / "csa_dataflow.svg").is_file()
 
 
+def api_pages() -> list[Path]:
+    """The API reference: book/api.md and its pages, one per part of the package (book/api/*.md)."""
+    return [BOOK / "api.md", *sorted((BOOK / "api").glob("*.md"))]
+
+
 def test_api_page_documents_importable_modules():
-    modules = re.findall(r"\.\. automodule:: (\S+)", (BOOK / "api.md").read_text())
+    modules = [m for page in api_pages() for m in re.findall(r"\.\. automodule:: (\S+)", page.read_text())]
     package = sorted(".".join(p.relative_to(REPO).with_suffix("").parts) for p in (REPO / "csa").rglob("*.py")
                      if p.name not in ("__init__.py", "__main__.py"))
-    assert sorted(modules) == package, "api.md must document every module of csa/, and only those"
+    assert sorted(modules) == package, "the API pages (book/api.md, book/api/*.md) must document every module " \
+                                       "of csa/, once, and only those"
+    pages = [f"api/{p.stem}" for p in api_pages()[1:]]
+    assert set(pages) <= set(toc_files()), f"API pages missing from book/_toc.yml: {set(pages) - set(toc_files())}"
     broken = []
     for name in modules:
         try:
@@ -125,6 +133,8 @@ def test_book_builds_without_warnings_and_renders_results_page(executed_notebook
         html = book / "_build" / "html"
         for entry in toc_files():
             assert (html / f"{entry}.html").is_file(), f"missing page {entry}.html"
+            # docutils turns a bare "mP@10" into an e-mail link: write it as ``mP@10``
+            assert "mailto:" not in (html / f"{entry}.html").read_text(), f"an e-mail link on {entry}.html"
         assert (html / "_images").is_dir() or list(html.rglob("*.svg")), "the data-flow figure was not copied"
 
         chromium = find_chromium()
@@ -182,3 +192,24 @@ def test_readme_shows_the_generated_paper_table_unchanged():
     generated = (BOOK / "generated" / "paper_headline.md").read_text().split("\n", 1)[1].strip()
     readme = (BOOK.parent / "README.md").read_text()
     assert generated in readme, "README's paper table differs from book/generated/paper_headline.md: paste it again"
+
+
+#: Width (px) of a figure at 100% of the book's text column in a 1280 px wide window (sphinx-book-theme,
+#: measured on a Chromium screenshot).
+TEXT_COLUMN_PX = 640
+
+
+def test_dataflow_figure_text_is_readable_at_1280_px(tmp_path):
+    """Every text of the data-flow diagram is at least ~10 px once the SVG is scaled to the text column,
+    and the committed SVG is the one book/make_figures.py draws."""
+    spec = importlib.util.spec_from_file_location("make_figures", BOOK / "make_figures.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    fig = module.dataflow_figure()
+    width_px = fig.get_figwidth() * 96                       # CSS px of the SVG at its own size
+    scale = min(1.0, TEXT_COLUMN_PX / width_px)
+    sizes = [t.get_fontsize() * 96 / 72 * scale for t in fig.axes[0].texts]
+    assert sizes and min(sizes) >= 10, f"smallest text {min(sizes):.1f} px at 1280 px"
+    module.main(["--out", str(tmp_path)])
+    assert (tmp_path / "csa_dataflow.svg").read_bytes() == (BOOK / "figures" / "csa_dataflow.svg").read_bytes(), \
+        "book/figures/csa_dataflow.svg is stale: run python book/make_figures.py"

@@ -6,6 +6,8 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.text import Text
 from matplotlib.colors import to_hex
 from matplotlib.patches import Rectangle
 
@@ -17,6 +19,7 @@ from csa.notebook.figures import (
     label_ranked,
     plot_ablation,
     plot_map_vs_time,
+    spread_positions,
     plot_topk_grid,
     select_examples,
 )
@@ -57,6 +60,18 @@ def test_select_examples_rule_gain_ties_and_nan():
     successes, failures = select_examples(before, after, n=10)
     assert successes == [0, 2, 3]  # zero gain (query 6) and NaN (query 5) never picked
     assert failures == [4, 7, 1]
+
+
+def test_select_examples_skips_queries_whose_top_k_does_not_change():
+    before = [10.0, 50.0, 20.0, 30.0, 40.0, np.nan, 60.0, 70.0]
+    after = [30.0, 40.0, 40.0, 35.0, 20.0, 90.0, 60.0, 50.0]
+    # query 0 (+20) and query 4 (-20) gain or lose only below the shown top-k: their figures would repeat
+    visible = [False, True, True, True, False, True, True, True]
+    successes, failures = select_examples(before, after, n=2, visible=visible)
+    assert successes == [2, 3]
+    assert failures == [7, 1]
+    with pytest.raises(CSAInputError, match="one bool per query"):
+        select_examples(before, after, visible=[True, False])
 
 
 def test_select_examples_input_errors():
@@ -126,6 +141,15 @@ def test_plot_training_curves_panels_and_data():
         plot_training_curves(history.drop(columns=["lr"]))
 
 
+def test_spread_positions_keep_order_and_gap():
+    values = np.array([5.0, 1.0, 5.1, 5.05, 9.0])
+    placed = spread_positions(values, gap=0.5)
+    assert list(np.argsort(placed, kind="stable")) == list(np.argsort(values, kind="stable"))
+    assert np.diff(np.sort(placed)).min() >= 0.5 - 1e-9
+    assert abs(placed.mean() - values.mean()) < 1e-9                  # centred on the points
+    np.testing.assert_allclose(spread_positions([1.0, 3.0], gap=0.5), [1.0, 3.0])   # far apart: unchanged
+
+
 def test_plot_map_vs_time_log_axis_and_labels():
     df = pd.DataFrame({"method": ["first stage", "CSA"], "ms_per_query": [0.2, 3.0], "map_medium": [67.3, 78.2],
                        "dataset": ["ROxf", "ROxf"]})
@@ -133,6 +157,21 @@ def test_plot_map_vs_time_log_axis_and_labels():
     ax = fig.axes[0]
     assert ax.get_xscale() == "log"
     assert sorted(t.get_text() for t in ax.texts) == ["CSA", "first stage"]
+    # one panel per benchmark; clumped points get labels that do not overlap
+    rng = np.random.default_rng(0)
+    many = pd.DataFrame({"method": [f"method {i}" for i in range(12)] * 2,
+                         "ms_per_query": np.r_[rng.uniform(1, 1.3, 12), rng.uniform(1, 30, 12)],
+                         "map_medium": np.r_[rng.uniform(20, 21, 12), rng.uniform(60, 90, 12)],
+                         "dataset": ["Oxford"] * 12 + ["Paris"] * 12})
+    fig = plot_map_vs_time(many, hue="dataset")
+    assert [a.get_title(loc="left") for a in fig.axes] == ["Oxford", "Paris"]
+    FigureCanvasAgg(fig).draw()
+    renderer = fig.canvas.get_renderer()
+    for axis in fig.axes:
+        boxes = [Text.get_window_extent(t, renderer) for t in axis.texts]   # the text, not its leader line
+        assert len(boxes) == 12
+        overlaps = [(i, j) for i in range(12) for j in range(i + 1, 12) if boxes[i].overlaps(boxes[j])]
+        assert not overlaps, f"labels overlap on {axis.get_title(loc='left')}: {overlaps}"
     with pytest.raises(CSAInputError, match="<= 0"):
         plot_map_vs_time(df.assign(ms_per_query=[0.0, 1.0]))
     with pytest.raises(CSAInputError, match="not in the table"):
@@ -193,13 +232,17 @@ def test_plot_query_examples_picks_by_rule_and_draws_images_from_disk(tmp_path):
     from csa.notebook.figures import plot_query_examples
 
     names = [f"db{i}" for i in range(12)]
-    for name in names + ["q0", "q1", "q2"]:
+    for name in names + ["q0", "q1", "q2", "q3"]:
         Image.new("RGB", (24, 16), (10 * len(name), 80, 120)).save(tmp_path / f"{name}.jpg")
-    gt = {"imlist": names, "qimlist": ["q0", "q1", "q2"],
-          "gnd": [{"bbx": [1, 1, 10, 10], "easy": [0], "hard": [], "junk": []}] * 3}
-    before = np.tile(np.arange(12)[:, None], (1, 3))
+    gt = {"imlist": names, "qimlist": ["q0", "q1", "q2", "q3"],
+          "gnd": [{"bbx": [1, 1, 10, 10], "easy": [0], "hard": [], "junk": []}] * 4}
+    before = np.tile(np.arange(12)[:, None], (1, 4))
     after = before.copy()
-    examples = plot_query_examples(gt, tmp_path, before, after, [50.0, 20.0, 40.0], [60.0, 20.0, 10.0], n=2, k=10)
+    after[[0, 1], 0] = [1, 0]      # the positive moves from rank 1 to rank 2 (and back for query 2)
+    after[[0, 3], 2] = [3, 0]
+    # query 3 gains the most, but only below the top-10: its two rows would look the same, it is not shown
+    examples = plot_query_examples(gt, tmp_path, before, after, [50.0, 20.0, 40.0, 10.0], [60.0, 20.0, 10.0, 90.0],
+                                   n=2, k=10)
     assert [(kind, q) for kind, q, _ in examples] == [("success", 0), ("failure", 2)]
     fig = examples[0][2]
     assert "success: query 0 (q0)" in fig._suptitle.get_text() and len(fig.axes) == 21   # query + 2 x 10

@@ -1,7 +1,7 @@
 """Compare re-rankers under one protocol: same first stage, revisited mAP, timing, paired bootstrap.
 
 :func:`run_comparison` evaluates every method on the same first-stage ranking and reports
-Easy / Medium / Hard mAP, Medium mP@10, CPU time per query and the paired-bootstrap interval of
+Easy / Medium / Hard mAP, Medium ``mP@10``, CPU time per query and the paired-bootstrap interval of
 each method's Medium and Hard gain over the first stage (queries resampled jointly, so the
 interval is about the *difference*, not two independent noises).  With ``groups`` (one landmark id per
 query, :func:`query_landmarks`) the interval resamples whole landmarks, the independent unit, and the
@@ -20,19 +20,19 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from csa.compare.published import FIRST_STAGE
 from csa.data.benchmark import Benchmark
 from csa.data.demo import group_queries
 from csa.evaluate import format_revisited, random_ranking_map, PROTOCOLS
+from csa.progress import progress_bar
 from csa.stats import bootstrap_map_ci, check_groups, count_groups, paired_bootstrap_gain
 from csa.validation import CSAInputError, gnd_list
 
 __all__ = ["run_comparison", "run_comparison_large", "compare_benchmark", "summary_table", "gain_between", "format_gain",
            "first_stage_report", "query_landmarks", "COLUMNS", "QUERY_COLUMNS"]
 
-#: Columns of the table returned by :func:`run_comparison` (mAP / mP@10 / gains in percent points).
+#: Columns of the table returned by :func:`run_comparison` (mAP / ``mP@10`` / gains in percent points).
 COLUMNS = ["method", "easy_map", "medium_map", "hard_map", "medium_mp@10", "ms_per_query",
            "medium_gain", "medium_gain_low", "medium_gain_high",
            "hard_gain", "hard_gain_low", "hard_gain_high", "offline_s"]
@@ -54,7 +54,7 @@ def run_comparison(qvecs: Any, dbvecs: Any, gnd: Sequence[dict], methods: Mappin
     whole dict with a 'gnd' key).  ``first_stage_ranks`` (N or K, Q) defaults to the exact cosine
     ranking of the whole database (:func:`csa.search.first_stage`); every method receives it.
     Returns one row per method, the first-stage row first, with the columns :data:`COLUMNS`:
-    mAPs and mP@10 in percent; ``ms_per_query`` = wall time of the method call
+    mAPs and ``mP@10`` in percent; ``ms_per_query`` = wall time of the method call
     (``time.perf_counter``, on this CPU, excluding the first stage) divided by Q — for the first
     stage, the time of the search when it is computed here, else NaN; ``offline_s`` = seconds of
     database-side work done once before any query (a method's ``offline(dbvecs)``, e.g. αDBA's
@@ -145,7 +145,7 @@ def _comparison_table(methods: Mapping[str, Method], run: Callable[[Method], Any
     """
     rows = [_row(FIRST_STAGE, base, base, first_ms, n_boot, seed, level, float("nan"), groups)]
     aps = {FIRST_STAGE: _per_query_aps(base)}
-    for name, method in tqdm(list(methods.items()), desc="methods", disable=not progress):
+    for name, method in progress_bar(list(methods.items()), desc="methods", disable=not progress):
         offline_s = float("nan")
         if prepare is not None and callable(getattr(method, "offline", None)):
             start = time.perf_counter()

@@ -22,6 +22,7 @@ from csa.compare.expansion import AugmentDatabase, alpha_qe, aqe
 from csa.compare.k_reciprocal import k_reciprocal
 from csa.data.demo import CITIES, LOO_BASE
 from csa.evaluate import PROTOCOLS, evaluate_revisited
+from csa.progress import progress_bar
 from csa.search import _first_stage
 from csa.validation import CSAInputError, check_descriptors, check_gnd
 
@@ -119,7 +120,7 @@ def select_untrained(names: Sequence[str], qvecs: Any, dbvecs: Any, gnd: Any, to
     gnd = check_gnd(gnd, n_db=dbvecs.shape[0], n_q=qvecs.shape[0])
     ranks = _first_stage(qvecs, dbvecs)
     chosen, rows = {}, []
-    for name in names:
+    for name in progress_bar(list(names), desc="choosing settings", unit="method"):
         if name not in grids:
             raise CSAInputError(f"no selection grid for {name!r}; choose from {sorted(grids)}")
         parameter, values = grids[name]

@@ -25,12 +25,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from csa.descriptors.distributed import Ranks, owned_shards, synchronize
 from csa.descriptors.pooling import l2n
 from csa.descriptors.shard_lock import ShardFolderLock
 from csa.fileio import atomic_write, fingerprint, remove_stale_temporaries
+from csa.progress import progress_bar
 from csa.validation import CSAInputError
 
 __all__ = ["ImageListDataset", "load_image_tensor", "extract_descriptors", "extraction_fingerprint", "parse_scales",
@@ -215,7 +215,8 @@ def extract_descriptors(net: torch.nn.Module, image_paths: Sequence[str | os.Pat
                         scales: Sequence[float] = (1,), bbxs: Sequence[Sequence[float] | None] | None = None,
                         batch_size: int = 8, num_workers: int = 0, shard_dir: str | os.PathLike | None = None,
                         shard_size: int = 256, msp: float = 1.0, device: str | torch.device | None = None,
-                        progress: bool = True, ranks: Ranks | None = None) -> np.ndarray | None:
+                        progress: bool = True, ranks: Ranks | None = None,
+                        desc: str = "descriptors") -> np.ndarray | None:
     """Extract L2-normalized global descriptors, one row per image: (N, D) float32.
 
     ``net`` maps a normalized batch to (B, D) rows and has ``meta['mean'/'std'/'outputdim']`` (see
@@ -227,6 +228,8 @@ def extract_descriptors(net: torch.nn.Module, image_paths: Sequence[str | os.Pat
 
     ``ranks`` (from :func:`csa.descriptors.distributed.join_extraction_group`, needs ``shard_dir``) splits the
     shards over the processes of a torchrun run: rank 0 returns the merged rows, the others None.
+    ``progress`` shows a bar named ``desc`` (plain lines every ~25 s when stderr is not a terminal,
+    :mod:`csa.progress`).
     """
     paths = [str(p) for p in image_paths]
     scales = _check_arguments(net, paths, bbxs, scales, batch_size, shard_size)
@@ -236,7 +239,7 @@ def extract_descriptors(net: torch.nn.Module, image_paths: Sequence[str | os.Pat
         device = next(net.parameters()).device
     net = net.to(device).eval()
     dataset = ImageListDataset(paths, image_size, net.meta["mean"], net.meta["std"], bbxs)
-    bar = tqdm(total=len(paths), desc="descriptors", unit="img", disable=not progress)
+    bar = progress_bar(total=len(paths), desc=desc, unit="img", disable=not progress)
     try:
         if shard_dir is None:
             return _extract_range(net, dataset, range(len(paths)), scales, msp, batch_size, num_workers, device, bar)

@@ -132,8 +132,8 @@ def prepare_test_features(data_root: str | os.PathLike, dataset: str, backbone: 
     net = load_backbone(backbone, data_root, dev)
     kw = dict(image_size=image_size, scales=scales, batch_size=batch_size, num_workers=num_workers, device=dev,
               progress=progress and main, shard_size=shard_size or TEST_SHARD_SIZE, ranks=ranks)
-    db = extract_descriptors(net, db_paths, shard_dir=shards / "db", **kw)
-    q = extract_descriptors(net, q_paths, bbxs=bbxs, shard_dir=shards / "query", **kw)
+    db = extract_descriptors(net, db_paths, shard_dir=shards / "db", desc=f"{dataset} database", **kw)
+    q = extract_descriptors(net, q_paths, bbxs=bbxs, shard_dir=shards / "query", desc=f"{dataset} queries", **kw)
     if not main:
         return None
     save_test_features(data_root, dataset, name, query=q, db=db)
@@ -266,7 +266,8 @@ def prepare_train_features(data_root: str | os.PathLike, backbone: str, trainset
         out[split] = extract_descriptors(net, paths, image_size=image_size, scales=scales, batch_size=batch_size,
                                          num_workers=num_workers, device=dev, progress=progress and main,
                                          shard_dir=_shard_dir(data_root, trainset, name, split),
-                                         shard_size=shard_size or TRAIN_SHARD_SIZE, ranks=ranks)
+                                         shard_size=shard_size or TRAIN_SHARD_SIZE, ranks=ranks,
+                                         desc=f"{trainset} {split}")
     if not main:
         return None
     return save_train_features(data_root, trainset, name, out["train"], out["val"])
@@ -294,7 +295,7 @@ def prepare_r1m_features(data_root: str | os.PathLike, backbone: str, image_size
                                num_workers=num_workers, device=dev, progress=progress and main,
                                shard_dir=_shard_dir(data_root, "revisitop1m", name),
                                shard_size=shard_size or R1M_SHARD_SIZE,
-                               ranks=ranks)
+                               ranks=ranks, desc="R1M distractors")
     if not main:
         return None
     return save_distractors(np.asarray(vecs), Path(data_root, "r1m", f"{name}.npy"), dtype=dtype)

@@ -36,6 +36,7 @@ __all__ = [
     "plot_query_examples",
     "plot_query_positives",
     "plot_map_vs_time",
+    "spread_positions",
     "plot_ablation",
 ]
 
@@ -70,14 +71,16 @@ def label_ranked(ranked_db_indices: Sequence[int], gnd_entry: Mapping[str, Any],
     return labels
 
 
-def select_examples(aps_before: Sequence[float], aps_after: Sequence[float], n: int = 2) -> tuple[list[int], list[int]]:
+def select_examples(aps_before: Sequence[float], aps_after: Sequence[float], n: int = 2,
+                    visible: Sequence[bool] | None = None) -> tuple[list[int], list[int]]:
     """Pick the queries to show: ``(successes, failures)``, each a list of at most ``n`` query indices.
 
     Rule: gain = AP after - AP before.  Successes are the queries with the largest strictly positive
     gains, largest first; failures the queries with the largest strictly negative gains (AP losses),
     largest loss first.  Equal gains are ordered by query index (smaller first).  Queries whose AP is
-    NaN in either array (no positive under the protocol) are never picked; if fewer than ``n``
-    queries improved (or got worse), the list is shorter.
+    NaN in either array (no positive under the protocol) are never picked; with ``visible`` (one bool
+    per query: does the shown top-k change, e.g. its labels differ), neither are queries whose figure
+    would look the same before and after.  If fewer than ``n`` queries qualify, the list is shorter.
     """
     before = np.asarray(aps_before, dtype=np.float64).ravel()
     after = np.asarray(aps_after, dtype=np.float64).ravel()
@@ -91,6 +94,11 @@ def select_examples(aps_before: Sequence[float], aps_after: Sequence[float], n: 
     gain = after - before
     index = np.arange(gain.size)
     valid = ~np.isnan(gain)
+    if visible is not None:
+        shown = np.asarray(visible, dtype=bool).ravel()
+        if shown.shape != gain.shape:
+            raise CSAInputError(f"visible has {shown.size} entries for {gain.size} queries: pass one bool per query")
+        valid &= shown
     up = index[valid & (gain > 0)]
     down = index[valid & (gain < 0)]
     # np.lexsort sorts by the last key first: primary = gain, secondary = query index.
@@ -120,13 +128,14 @@ def plot_topk_grid(
     k: int = 10,
     title: str | None = None,
     row_titles: tuple[str, str] = ("before re-ranking", "after re-ranking"),
-    thumb_inches: float = 1.9,
+    thumb_inches: float = 1.1,
     per_row: int = 5,
 ) -> Figure:
     """Query (left, with an orange box) and its top-``k`` results before (upper block) and after (lower block).
 
-    Each ranking is laid out ``per_row`` thumbnails to a row (two rows of five for k = 10), so the
-    thumbnails stay legible at a page's width.  ``query_image`` and whatever ``image_loader(name)``
+    Each ranking is laid out ``per_row`` thumbnails to a row (two rows of five for k = 10); with the
+    default ``thumb_inches`` the figure is about 8 inches wide, the width of a book page, so its text
+    is shown at about its nominal size (no label under ~13 px at 1280 px).  ``query_image`` and whatever ``image_loader(name)``
     returns may be a PIL image or an array accepted by ``imshow``.  ``query_bbx`` is ``[x1, y1, x2, y2]``
     in the pixels of ``query_image`` (scale the ground truth's box if the image was resized) or None.
     ``labels_*`` come from :func:`label_ranked`; each result gets a green (positive), red (false
@@ -150,7 +159,7 @@ def plot_topk_grid(
     query_cols = 2                     # the query takes two thumbnail columns and every row
     height_ratios = [1.0] * rows + [0.18] + [1.0] * rows
     fig = Figure(figsize=(thumb_inches * (per_row + query_cols + 0.3),
-                          thumb_inches * (2 * rows + 0.18) + (0.9 if title else 0.6)))
+                          thumb_inches * (2 * rows + 0.18) + (1.25 if title else 0.75)))
     grid = fig.add_gridspec(2 * rows + 1, per_row + query_cols + 1, width_ratios=[1.0] * query_cols + [0.3] + [1.0] * per_row,
                             height_ratios=height_ratios, wspace=0.08, hspace=0.3)
     ax_query = fig.add_subplot(grid[:, :query_cols])
@@ -159,7 +168,7 @@ def plot_topk_grid(
         x1, y1, x2, y2 = (float(v) for v in query_bbx)
         ax_query.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=QUERY_COLOR, linewidth=3.0))
     _frame_axes(ax_query, QUERY_COLOR, width=1.5)
-    ax_query.set_title("query", fontsize=13, fontweight="bold", color=QUERY_COLOR)
+    ax_query.set_title("query", fontsize=12, fontweight="bold", color=QUERY_COLOR)
 
     for block, (names, labels, row_title) in enumerate(
         ((before_names, labels_before, row_titles[0]), (after_names, labels_after, row_titles[1]))
@@ -170,15 +179,15 @@ def plot_topk_grid(
             ax = fig.add_subplot(grid[r, query_cols + 1 + rank % per_row])
             ax.imshow(image_loader(names[rank]))
             _frame_axes(ax, _LABEL_COLORS[str(labels[rank])])
-            ax.set_title(str(rank + 1), fontsize=11, pad=3)
+            ax.set_title(str(rank + 1), fontsize=10, pad=2)
             if rank % per_row == 0:
-                ax.set_ylabel(f"{row_title}\n{n_pos}/{k} positive" if rank == 0 else "", fontsize=11, labelpad=6)
+                ax.set_ylabel(f"{row_title}\n{n_pos}/{k} positive" if rank == 0 else "", fontsize=10, labelpad=4)
     legend = [Patch(facecolor="none", edgecolor=c, linewidth=2.5, label=name)
               for name, c in (("positive", POSITIVE_COLOR), ("false positive", NEGATIVE_COLOR), ("junk", JUNK_COLOR))]
-    fig.legend(handles=legend, loc="upper right", ncol=3, fontsize=10, frameon=False, borderaxespad=0.2)
+    fig.legend(handles=legend, loc="upper right", ncol=1, fontsize=10, frameon=False, borderaxespad=0.2)
     if title:
-        fig.suptitle(title, fontsize=13, fontweight="bold", x=0.02, ha="left")
-    fig.subplots_adjust(left=0.01, right=0.995, bottom=0.02, top=0.88 if title else 0.93)
+        fig.suptitle(title, fontsize=11.5, fontweight="bold", x=0.01, ha="left", linespacing=1.3)
+    fig.subplots_adjust(left=0.01, right=0.995, bottom=0.02, top=0.8 if title else 0.88)
     return fig
 
 
@@ -198,10 +207,13 @@ def plot_query_examples(gt: Mapping[str, Any], image_dir: str | os.PathLike, bef
     ``gt`` is the revisitop dict (``imlist``, ``qimlist``, ``gnd``), images are
     ``<image_dir>/<name>.jpg``, ``before`` / ``after`` are (N, Q) rankings and ``aps_*`` their
     per-query APs under ``protocol``.  Successes come first (``kind='success'``), then failures;
-    either list may be shorter than ``n`` (e.g. no query lost AP).
+    either list may be shorter than ``n`` (e.g. no query lost AP).  Only queries whose top-``k`` labels
+    change are shown (a gain made entirely below rank ``k`` would give two identical rows).
     """
-    successes, failures = select_examples(aps_before, aps_after, n=n)
     before, after = np.asarray(before), np.asarray(after)
+    changed = [label_ranked(before[:k, q], g, protocol) != label_ranked(after[:k, q], g, protocol)
+               for q, g in enumerate(gt["gnd"])]
+    successes, failures = select_examples(aps_before, aps_after, n=n, visible=changed)
     image_dir = Path(image_dir)
 
     def load(name: str) -> Any:
@@ -215,7 +227,7 @@ def plot_query_examples(gt: Mapping[str, Any], image_dir: str | os.PathLike, bef
                 load(gt["qimlist"][q]), entry["bbx"], [gt["imlist"][i] for i in before[:k, q]],
                 [gt["imlist"][i] for i in after[:k, q]], label_ranked(before[:k, q], entry, protocol),
                 label_ranked(after[:k, q], entry, protocol), load, k=k,
-                title=(f"{dataset} - {kind}: query {q} ({gt['qimlist'][q]}), {protocol} AP "
+                title=(f"{dataset}, {kind}: query {q} ({gt['qimlist'][q]})\n{protocol} AP "
                        f"{aps_before[q]:.1f} -> {aps_after[q]:.1f}"))
             out.append((kind, q, fig))
     return out
@@ -250,6 +262,37 @@ def plot_query_positives(benchmarks: Mapping[str, tuple[Mapping[str, Any], str |
     return fig
 
 
+def spread_positions(values: Sequence[float], gap: float) -> np.ndarray:
+    """Label positions near ``values`` that keep their order and are at least ``gap`` apart (one
+    uniform shift keeps them centred on the values)."""
+    values = np.asarray(values, dtype=np.float64)
+    order = np.argsort(values, kind="stable")
+    placed = values[order].copy()
+    for i in range(1, placed.size):
+        placed[i] = max(placed[i], placed[i - 1] + gap)
+    placed -= (placed - values[order]).mean() if placed.size else 0.0
+    out = np.empty_like(placed)
+    out[order] = placed
+    return out
+
+
+def _labelled_scatter(ax, part: Any, x: str, y: str, label: str, color: str, height_pt: float,
+                      fontsize: float) -> None:
+    """Points with their labels to the right, spread vertically so no two labels overlap."""
+    ax.scatter(part[x], part[y], s=50, color=color, zorder=3, edgecolor="white", linewidth=0.8)
+    ys = np.asarray(part[y], dtype=float)
+    low, high = float(ys.min()), float(ys.max())
+    pad = max(high - low, 1.0) * (0.08 + 0.6 * fontsize * len(ys) / max(height_pt, 1.0))
+    ax.set_ylim(low - pad, high + pad)
+    per_pt = (2 * pad + high - low) / height_pt                  # data units per point on this axis
+    label_y = spread_positions(ys, gap=1.25 * fontsize * per_pt)
+    for (_, row), ly in zip(part.iterrows(), label_y):
+        dy = (ly - row[y]) / per_pt
+        ax.annotate(str(row[label]), (row[x], row[y]), textcoords="offset points", xytext=(9, dy), va="center",
+                    fontsize=fontsize, arrowprops=dict(arrowstyle="-", color="#999999", linewidth=0.6,
+                                                       shrinkA=0, shrinkB=3) if abs(dy) > 2 else None)
+
+
 def plot_map_vs_time(
     df: Any,
     x: str = "ms_per_query",
@@ -257,32 +300,39 @@ def plot_map_vs_time(
     label: str = "method",
     hue: str | None = None,
     title: str = "accuracy vs. cost of re-ranking",
+    fontsize: float = 10.5,
 ) -> Figure:
-    """Scatter of mAP against milliseconds per query (log x axis), each point annotated with its method.
+    """mAP against milliseconds per query (log x axis), every point labelled with its method.
 
-    ``df`` is a DataFrame with columns ``x``, ``y`` and ``label``; ``hue`` (e.g. ``'dataset'``)
-    gives one colour per value and a legend.
+    ``df`` is a DataFrame with columns ``x``, ``y`` and ``label``; ``hue`` (e.g. ``'dataset'``) gives one
+    panel per value, each with its own mAP axis (benchmarks differ by tens of points).  Labels sit to the
+    right of their points and are spread vertically so that none overlaps another; the figure is a page
+    wide, so its text shows at about its nominal size.
     """
     for col in [x, y, label] + ([hue] if hue else []):
         if col not in df.columns:
             raise CSAInputError(f"column {col!r} not in the table (columns: {list(df.columns)}); pass x=, y=, label=")
     if (np.asarray(df[x], dtype=float) <= 0).any():
         raise CSAInputError(f"column {x!r} has values <= 0, which a log axis cannot show: time must be positive")
-    fig = Figure(figsize=(8.0, 5.0), layout="constrained")
-    ax = fig.subplots()
     groups = [(None, df)] if hue is None else list(df.groupby(hue, sort=False))
-    for i, (key, part) in enumerate(groups):
-        ax.scatter(part[x], part[y], s=55, color=f"C{i}", label=None if key is None else str(key), zorder=3,
-                   edgecolor="white", linewidth=0.8)
-        for _, row in part.iterrows():
-            ax.annotate(str(row[label]), (row[x], row[y]), textcoords="offset points", xytext=(6, 4), fontsize=9)
-    ax.set_xscale("log")
-    ax.set_xlabel("time per query (ms, log scale)")
-    ax.set_ylabel(y.replace("_", " "))
-    ax.set_title(title, fontsize=12, fontweight="bold")
-    ax.grid(alpha=0.3, which="both")
-    if hue is not None:
-        ax.legend(title=hue, fontsize=9, frameon=False)
+    panel_h = max(2.6, 0.28 * max(len(part) for _, part in groups) + 0.8)
+    fig = Figure(figsize=(8.4, panel_h * len(groups) + 0.6))
+    axes = fig.subplots(len(groups), 1, squeeze=False)[:, 0]
+    fig.subplots_adjust(left=0.09, right=0.98, top=1 - 0.8 / fig.get_figheight(), bottom=0.5 / fig.get_figheight(),
+                        hspace=0.45)
+    xs = np.asarray(df[x], dtype=float)
+    for i, ((key, part), ax) in enumerate(zip(groups, axes)):
+        height_pt = ax.get_position().height * fig.get_figheight() * 72
+        _labelled_scatter(ax, part, x, y, label, f"C{i}", height_pt, fontsize)
+        ax.set_xscale("log")
+        ax.set_xlim(xs.min() / 1.5, xs.max() * 12)                 # room for the labels of the slowest points
+        ax.set_ylabel(y.replace("_", " "), fontsize=11)
+        ax.tick_params(labelsize=10.5)
+        ax.grid(alpha=0.3, which="both")
+        if key is not None:
+            ax.set_title(str(key), fontsize=12, fontweight="bold", loc="left")
+    axes[-1].set_xlabel("time per query (ms, log scale)", fontsize=11)
+    fig.suptitle(title, fontsize=12, fontweight="bold", y=1 - 0.15 / fig.get_figheight(), va="top")
     return fig
 
 

@@ -9,10 +9,10 @@ from typing import Any, Iterable, Mapping
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from tqdm import tqdm
 
 from csa.affinity import indexed_affinity
 from csa.model import unwrap
+from csa.progress import progress_bar
 from csa.validation import CSAError, CSAInputError
 
 __all__ = ["build_optimizer", "WarmupCosineSchedule", "StepOptions", "train_one_epoch", "NonFiniteLossError",
@@ -212,7 +212,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader: Iterable[Map
     model.train()
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     n_ok, n_skipped, streak, lr = 0, 0, 0, float("nan")
-    bar = tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    bar = progress_bar(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     for it, batch in enumerate(bar):
         lr = schedule.step() if schedule is not None else optimizer.param_groups[0]["lr"]
         affinity, targets = _batch_inputs(batch, features, device, options.fp16_inputs)

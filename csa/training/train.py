@@ -44,6 +44,7 @@ from csa.checkpoint import load_run_checkpoint, save_run_checkpoint
 from csa.data.layout import load_clusters, load_train_features
 from csa.losses import CSACriterion
 from csa.model import RerankTransformer, unwrap
+from csa.progress import HEARTBEAT, Heartbeat, is_terminal
 from csa.training.config import TrainConfig, config_from_argv
 from csa.training.distributed import Processes, barrier, setup_processes, teardown_processes
 from csa.training.engine import StepOptions, WarmupCosineSchedule, build_optimizer, train_one_epoch
@@ -56,7 +57,8 @@ from csa.training.run_folder import (CHECKPOINT_NAME, CURVES_EVERY_S, HISTORY_CO
 from csa.training.sampler import GlobalBatchSampler, NeighbourTable, TrainingSet, stacked_clusters
 from csa.validation import CSAInputError, check_rows, run_command
 
-__all__ = ["main", "run_training", "build_optimization", "CHECKPOINT_NAME", "HISTORY_COLUMNS", "RESUME_FIXED"]
+__all__ = ["main", "run_training", "build_optimization", "epoch_line_due", "CHECKPOINT_NAME", "HISTORY_COLUMNS",
+           "RESUME_FIXED"]
 
 
 @dataclass
@@ -159,6 +161,19 @@ def _save_epoch(config: TrainConfig, out: Path, state: _State, epoch: int) -> No
         save_run_checkpoint(out / f"checkpoint-epoch{epoch:03d}.pth", state.model, epoch, **extra)
 
 
+def epoch_line_due(epoch: int, first: int, last: int, terminal: bool, heartbeat: Heartbeat) -> bool:
+    """Whether epoch ``epoch`` (1-based) of a run over ``first``..``last`` prints its line: every epoch on a
+    terminal; in a log (papermill, a pipe) the first, the last and one every ~25 s (the full history is
+    in ``history.csv``), so a long run still says something at least every ~30 s."""
+    if terminal:
+        return True
+    due = heartbeat.due()   # always asked, so its clock runs from the start of training
+    if epoch in (first, last) or due:
+        heartbeat.beat()
+        return True
+    return False
+
+
 def _log_epoch(log: Callable[..., None], row: dict[str, Any], num_epochs: int) -> None:
     skipped = f"  skipped {row['skipped']}" if row["skipped"] else ""
     log(f">> epoch {row['epoch']}/{num_epochs}  lr {row['lr']:.4g}  loss {row['loss']:.4f} "
@@ -212,6 +227,7 @@ def _train(config: TrainConfig, procs: Processes) -> dict[str, Any]:
     criterion = CSACriterion(alpha=config.alpha, temperature=config.temperature)
     options = StepOptions(scaler=state.scaler, clip_grad=config.clip_grad, amp=amp, fp16_inputs=config.fp16_inputs)
     stop = config.stop_at_epoch or config.num_epochs
+    terminal = is_terminal(sys.stdout)
     curves_drawn = time.time()
     for epoch in range(start_epoch, stop):
         data.sampler.set_epoch(epoch)
@@ -228,7 +244,8 @@ def _train(config: TrainConfig, procs: Processes) -> dict[str, Any]:
             draw = epoch + 1 == stop or time.time() - curves_drawn >= CURVES_EVERY_S
             write_history(state.history, out, draw=draw)
             curves_drawn = time.time() if draw else curves_drawn
-            _log_epoch(log, state.history[-1], config.num_epochs)
+            if epoch_line_due(epoch + 1, start_epoch + 1, stop, terminal, HEARTBEAT):
+                _log_epoch(log, state.history[-1], config.num_epochs)
         barrier(procs.world)
     return {"history": state.history, "checkpoint": out / CHECKPOINT_NAME, "output_dir": out,
             "model": unwrap(state.model)}
