@@ -45,7 +45,7 @@ def one_error(capsys, argv: list[str]) -> str:
     (["seeds", "--setting", "demo", "--seeds", "-1", "--out", "{tmp}/x.csv"], r"seed \(--seeds\) must be >= 0"),
 ])
 def test_demo_experiments_check_their_arguments_before_training(tmp_path, capsys, monkeypatch, argv, fact):
-    from csa.training import selection
+    from csa.experiments import selection
 
     def never(*args, **kwargs):
         raise AssertionError("training started")
@@ -58,7 +58,7 @@ def test_demo_experiments_check_their_arguments_before_training(tmp_path, capsys
 
 
 def test_library_experiments_check_too(tmp_path):
-    from csa.training.selection import learning_curve, select_recipe
+    from csa.experiments.selection import learning_curve, select_recipe
 
     with pytest.raises(CSAInputError, match="--fractions"):
         learning_curve(DEMO_ROOT, PARIS, {}, fractions=(0.5, 1.5))

@@ -9,9 +9,9 @@ from csa.descriptors.compact import load_compact, save_compact
 from csa.data.layout import save_gnd, save_test_features
 from csa.evaluate import evaluate_revisited
 from csa.search import first_stage
-from csa.training.landmark_pool import City, PoolPart, choose_whitening, city_pool, fit_whitening, select_whitening
-from csa.training.paper_table import paper_comparisons, paper_table
-from csa.training.pooled import pooled_folds
+from csa.experiments.landmark_pool import City, PoolPart, choose_whitening, city_pool, fit_whitening, select_whitening
+from csa.experiments.paper_table import paper_comparisons, paper_table
+from csa.experiments.pooled import pooled_folds
 from csa.validation import CSAInputError
 
 
@@ -115,7 +115,7 @@ def test_compact_copy_round_trips_and_refuses_a_changed_file(tmp_path):
 
 
 def test_run_or_load_reads_a_cache_only_when_its_fingerprint_matches(tmp_path):
-    from csa.training import paper_table as pt
+    from csa.experiments import paper_table as pt
 
     save_gnd(tmp_path, "d", {"imlist": ["a", "b"], "qimlist": ["q"], "gnd": [{"easy": [0], "hard": [], "junk": [],
                                                                              "bbx": [0, 0, 1, 1]}]})
@@ -140,7 +140,7 @@ def test_run_or_load_reads_a_cache_only_when_its_fingerprint_matches(tmp_path):
 def test_committed_compact_sets_verify_and_match_the_demo_ground_truth():
     from conftest import REPO_ROOT
     from csa.data.layout import load_gnd
-    from csa.training.paper_table import DEFAULT_SETTINGS
+    from csa.experiments.paper_table import DEFAULT_SETTINGS
 
     root = REPO_ROOT / "data" / "demo"
     for name in DEFAULT_SETTINGS["features"]:
