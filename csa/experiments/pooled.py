@@ -27,6 +27,7 @@ import torch
 
 from csa.compare.affinity_baseline import affinity_cosine
 from csa.compare.runner import run_comparison
+from csa.compare.tuning import select_setting_pooled
 from csa.data.layout import save_clusters, save_train_features
 from csa.descriptors.whiten import whitened_name
 from csa.experiments.landmark_pool import (WHITENING_CANDIDATES, City, PoolPart, _pool_arrays, choose_whitening,
@@ -83,17 +84,12 @@ def _csa(model: torch.nn.Module) -> Callable:
 
 def pick_untrained_l(benchmarks: Sequence[tuple[np.ndarray, np.ndarray, list[dict]]]) -> dict[str, int]:
     """L of the raw and the centred untrained re-ranker with the best query-weighted Medium mAP on the
-    training pool's own LOO ``benchmarks`` ((queries, database, gnd) each); ties: the smaller L."""
+    training pool's own LOO ``benchmarks`` ((queries, database, gnd) each), over :data:`UNTRAINED_L`
+    (:func:`csa.compare.tuning.select_setting_pooled`); ties: the smaller L."""
     best = {}
     for centred in (False, True):
-        score = {}
-        for length in UNTRAINED_L:
-            total = 0.0
-            for q, d, g in benchmarks:
-                methods = {"u": _untrained(centred, length)}
-                total += run_comparison(q, d, g, methods, n_boot=1, progress=False).iloc[1]["medium_map"] * len(g)
-            score[length] = total
-        best["centred" if centred else "raw"] = max(UNTRAINED_L, key=lambda n: (score[n], -n))
+        candidates = {length: _untrained(centred, length) for length in UNTRAINED_L}
+        best["centred" if centred else "raw"] = select_setting_pooled(candidates, benchmarks)[0]
     return best
 
 
