@@ -1,8 +1,8 @@
 """``csa demo build | extract | release | select | seeds | curve``: the embedded demo from the command line.
 
 The demo's data (:func:`csa.data.demo.build_demo`), its descriptors with a first-stage report, the release of
-its trained models, and the experiments of :mod:`csa.experiments.selection` (CSV files in
-``data/demo/results/``).
+its trained models, and the experiments of :mod:`csa.experiments.selection`, :mod:`~csa.experiments.seeds` and
+:mod:`~csa.experiments.learning_curve` (CSV files in ``data/demo/results/``).
 """
 from __future__ import annotations
 
@@ -88,21 +88,22 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _experiment(args: argparse.Namespace) -> int:
-    from csa.experiments import selection
+    from csa.experiments.held_out import check_experiment
+    from csa.experiments.learning_curve import learning_curve
+    from csa.experiments.seeds import seed_sweep
+    from csa.experiments.selection import GRID, choose, select_recipe
     from csa.fileio import save_table
 
-    selection.check_experiment(args.root, args.trainset, args.out, getattr(args, "folds", None),
-                               getattr(args, "seeds", None), getattr(args, "fractions", None),
-                               getattr(args, "setting", None))
+    check_experiment(args.root, args.trainset, args.out, getattr(args, "folds", None), getattr(args, "seeds", None),
+                     getattr(args, "fractions", None), getattr(args, "setting", None))
     if args.demo_command == "select":
-        table = selection.select_recipe(args.root, args.trainset, n_folds=args.folds)
+        table = select_recipe(args.root, args.trainset, n_folds=args.folds)
         print(table.groupby("setting", sort=False)["medium_gain"].agg(["mean", "min", "max"]).round(2).to_string())
-        print(f"chosen: {selection.choose(table)}")
+        print(f"chosen: {choose(table)}")
     elif args.demo_command == "seeds":
-        table = selection.seed_sweep(args.root, args.trainset, selection.GRID[args.setting], args.seeds)
+        table = seed_sweep(args.root, args.trainset, GRID[args.setting], args.seeds)
     else:
-        table = selection.learning_curve(args.root, args.trainset, selection.GRID[args.setting], args.fractions,
-                                         args.seeds)
+        table = learning_curve(args.root, args.trainset, GRID[args.setting], args.fractions, args.seeds)
     if args.demo_command != "select":
         table.insert(1, "setting", args.setting)
     print(f"wrote {save_table(table, args.out)}")
@@ -111,7 +112,7 @@ def _experiment(args: argparse.Namespace) -> int:
 
 def _release(args: argparse.Namespace) -> int:
     from csa.checkpoint import load_checkpoint
-    from csa.experiments.selection import TRAIN_TO_TEST
+    from csa.experiments.held_out import TRAIN_TO_TEST
     from csa.training.config import TrainConfig
     from csa.training.launch import torchrun_text
     from csa.training.release import release

@@ -32,7 +32,7 @@ from csa.data.layout import save_clusters, save_train_features
 from csa.descriptors.whiten import whitened_name
 from csa.experiments.landmark_pool import (WHITENING_CANDIDATES, City, PoolPart, _pool_arrays, choose_whitening,
                                            city_pool, fit_whitening, select_whitening, whiten_city)
-from csa.experiments.selection import TEST_TOPK, landmark_folds
+from csa.experiments.held_out import TEST_TOPK, landmark_folds
 from csa.rerank import rerank
 from csa.training.config import TrainConfig
 from csa.training.train import run_training

@@ -10,7 +10,7 @@ import os
 from typing import Any
 
 from csa.checkpoint import load_model
-from csa.experiments.selection import csa_gain, held_out_benchmark, test_benchmarks
+from csa.experiments.held_out import csa_gain, held_out_benchmark, test_benchmarks
 from csa.training.release import compare_to_release, released_checkpoint
 
 __all__ = ["compare_retrained"]

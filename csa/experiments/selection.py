@@ -1,171 +1,31 @@
-"""Choosing the demo recipe on the training city alone, and measuring how training data and seeds matter.
+"""Choosing the demo recipe on the training city alone: every setting of a small grid scored on held-out landmarks.
 
-The demo trains on one city and tests on the other, so a recipe may be chosen with the *training* city's
-photos only:
-
-* :func:`landmark_folds` splits the training city's landmarks into folds of about equal image counts;
-* for every setting of a small :data:`GRID` and every fold, a model trains on the trainset without the
-  fold's landmarks and is scored on the leave-one-out queries of the held-out landmarks (their photos
-  against the whole database of the training city): the Medium mAP gain of CSA over the first stage;
-* :func:`choose` takes the setting with the best mean held-out gain over folds.
-
-The test city is never looked at.  :func:`seed_sweep` and :func:`learning_curve` then measure, on the
-test city, how much a gain moves with the training seed and with the amount of training data.
-``csa demo select | seeds | curve`` run these and write CSV files (``data/demo/results/``).
+For every setting of :data:`GRID` and every fold of the training city's landmarks
+(:func:`csa.experiments.held_out.landmark_folds`), a model trains on the trainset without the fold's
+landmarks and is scored on the leave-one-out queries of the held-out landmarks (their photos against the
+whole database of the training city): the Medium mAP gain of CSA over the first stage.  :func:`choose`
+takes the setting with the best mean held-out gain over folds.  The test city is never looked at.
+``csa demo select`` runs this and writes a CSV file (``data/demo/results/selection_<trainset>.csv``).
 """
 from __future__ import annotations
 
 import os
 import tempfile
-import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
-import torch
 from tqdm import tqdm
 
-from csa.compare.runner import query_landmarks, run_comparison
-from csa.data.demo import CITIES, FEATURE_NAME
-from csa.data.layout import clusters_path, load_clusters, load_gnd, load_test_features, load_train_features, \
-    save_clusters, save_train_features
-from csa.fileio import check_output_file, load_pickle
-from csa.rerank import rerank
-from csa.training.config import TrainConfig
+from csa.data.demo import CITIES
+from csa.data.layout import clusters_path, load_clusters
+from csa.experiments.held_out import (TRAIN_TO_OWN, check_experiment, csa_gain, held_out_benchmark, landmark_folds,
+                                      subset_trainset, train_demo_model)
+from csa.fileio import load_pickle
 from csa.training.recipes import GRID
-from csa.training.train import run_training
-from csa.validation import CSAInputError, check_float, check_int
 
-__all__ = ["GRID", "TEST_TOPK", "landmark_folds", "held_out_benchmark", "csa_gain", "test_benchmarks", "select_recipe", "choose",
-           "seed_sweep", "learning_curve", "TRAIN_TO_TEST", "check_experiment"]
-
-#: Re-ranking depth K at test time, for every demo measurement.
-TEST_TOPK = 128
-
-#: Training set -> the benchmark its model is tested on (the other city).
-TRAIN_TO_TEST = {"rparis6k-mini-train": "roxford5k-mini", "roxford5k-mini-train": "rparis6k-mini"}
-_TRAIN_TO_OWN = {city["trainset"]: dataset for dataset, city in CITIES.items()}
-
-
-def check_experiment(root: str | os.PathLike, trainset: str, out: str | os.PathLike | None = None,
-                     n_folds: int | None = None, seeds: Sequence[int] | None = None,
-                     fractions: Sequence[float] | None = None, setting: str | None = None) -> None:
-    """Check the arguments of a selection, seed sweep or learning curve before any training starts.
-
-    ``out`` (the CSV to write) must be a writable file path; ``n_folds`` at least 2 and at most the
-    number of landmarks; ``seeds`` distinct non-negative integers; ``fractions`` distinct shares in (0, 1];
-    ``setting`` a name of :data:`GRID`.  Raises one :class:`CSAInputError` naming the argument.
-    """
-    if trainset not in TRAIN_TO_TEST:
-        raise CSAInputError(f"unknown trainset {trainset!r}; choose one of {list(TRAIN_TO_TEST)}")
-    if not clusters_path(root, trainset).is_file():
-        raise CSAInputError(f"no trainset {trainset!r} under {os.fspath(root)}; build the demo first "
-                            f"(csa demo build, csa demo extract) or give the demo data root")
-    if out is not None:
-        check_output_file(out, "--out")
-    if setting is not None and setting not in GRID:
-        raise CSAInputError(f"unknown setting {setting!r}; choose one of {list(GRID)}")
-    if n_folds is not None:
-        n_folds = check_int("the number of folds (--folds)", n_folds, 2)
-        landmarks = len(_landmark_sizes(load_clusters(root, trainset, "train")))
-        if n_folds > landmarks:
-            raise CSAInputError(f"{n_folds} folds for {landmarks} landmarks of {trainset}; use at most {landmarks}")
-    if seeds is not None:
-        seeds = [check_int("a seed (--seeds)", s, 0) for s in seeds]
-        if not seeds or len(set(seeds)) != len(seeds):
-            raise CSAInputError(f"seeds must be a non-empty list of distinct integers, got {seeds}")
-    if fractions is not None:
-        shares = [check_float("a fraction of the training landmarks (--fractions)", f, 0.0, 1.0, low_open=True)
-                  for f in fractions]
-        if not shares or len(set(shares)) != len(shares):
-            raise CSAInputError(f"fractions must be distinct shares of the training landmarks in (0, 1], e.g. "
-                                f"0.25 0.5 1.0; got {list(fractions)}")
-
-
-def _landmark_sizes(clusters: Sequence[int]) -> dict[int, int]:
-    """Image count of every landmark, i.e. of every cluster with more than one image (ids ascending)."""
-    ids, counts = np.unique(np.asarray(clusters), return_counts=True)
-    return {int(i): int(c) for i, c in zip(ids, counts) if c > 1}
-
-
-def landmark_folds(clusters: Sequence[int], n_folds: int = 3) -> list[set[int]]:
-    """Landmark clusters (those with more than one image) dealt into ``n_folds`` folds of similar image count.
-
-    Largest landmark first, each into the fold with the fewest images so far (ties: lowest fold).
-    """
-    landmarks = sorted(((c, i) for i, c in _landmark_sizes(clusters).items()), key=lambda t: (-t[0], t[1]))
-    if len(landmarks) < n_folds:
-        raise CSAInputError(f"only {len(landmarks)} landmarks for {n_folds} folds; use fewer folds")
-    folds: list[set[int]] = [set() for _ in range(n_folds)]
-    sizes = [0] * n_folds
-    for count, cluster in landmarks:
-        k = int(np.argmin(sizes))
-        folds[k].add(cluster)
-        sizes[k] += count
-    return folds
-
-
-def _subset_trainset(root: Path, trainset: str, keep: np.ndarray, out_root: Path, name: str,
-                     unlabel: np.ndarray | None = None) -> None:
-    """Write trainset ``name`` under ``out_root``: the rows ``keep`` of ``trainset``'s train split, with the
-    rows ``unlabel`` (if given) made clusters of their own (photos without a landmark: neighbours, never
-    training queries under ``samples='with-positives'``)."""
-    ann = load_pickle(clusters_path(root, trainset))
-    feats = load_train_features(root, trainset, FEATURE_NAME, "train")
-    clusters = np.asarray(ann["train"]["cluster"])
-    if unlabel is not None:
-        clusters = clusters.copy()
-        clusters[unlabel] = clusters.max() + 1 + np.arange(int(unlabel.sum()))
-    split = {k: [v[i] for i in np.flatnonzero(keep)] for k, v in {**ann["train"], "cluster": clusters.tolist()}.items()}
-    save_clusters(out_root, name, {"train": split, "val": ann["val"]})
-    save_train_features(out_root, name, FEATURE_NAME, feats[keep], load_train_features(root, trainset, FEATURE_NAME,
-                                                                                          "val"))
-
-
-def held_out_benchmark(root: str | os.PathLike, dataset: str, query_names: set[str] | None = None
-                       ) -> tuple[np.ndarray, np.ndarray, list[dict]]:
-    """``(queries, database, gnd)`` of ``dataset``, keeping only the queries named in ``query_names``."""
-    gt = load_gnd(root, dataset)
-    feats = load_test_features(root, dataset, FEATURE_NAME, gt)
-    keep = [i for i, n in enumerate(gt["qimlist"]) if query_names is None or n in query_names]
-    if not keep:
-        raise CSAInputError(f"no query of {dataset} is left to evaluate")
-    return feats.query[keep], feats.db, [gt["gnd"][i] for i in keep]
-
-
-def csa_gain(model: torch.nn.Module, qvecs: np.ndarray, dbvecs: np.ndarray, gnd: list[dict],
-             topk: int = TEST_TOPK, n_boot: int = 1000) -> dict[str, float]:
-    """First-stage and CSA Medium / Hard mAP, and the CSA Medium gain with its 95% paired-bootstrap interval
-    over queries (``medium_gain_low/high``) and over landmarks (``medium_gain_landmark_low/high``, with the
-    number of ``test_landmarks``)."""
-    k = min(topk, dbvecs.shape[0])
-    method = {"CSA": lambda q, d, r: rerank(model, q, d, r, topk=k, anchor_len=model.config["anchor_len"],
-                                            progress=False)}
-    table = run_comparison(qvecs, dbvecs, gnd, method, n_boot=n_boot, progress=False, groups=query_landmarks(gnd))
-    first, csa = table.iloc[0], table.iloc[1]
-    return {"queries": len(gnd), "first_medium": first["medium_map"], "csa_medium": csa["medium_map"],
-            "first_hard": first["hard_map"], "csa_hard": csa["hard_map"], "medium_gain": csa["medium_gain"],
-            "medium_gain_low": csa["medium_gain_query_low"], "medium_gain_high": csa["medium_gain_query_high"],
-            "test_landmarks": csa["landmarks"], "medium_gain_landmark_low": csa["medium_gain_low"],
-            "medium_gain_landmark_high": csa["medium_gain_high"]}
-
-
-def test_benchmarks(trainset: str) -> tuple[str, str]:
-    """The benchmarks a model trained on ``trainset`` is tested on: the other city's official queries and its
-    leave-one-out queries."""
-    test = TRAIN_TO_TEST[trainset]
-    return test, CITIES[test]["loo"]
-
-
-def _train(data_root: Path, trainset: str, out: Path, seed: int, overrides: Mapping[str, Any]) -> tuple[Any, float]:
-    config = TrainConfig.from_recipe("demo", **{**overrides, "data_root": str(data_root), "trainset": trainset,
-                                                "feature_names": [FEATURE_NAME], "output_dir": str(out),
-                                                "device": "cpu", "num_workers": 0, "progress": False,
-                                                "seed": seed})
-    start = time.perf_counter()
-    model = run_training(config)["model"].eval()
-    return model, time.perf_counter() - start
+__all__ = ["GRID", "select_recipe", "choose"]
 
 
 def select_recipe(root: str | os.PathLike, trainset: str, grid: Mapping[str, Mapping[str, Any]] = GRID,
@@ -173,7 +33,7 @@ def select_recipe(root: str | os.PathLike, trainset: str, grid: Mapping[str, Map
     """Score every setting of ``grid`` on held-out landmarks of ``trainset``'s own city (one row per fold)."""
     check_experiment(root, trainset, n_folds=n_folds, seeds=[seed])
     root = Path(root)
-    own = _TRAIN_TO_OWN[trainset]
+    own = TRAIN_TO_OWN[trainset]
     clusters = load_clusters(root, trainset, "train")
     images = load_pickle(clusters_path(root, trainset))["train"]["images"]
     rows = []
@@ -182,11 +42,11 @@ def select_recipe(root: str | os.PathLike, trainset: str, grid: Mapping[str, Map
         benchmarks = []  # per fold, written and read once for every setting: its trainset and held-out queries
         for f, fold in enumerate(folds):
             held = np.isin(clusters, list(fold))
-            _subset_trainset(root, trainset, ~held, Path(tmp), f"{trainset}-fold{f}")
+            subset_trainset(root, trainset, ~held, Path(tmp), f"{trainset}-fold{f}")
             benchmarks.append(held_out_benchmark(root, CITIES[own]["loo"], {images[i] for i in np.flatnonzero(held)}))
         jobs = [(name, f) for name in grid for f in range(n_folds)]
         for name, f in tqdm(jobs, desc=f"recipe selection on {trainset}", disable=not progress):
-            model, seconds = _train(Path(tmp), f"{trainset}-fold{f}", Path(tmp, "runs", name, str(f)), seed, grid[name])
+            model, seconds = train_demo_model(Path(tmp), f"{trainset}-fold{f}", Path(tmp, "runs", name, str(f)), seed, grid[name])
             rows.append({"trainset": trainset, "setting": name, "fold": f, "held_out_landmarks": len(folds[f]),
                          **csa_gain(model, *benchmarks[f]), "train_seconds": seconds})
     return pd.DataFrame(rows)
@@ -196,59 +56,3 @@ def choose(table: pd.DataFrame, grid: Mapping[str, Mapping[str, Any]] = GRID) ->
     """The setting with the highest mean held-out Medium gain over folds (ties: the earlier in ``grid``)."""
     means = table.groupby("setting")["medium_gain"].mean()
     return max(grid, key=lambda name: (means.get(name, -np.inf), -list(grid).index(name)))
-
-
-def _train_and_test(root: Path, trainset: str, data_root: Path, name: str, out: Path, seed: int,
-                    overrides: Mapping[str, Any], columns: Mapping[str, Any]) -> list[dict]:
-    """Train on trainset ``name`` of ``data_root`` (a copy of ``trainset`` or itself); one row per benchmark of
-    the test city (the official queries and the leave-one-out queries) with its CSA gains, after ``columns``."""
-    model, seconds = _train(data_root, name, out, seed, overrides)
-    return [{"trainset": trainset, **columns, "benchmark": benchmark,
-             **csa_gain(model, *held_out_benchmark(root, benchmark)), "train_seconds": seconds}
-            for benchmark in test_benchmarks(trainset)]
-
-
-def seed_sweep(root: str | os.PathLike, trainset: str, overrides: Mapping[str, Any], seeds: Sequence[int] = (0, 1, 2),
-               progress: bool = True) -> pd.DataFrame:
-    """Train with each seed on the whole trainset; CSA gains on the test city (official and leave-one-out)."""
-    check_experiment(root, trainset, seeds=seeds)
-    root = Path(root)
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="csa-seeds-") as tmp:
-        for seed in tqdm(seeds, desc=f"seeds on {trainset}", disable=not progress):
-            rows += _train_and_test(root, trainset, root, trainset, Path(tmp, str(seed)), seed, overrides,
-                                    {"seed": seed})
-    return pd.DataFrame(rows)
-
-
-def learning_curve(root: str | os.PathLike, trainset: str, overrides: Mapping[str, Any],
-                   fractions: Sequence[float] = (0.25, 0.5, 1.0), seeds: Sequence[int] = (0,),
-                   progress: bool = True) -> pd.DataFrame:
-    """Train on a growing share of the training city's landmarks (whole landmarks, drawn at random per seed)
-    and measure the CSA gains on the test city.  The photos of the landmarks left out stay in the trainset
-    without their label (neighbours and distractors, as the photos without a landmark), so only the
-    supervision grows along the curve, not the pool of images."""
-    check_experiment(root, trainset, seeds=seeds, fractions=fractions)
-    root = Path(root)
-    clusters = load_clusters(root, trainset, "train")
-    sizes = _landmark_sizes(clusters)
-    landmarks = list(sizes)
-    total = sum(sizes.values())
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="csa-curve-") as tmp:
-        jobs = [(fr, s) for fr in fractions for s in seeds]
-        for fraction, seed in tqdm(jobs, desc=f"learning curve on {trainset}", disable=not progress):
-            order = np.random.default_rng(seed).permutation(landmarks)
-            chosen, count = [], 0
-            for lm in order:
-                if count >= fraction * total - 1e-9:
-                    break
-                chosen.append(int(lm))
-                count += sizes[int(lm)]
-            unlabel = np.isin(clusters, landmarks) & ~np.isin(clusters, chosen)
-            name = f"{trainset}-{int(round(100 * fraction))}pct-s{seed}"
-            _subset_trainset(root, trainset, np.ones(len(clusters), dtype=bool), Path(tmp), name, unlabel=unlabel)
-            rows += _train_and_test(root, trainset, Path(tmp), name, Path(tmp, "runs", name), seed, overrides,
-                                    {"fraction": fraction, "seed": seed, "landmarks": len(chosen),
-                                     "landmark_images": count})
-    return pd.DataFrame(rows)
