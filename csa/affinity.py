@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from csa.search import rerank_depth
-from csa.validation import CSAInputError, as_tensor, check_descriptors, check_ranks, check_topk
+from csa.arrays import as_tensor
+from csa.validation import CSAInputError, check_descriptors, check_ranks, check_topk
 
 __all__ = ["query_affinity", "indexed_affinity", "iter_affinity", "build_affinity"]
 
@@ -74,11 +75,17 @@ def iter_affinity(qvecs: Any, dbvecs: Any, ranks: Any, topk: int, anchor_len: in
         raise CSAInputError(f"batch_size must be >= 1, got {batch_size}")
     as_numpy = isinstance(qvecs, np.ndarray)
     q, db, r = _checked_inputs(qvecs, dbvecs, ranks, topk, anchor_len, normalize)
-    r = r.to(db.device)
+    for sl, aff in _iter_affinity(q, db, r, topk, anchor_len, batch_size):
+        yield sl, (aff.numpy() if as_numpy else aff)
+
+
+def _iter_affinity(q: torch.Tensor, db: torch.Tensor, ranks: torch.Tensor, topk: int, anchor_len: int,
+                   batch_size: int) -> Iterator[tuple[slice, torch.Tensor]]:
+    """:func:`iter_affinity` on checked float tensors and the top max(K, L-1) rows of the ranking (int64)."""
+    r = ranks.to(db.device)
     for s in range(0, q.shape[0], batch_size):
         sl = slice(s, min(s + batch_size, q.shape[0]))
-        aff = query_affinity(q[sl].to(db.device), db, r[:, sl].T, topk, anchor_len)
-        yield sl, (aff.numpy() if as_numpy else aff)
+        yield sl, query_affinity(q[sl].to(db.device), db, r[:, sl].T, topk, anchor_len)
 
 
 def build_affinity(qvecs: Any, dbvecs: Any, ranks: Any, topk: int, anchor_len: int, batch_size: int = 64,

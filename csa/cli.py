@@ -30,62 +30,38 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                         "chunk by chunk (csa.largescale), never loaded whole")
 
 
-def _load_eval_inputs(args: argparse.Namespace):
-    from csa.data.layout import load_gnd, load_test_features
+def _load_benchmark(args: argparse.Namespace):
+    from csa.data.benchmark import Benchmark
 
-    gt = load_gnd(args.data_root, args.dataset)
-    feats = load_test_features(args.data_root, args.dataset, args.features, gnd=gt)
-    qvecs, dbvecs = feats.query, feats.db
-    if args.r1m is not None:
-        from csa.data.r1m import append_distractors
-
-        dbvecs = append_distractors(dbvecs, args.r1m, dtype="float32")  # a view: rows read on demand
-    return qvecs, dbvecs, gt["gnd"]
+    return Benchmark.load(args.data_root, args.dataset, args.features, r1m=args.r1m)
 
 
 def _cmd_rerank(args: argparse.Namespace) -> int:
-    from functools import partial
-
     from csa.checkpoint import load_model
-    from csa.device import resolve_device, resolve_precision
-    from csa.evaluate import evaluate_revisited, format_revisited
-    from csa.rerank import rerank
+    from csa.device import resolve_device
+    from csa.evaluate import format_revisited
+    from csa.search import rerank_depth
 
     if args.output is not None:  # before any work: a bad location fails now, not after the re-ranking
         from csa.fileio import check_output_file
 
         check_output_file(args.output, "--output")
     device = resolve_device(args.device)
-    resolve_precision(args.precision, device)
     overrides = {key: value for key, value in (("anchor_len", args.anchor_len), ("num_heads", args.num_heads))
                  if value is not None}
     model = load_model(args.checkpoint, device=device, **overrides)
-    qvecs, dbvecs, gnd = _load_eval_inputs(args)
-    anchor_len = model.config["anchor_len"]
-    run = partial(rerank, model, topk=args.topk, anchor_len=anchor_len, batch_size=args.batch_size, device=device,
-                  precision=args.precision)
-    if args.r1m is None:
-        from csa.search import first_stage
-
-        ranks = first_stage(qvecs, dbvecs)
-        print(format_revisited(args.dataset, evaluate_revisited(ranks, gnd, n_db=len(dbvecs)), method="first stage"))
-        start = time.perf_counter()
-        reranked = run(qvecs, dbvecs, ranks)
-        elapsed = time.perf_counter() - start
-        results = evaluate_revisited(reranked, gnd, n_db=len(dbvecs))
-    else:  # +R1M: a streamed first stage, re-ranking from the rows of the short lists only
-        from csa.largescale import first_stage_large, rerank_large
-        from csa.search import rerank_depth
-
-        shortlist = first_stage_large(qvecs, dbvecs, gnd, depth=rerank_depth(args.topk, anchor_len))
-        print(format_revisited(args.dataset, shortlist.evaluate(), method="first stage"))
-        start = time.perf_counter()
-        reranked = rerank_large(partial(run, progress=False), qvecs, dbvecs, shortlist.ranks,
-                                batch_size=args.batch_size)
-        elapsed = time.perf_counter() - start
-        results = shortlist.evaluate(reranked)
+    bench = _load_benchmark(args)
+    # in memory the whole ranking; with --r1m a streamed first stage and re-ranking from the short lists' rows
+    first = bench.first_stage(depth=rerank_depth(args.topk, model.config["anchor_len"]), progress=True)
+    print(format_revisited(args.dataset, first.evaluate(), method="first stage"))
+    start = time.perf_counter()
+    reranked = bench.rerank_csa(model, first, args.topk, batch_size=args.batch_size, device=device,
+                                precision=args.precision)
+    elapsed = time.perf_counter() - start
+    results = first.evaluate(reranked)
     print(format_revisited(args.dataset, results, method=f"CSA top-{args.topk}"))
-    print(f">> re-ranking took {elapsed:.2f} s ({1000 * elapsed / len(qvecs):.1f} ms per query, {device}, {args.precision})")
+    print(f">> re-ranking took {elapsed:.2f} s ({1000 * elapsed / bench.n_queries:.1f} ms per query, {device}, "
+          f"{args.precision})")
     if args.output is not None:
         from csa.fileio import atomic_write
 
@@ -118,21 +94,11 @@ def _load_ranks(path: Path) -> np.ndarray:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from csa.evaluate import evaluate_revisited, format_revisited
-    from csa.search import first_stage
+    from csa.evaluate import format_revisited
 
     ranks = _load_ranks(args.ranks) if args.ranks is not None else None
-    qvecs, dbvecs, gnd = _load_eval_inputs(args)
-    method = "first stage" if ranks is None else str(args.ranks)
-    if args.r1m is None or (ranks is not None and ranks.shape[0] == dbvecs.shape[0]):
-        results = evaluate_revisited(first_stage(qvecs, dbvecs) if ranks is None else ranks, gnd,
-                                     n_db=len(dbvecs))
-    else:  # +R1M: the first stage streamed; saved ranks are the re-ordered top of its lists
-        from csa.largescale import first_stage_large
-
-        shortlist = first_stage_large(qvecs, dbvecs, gnd, depth=1 if ranks is None else ranks.shape[0])
-        results = shortlist.evaluate(ranks)
-    print(format_revisited(args.dataset, results, method=method))
+    results = _load_benchmark(args).evaluate(ranks, progress=True)  # with --r1m: saved ranks may be the re-ordered top rows
+    print(format_revisited(args.dataset, results, method="first stage" if ranks is None else str(args.ranks)))
     return 0
 
 

@@ -23,7 +23,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from csa.validation import CSAInputError, as_numpy, check_gnd, check_kappas, check_ranks
+from csa.arrays import as_numpy
+from csa.validation import CSAInputError, check_gnd, check_kappas, check_ranks
 
 __all__ = ["compute_ap", "compute_map", "protocol_gnd", "evaluate_revisited", "format_revisited",
            "print_revisited", "query_scores", "protocol_summary", "random_ranking_map", "PROTOCOLS",

@@ -29,7 +29,7 @@ pass compares it with, so an image never competes with a re-rounded copy of itse
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -37,7 +37,8 @@ from tqdm import tqdm
 
 from csa.evaluate import PROTOCOLS, protocol_gnd, protocol_summary, query_scores
 from csa.search import merge_topk, stable_topk
-from csa.validation import CSAInputError, as_cpu_tensor, as_numpy, as_tensor, check_gnd, check_int, check_kappas
+from csa.arrays import as_cpu_tensor, as_numpy, as_tensor
+from csa.validation import CSAInputError, check_gnd, check_int, check_kappas
 
 __all__ = ["ShortList", "evaluate_large", "first_stage_large", "gather_rows", "iter_chunk_scores", "rank_positions",
            "rerank_large", "topk_and_positions"]
@@ -122,9 +123,7 @@ def iter_chunk_scores(qvecs: Any, db: Any, chunk_size: int = 8192,
     float32 (N, Q) tensor) each chunk is written into ``out[start:stop]`` and that view is yielded.
     """
     q = _as_query_tensor(qvecs)
-    if int(chunk_size) < 1:
-        raise CSAInputError(f"chunk_size must be >= 1 row, got {chunk_size}")
-    n, read = _db_reader(db, q.shape[1], int(chunk_size))
+    n, read = _db_reader(db, q.shape[1], _check_chunk_size(chunk_size))
     if out is not None and (tuple(out.shape) != (n, q.shape[0]) or out.dtype != torch.float32
                             or not out.is_contiguous()):
         raise CSAInputError(f"out must be a contiguous float32 tensor of shape ({n}, {q.shape[0]}), got "
@@ -155,31 +154,69 @@ def topk_and_positions(qvecs: Any, db: Any, targets: Sequence[Sequence[int]], to
     (descending score, ties by lower index), found without sorting the database.
     """
     q = _as_query_tensor(qvecs)
-    if int(chunk_size) < 1:
-        raise CSAInputError(f"chunk_size must be >= 1 row, got {chunk_size}")
-    n, read = _db_reader(db, q.shape[1], int(chunk_size))
-    nq = q.shape[0]
-    if len(targets) != nq:
-        raise CSAInputError(f"targets has {len(targets)} entries but there are {nq} queries")
+    chunk = _check_chunk_size(chunk_size)
+    n, read = _db_reader(db, q.shape[1], chunk)
+    if len(targets) != q.shape[0]:
+        raise CSAInputError(f"targets has {len(targets)} entries but there are {q.shape[0]} queries")
     if int(topk) < 1:
         raise CSAInputError(f"topk must be >= 1, got {topk}")
-    k, chunk = min(int(topk), n), int(chunk_size)
+    return _topk_and_positions(q, n, read, targets, min(int(topk), n), chunk, progress)
 
+
+def _check_chunk_size(chunk_size: int) -> int:
+    if int(chunk_size) < 1:
+        raise CSAInputError(f"chunk_size must be >= 1 row, got {chunk_size}")
+    return int(chunk_size)
+
+
+def _topk_and_positions(q: torch.Tensor, n: int, read: Callable[[int, int], torch.Tensor],
+                        targets: Sequence[Sequence[int]], k: int, chunk: int,
+                        progress: bool) -> tuple[np.ndarray, list[np.ndarray]]:
+    """:func:`topk_and_positions` on checked queries, a database reader of ``n`` rows and ``k <= n``.
+
+    Pass 1 scores the targets (:func:`_target_table`); pass 2 streams the database once, keeping the
+    running top-k and counting, per target, the rows ranked above it (:func:`_stream_database`).
+    """
+    uniq = _unique_targets(targets, n)
+    table = _target_table(read, q, uniq, n, chunk)
+    top_idx, higher, tied_before = _stream_database(read, q, n, k, chunk, table, progress)
+    pos_sorted = higher + tied_before[:, :table.m]
+    pos = torch.empty_like(pos_sorted).scatter_(1, table.perm, pos_sorted)
+    return _positions_of_targets(top_idx.numpy(), pos, targets, uniq, k)
+
+
+def _unique_targets(targets: Sequence[Sequence[int]], n: int) -> list[np.ndarray]:
+    """Each query's distinct target indices, ascending, checked against the database size ``n``."""
     uniq = [np.unique(np.asarray(t, dtype=np.int64)) for t in targets]
     for qi, u in enumerate(uniq):
         if u.size and (u[0] < 0 or u[-1] >= n):
             raise CSAInputError(f"targets of query {qi} hold indices outside [0, {n - 1}]; does the ground "
                                 f"truth belong to this database (were distractors prepended instead of appended)?")
+    return uniq
+
+
+class _TargetTable(NamedTuple):
+    """Every query's target scores sorted ascending (``tpad``: padded with +inf to a power-of-two width),
+    their database indices in that order (``sorted_idx``, padded with ``n``), the sorting permutation
+    ``perm`` and the widest target count ``m``."""
+
+    tpad: torch.Tensor
+    sorted_idx: torch.Tensor
+    perm: torch.Tensor
+    m: int
+
+
+def _target_table(read: Callable[[int, int], torch.Tensor], q: torch.Tensor, uniq: list[np.ndarray], n: int,
+                  chunk: int) -> _TargetTable:
+    """Pass 1: the target scores, from the very chunk products the counting pass recomputes."""
+    nq = q.shape[0]
     m = max([u.size for u in uniq] + [1])
     tidx = torch.full((nq, m), -1, dtype=torch.int64)
     for qi, u in enumerate(uniq):
         tidx[qi, :u.size] = torch.from_numpy(u)
     valid = tidx >= 0
-
-    # Pass 1: the target scores, from the very chunk products the counting pass recomputes.
     tscore = torch.full((nq, m), float("inf"), dtype=torch.float32)
-    starts = sorted({int(i) // chunk * chunk for u in uniq for i in u})
-    for start in starts:
+    for start in sorted({int(i) // chunk * chunk for u in uniq for i in u}):
         stop = min(start + chunk, n)
         s = _chunk_scores(read, q, start, stop)
         inside = valid & (tidx >= start) & (tidx < stop)
@@ -191,8 +228,14 @@ def topk_and_positions(qvecs: Any, db: Any, targets: Sequence[Sequence[int]], to
     tpad[:, :m] = tsorted
     sorted_idx = torch.full((nq, width), n, dtype=torch.int64)  # sentinel index: never 'lower'
     sorted_idx[:, :m] = tidx.gather(1, perm)
+    return _TargetTable(tpad, sorted_idx, perm, m)
 
-    # Pass 2: stream the database; running top-k and, per target, #higher and #tied-with-lower-index.
+
+def _stream_database(read: Callable[[int, int], torch.Tensor], q: torch.Tensor, n: int, k: int, chunk: int,
+                     table: _TargetTable, progress: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pass 2: one streaming pass; returns the running top-k indices (k, Q) and, per sorted target, the
+    number of rows scoring higher and of rows tied with it at a lower index."""
+    nq, width = q.shape[0], table.tpad.shape[1]
     below_hist = torch.zeros((nq, width), dtype=torch.int64)
     tied_before = torch.zeros((nq, width), dtype=torch.int64)
     top_vals = torch.empty((0, nq), dtype=torch.float32)
@@ -207,31 +250,38 @@ def topk_and_positions(qvecs: Any, db: Any, targets: Sequence[Sequence[int]], to
         if take:
             cv, ci = stable_topk(s, take, dim=0)
             top_vals, top_idx = merge_topk(top_vals, top_idx, cv, ci + start, k)
-
-        st = s.t().contiguous()                                      # (Q, c)
-        left = _count_below(tpad, st)                                # targets strictly below each score
-        below_hist.scatter_add_(1, left, torch.ones_like(left))
-        qq, jj = torch.nonzero(tpad.gather(1, left) == st, as_tuple=True)  # scores equal to a target's
-        if qq.numel():
-            kk, jglob = left[qq, jj], jj + start
-            while qq.numel():  # walk each run of equal target scores upwards
-                use = jglob < sorted_idx[qq, kk]
-                tied_before.index_put_((qq[use], kk[use]), torch.ones(int(use.sum()), dtype=torch.int64),
-                                       accumulate=True)
-                kk = kk + 1
-                more = tpad[qq, kk] == st[qq, jj]
-                qq, jj, kk, jglob = qq[more], jj[more], kk[more], jglob[more]
-
+        _count_chunk(s.t().contiguous(), start, table, below_hist, tied_before)
     # #scores above target k = #rows whose 'left' exceeds k.
-    higher = below_hist.flip(1).cumsum(1).flip(1)[:, 1:m + 1]
-    pos_sorted = higher + tied_before[:, :m]
-    pos = torch.empty_like(pos_sorted).scatter_(1, perm, pos_sorted)
+    higher = below_hist.flip(1).cumsum(1).flip(1)[:, 1:table.m + 1]
+    return top_idx, higher, tied_before
 
-    top_np = top_idx.numpy()
+
+def _count_chunk(st: torch.Tensor, start: int, table: _TargetTable, below_hist: torch.Tensor,
+                 tied_before: torch.Tensor) -> None:
+    """Add one chunk's scores ``st`` (Q, c) to the counts: a histogram of how many targets lie strictly below
+    each score, and for scores equal to a target's, whether their row index is lower than the target's."""
+    tpad, sorted_idx = table.tpad, table.sorted_idx
+    left = _count_below(tpad, st)                                # targets strictly below each score
+    below_hist.scatter_add_(1, left, torch.ones_like(left))
+    qq, jj = torch.nonzero(tpad.gather(1, left) == st, as_tuple=True)  # scores equal to a target's
+    if not qq.numel():
+        return
+    kk, jglob = left[qq, jj], jj + start
+    while qq.numel():  # walk each run of equal target scores upwards
+        use = jglob < sorted_idx[qq, kk]
+        tied_before.index_put_((qq[use], kk[use]), torch.ones(int(use.sum()), dtype=torch.int64), accumulate=True)
+        kk = kk + 1
+        more = tpad[qq, kk] == st[qq, jj]
+        qq, jj, kk, jglob = qq[more], jj[more], kk[more], jglob[more]
+
+
+def _positions_of_targets(top_np: np.ndarray, pos: torch.Tensor, targets: Sequence[Sequence[int]],
+                          uniq: list[np.ndarray], k: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The top-k lists and each query's target positions in the order of ``targets`` (duplicates repeated),
+    after a self-check: a target inside the top-k must be listed exactly at its counted position."""
     positions = []
     for qi, (t, u) in enumerate(zip(targets, uniq)):
         pu = pos[qi, :u.size].numpy()
-        # Self-check: a target inside the top-k must be listed exactly at its counted position.
         inside = pu < k
         if not np.array_equal(top_np[pu[inside], qi], u[inside]):
             raise RuntimeError("top-k list and counted positions disagree: the chunk products were not "
@@ -342,11 +392,15 @@ def first_stage_large(qvecs: Any, db: Any, gnd: Any, depth: int = 1024, chunk_si
     scale); ``gnd`` the raw revisitop ground truth. Memory beyond the descriptors: one chunk of
     ``chunk_size`` rows in float32 plus ``O(Q * (depth + positives))``.
     """
-    nq = _as_query_tensor(qvecs).shape[0]
-    gnd = _raw_gnd(gnd, nq)
+    q = _as_query_tensor(qvecs)
+    gnd = _raw_gnd(gnd, q.shape[0])
     targets = [np.unique(np.concatenate([np.asarray(g[key], dtype=np.int64).ravel()
                                          for key in ("easy", "hard", "junk")])) for g in gnd]
-    ranks, positions = topk_and_positions(qvecs, db, targets, topk=depth, chunk_size=chunk_size, progress=progress)
+    chunk = _check_chunk_size(chunk_size)
+    n, read = _db_reader(db, q.shape[1], chunk)
+    if int(depth) < 1:
+        raise CSAInputError(f"topk must be >= 1, got {depth}")
+    ranks, positions = _topk_and_positions(q, n, read, targets, min(int(depth), n), chunk, progress)
     return ShortList(ranks=ranks, targets=targets, positions=positions, gnd=gnd)
 
 

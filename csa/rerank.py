@@ -14,7 +14,7 @@ CUDA device that supports it, fp32 otherwise, e.g. on the CPU where bf16 is usua
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -25,9 +25,10 @@ from csa.affinity import query_affinity
 from csa.device import resolve_device, resolve_precision
 from csa.model import unwrap
 from csa.search import rerank_depth, resort_topk
-from csa.validation import CSAInputError, as_tensor, check_descriptors, check_int, check_ranks, check_topk
+from csa.arrays import as_tensor
+from csa.validation import CSAInputError, check_descriptors, check_int, check_ranks, check_topk
 
-__all__ = ["rerank", "rerank_scores"]
+__all__ = ["rerank", "rerank_scores", "check_rerank_settings", "RerankRun"]
 
 
 def rerank_scores(model: nn.Module, qvecs: Any, dbvecs: Any, ranks: Any, topk: int = 1024,
@@ -37,8 +38,10 @@ def rerank_scores(model: nn.Module, qvecs: Any, dbvecs: Any, ranks: Any, topk: i
 
     Same kind as ``ranks`` (numpy in -> numpy out; torch -> torch on ``ranks``' device).
     """
-    scores = _score_topk(model, qvecs, dbvecs, ranks, topk, anchor_len, batch_size, device, precision, progress,
-                         normalize)
+    qvecs, dbvecs = check_descriptors(qvecs, dbvecs, normalize=normalize)
+    run = check_rerank_settings(model, qvecs.shape[0], dbvecs.shape[0], ranks, topk, anchor_len, batch_size, device,
+                                precision)
+    scores = _score_topk(model, qvecs, dbvecs, ranks, topk, anchor_len, run, progress)
     return scores.cpu().numpy() if isinstance(ranks, np.ndarray) else scores.to(ranks.device)
 
 
@@ -53,20 +56,27 @@ def rerank(model: nn.Module, qvecs: Any, dbvecs: Any, ranks: Any, topk: int = 10
     :func:`csa.search.first_stage` ``topk`` is instead the length of the first-stage lists).
     ``anchor_len`` must equal the model's.  ``device`` defaults to the model's device.
     """
-    scores = _score_topk(model, qvecs, dbvecs, ranks, topk, anchor_len, batch_size, device, precision, progress,
-                         normalize)
-    return resort_topk(ranks, scores, topk)
-
-
-@torch.inference_mode()
-def _score_topk(model, qvecs, dbvecs, ranks, topk, anchor_len, batch_size, device, precision, progress,
-                normalize) -> torch.Tensor:
-    """Checked inputs -> scores (Q, K) float32 on the compute device."""
     qvecs, dbvecs = check_descriptors(qvecs, dbvecs, normalize=normalize)
-    n_db, n_q = dbvecs.shape[0], qvecs.shape[0]
+    run = check_rerank_settings(model, qvecs.shape[0], dbvecs.shape[0], ranks, topk, anchor_len, batch_size, device,
+                                precision)
+    return _rerank(model, qvecs, dbvecs, ranks, topk, anchor_len, run, progress)
+
+
+class RerankRun(NamedTuple):
+    """Checked settings of a re-ranking: queries per batch, the compute device and the autocast dtype
+    (None: float32), resolved once."""
+
+    batch_size: int
+    device: torch.device
+    amp_dtype: torch.dtype | None
+
+
+def check_rerank_settings(model: nn.Module, n_q: int, n_db: int, ranks: Any, topk: int, anchor_len: int,
+                          batch_size: int, device: str | torch.device | None, precision: str) -> RerankRun:
+    """Check everything but the descriptors (K, L against the model, the ranking's used rows, the batch size,
+    device and precision) for ``n_q`` queries over ``n_db`` images; resolve device and precision once."""
     check_topk(topk, anchor_len, n_db)
-    net = unwrap(model)
-    model_len = int(net.anchor_len)
+    model_len = int(unwrap(model).anchor_len)
     if anchor_len != model_len:
         raise CSAInputError(f"anchor_len={anchor_len} but the model was built for anchor_len={model_len}; "
                             f"pass anchor_len={model_len} (L is fixed by the trained weights)")
@@ -81,7 +91,22 @@ def _score_topk(model, qvecs, dbvecs, ranks, topk, anchor_len, batch_size, devic
     amp_dtype = resolve_precision(precision, dev)
     if model_device != dev:
         raise CSAInputError(f"the model is on {model_device} but device={dev}; move it with model.to({str(dev)!r})")
+    return RerankRun(batch_size, dev, amp_dtype)
 
+
+def _rerank(model: nn.Module, qvecs: Any, dbvecs: Any, ranks: Any, topk: int, anchor_len: int, run: RerankRun,
+            progress: bool = True) -> Any:
+    """:func:`rerank` on checked descriptors and settings (the kernel the package's callers use)."""
+    return resort_topk(ranks, _score_topk(model, qvecs, dbvecs, ranks, topk, anchor_len, run, progress), topk)
+
+
+@torch.inference_mode()
+def _score_topk(model: nn.Module, qvecs: Any, dbvecs: Any, ranks: Any, topk: int, anchor_len: int, run: RerankRun,
+                progress: bool) -> torch.Tensor:
+    """Checked inputs -> scores (Q, K) float32 on the compute device."""
+    net = unwrap(model)
+    n_q, dev, amp_dtype, batch_size = qvecs.shape[0], run.device, run.amp_dtype, run.batch_size
+    m = rerank_depth(topk, anchor_len)
     r = as_tensor(ranks).long()
     # Only database rows used as tokens/anchors go to the device; neighbours are re-indexed into them.
     used, local = torch.unique(r[:m].to(dev), return_inverse=True)      # local: (M, Q)

@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from csa.validation import CSAInputError, as_tensor, check_descriptors, same_kind
+from csa.arrays import as_tensor, same_kind
+from csa.validation import CSAInputError, check_descriptors
 
 __all__ = ["first_stage", "rerank_depth", "stable_topk", "merge_topk", "resort_topk"]
 
@@ -91,24 +92,29 @@ def first_stage(qvecs: Any, dbvecs: Any, topk: int | None = None, chunk_size: in
     O((topk + chunk_size) * Q) whatever N is.  ``normalize`` is passed to
     :func:`csa.validation.check_descriptors`.
     """
-    as_numpy = isinstance(qvecs, np.ndarray)
     qvecs, dbvecs = check_descriptors(qvecs, dbvecs, normalize=normalize)
-    q, db = as_tensor(qvecs), as_tensor(dbvecs)
-    out_device = q.device
-    n_db = db.shape[0]
+    n_db = dbvecs.shape[0]
     if chunk_size < 1:
         raise CSAInputError(f"chunk_size must be >= 1, got {chunk_size}")
     if topk is not None and (isinstance(topk, bool) or not isinstance(topk, (int, np.integer)) or topk < 1):
         raise CSAInputError(f"topk must be a positive integer or None, got {topk!r}")
     if topk is not None and topk > n_db:
         raise CSAInputError(f"topk={topk} is larger than the database ({n_db} images); use topk <= {n_db} or None")
+    return _first_stage(qvecs, dbvecs, topk, chunk_size, device)
+
+
+def _first_stage(qvecs: Any, dbvecs: Any, topk: int | None = None, chunk_size: int = 65536,
+                 device: str | torch.device | None = None) -> Any:
+    """:func:`first_stage` on checked descriptors and arguments (the kernel the package's callers use)."""
+    q, db = as_tensor(qvecs), as_tensor(dbvecs)
+    out_device = q.device
     dev = torch.device(device) if device is not None else q.device
     q = q.to(dev, torch.float32)
-    if topk is None or topk == n_db:
+    if topk is None or topk == db.shape[0]:
         ranks = _full_ranking(q, db, dev, chunk_size)
     else:
         ranks = _topk_ranking(q, db, dev, int(topk), chunk_size)
-    return ranks.cpu().numpy() if as_numpy else ranks.to(out_device)
+    return ranks.cpu().numpy() if isinstance(qvecs, np.ndarray) else ranks.to(out_device)
 
 
 def _full_ranking(q: torch.Tensor, db: torch.Tensor, dev: torch.device, chunk_size: int) -> torch.Tensor:

@@ -1,31 +1,26 @@
-"""Input checks and conversions shared by the whole package.
+"""Input checks shared by the whole package.
 
 Every check raises :class:`CSAInputError` (a ``ValueError``) with one message that names the problem
-and says how to fix it.  Checks run once, at the public boundary: a function that has already checked
-its descriptors calls the rest of the package inside :func:`descriptors_checked`, which skips the
-repeated full pass over the database (the shape and dtype checks still run).
+and says how to fix it.  Checks run once, at the public boundary: a public function checks its inputs
+and hands them to a private kernel, and the package's own callers call those kernels with values they
+have already checked.  Conversions between numpy and torch live in :mod:`csa.arrays`.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
 import warnings
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
+from csa.arrays import as_numpy
+
 __all__ = [
     "CSAError",
     "CSAInputError",
-    "as_tensor",
-    "as_cpu_tensor",
-    "as_numpy",
-    "same_kind",
     "check_int",
     "check_float",
-    "descriptors_checked",
     "gnd_list",
     "check_descriptors",
     "check_ranks",
@@ -53,41 +48,6 @@ def _shape(x: Any) -> tuple[int, ...]:
     return tuple(x.shape)
 
 
-def as_tensor(x: Any) -> torch.Tensor:
-    """A torch view of ``x`` (numpy arrays are shared without copy when contiguous); tensors pass through."""
-    if isinstance(x, torch.Tensor):
-        return x
-    return torch.from_numpy(np.ascontiguousarray(x))
-
-
-def as_cpu_tensor(x: Any) -> torch.Tensor:
-    """``x`` (numpy array, memory map or tensor) as a CPU tensor of its own dtype, sharing memory when it can
-    (arrays with negative strides, which torch cannot view, are copied).  Read-only memory maps are shared
-    too (they are only read), without torch's warning about them."""
-    if isinstance(x, torch.Tensor):
-        return x.detach().cpu()
-    a = np.asarray(x)
-    if any(step < 0 for step in a.strides):
-        a = np.ascontiguousarray(a)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(a)
-
-
-def as_numpy(x: Any) -> np.ndarray:
-    """``x`` (tensor on any device, numpy array or nested list) as a numpy array; arrays pass through."""
-    if isinstance(x, torch.Tensor):
-        return x.detach().cpu().numpy()
-    return np.asarray(x)
-
-
-def same_kind(values: Any, like: Any) -> Any:
-    """``values`` (numpy or torch) as the kind, dtype and device of ``like`` (numpy in -> numpy out)."""
-    if isinstance(like, torch.Tensor):
-        return as_tensor(values).to(device=like.device, dtype=like.dtype)
-    return np.ascontiguousarray(as_numpy(values)).astype(like.dtype, copy=False)
-
-
 def check_int(name: str, value: Any, low: int, high: int | None = None, hint: str = "") -> int:
     """``value`` as an int in [low, high]; booleans and non-integers are refused."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
@@ -113,19 +73,6 @@ def check_float(name: str, value: Any, low: float, high: float | None = None,
     if high is not None and (value > high or (high_open and value == high)):
         raise CSAInputError(f"{name} must be {'<' if high_open else '<='} {high}, got {value}")
     return value
-
-
-_DESCRIPTORS_CHECKED: contextvars.ContextVar[bool] = contextvars.ContextVar("csa_descriptors_checked", default=False)
-
-
-@contextlib.contextmanager
-def descriptors_checked() -> Iterator[None]:
-    """Inside this block :func:`check_descriptors` trusts values and norms (checked once by the caller)."""
-    token = _DESCRIPTORS_CHECKED.set(True)
-    try:
-        yield
-    finally:
-        _DESCRIPTORS_CHECKED.reset(token)
 
 
 def _as_float_tensor(x: Any, name: str) -> torch.Tensor:
@@ -181,8 +128,6 @@ def check_descriptors(qvecs: Any, dbvecs: Any, normalize: str = "warn") -> tuple
         raise CSAInputError(f"descriptor dimensions differ: qvecs has D={tensors[0].shape[1]}, dbvecs has "
                             f"D={tensors[1].shape[1]}; both must come from the same network (rows are images: "
                             f"transpose D x N arrays with .T)")
-    if _DESCRIPTORS_CHECKED.get():
-        return qvecs, dbvecs
     return (check_rows(qvecs, "qvecs", normalize, _tensor=tensors[0]),
             check_rows(dbvecs, "dbvecs", normalize, _tensor=tensors[1]))
 

@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("the paper's parts",
      ("csa.model", "csa.cpu_kernels", "csa.losses", "csa.affinity", "csa.search", "csa.evaluate", "csa.stats")),
     ("inputs, files, devices",
-     ("csa.validation", "csa.fileio", "csa.device")),
+     ("csa.validation", "csa.arrays", "csa.fileio", "csa.device")),
 ]
 WINGS = LAYERS[1][1]
 

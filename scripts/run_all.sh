@@ -13,7 +13,7 @@ mkdir -p "$OUT"
 PARTIAL=$(mktemp -d)            # a notebook lands in book/ only once it has run to the end
 trap 'rm -rf "$PARTIAL"' EXIT
 export PYTHONUNBUFFERED=1
-for nb in 01_data_preparation 02_training 00_inference_in_a_few_lines 03_reranking 04_qualitative_top10 05_comparison 06_ablation 07_recipe_selection 08_paper_table; do
+for nb in 01_data_preparation 02_training 00_inference_in_a_few_lines 03_reranking 04_qualitative_top10 05_comparison 06_ablation 07_recipe_selection 08_paper_table 09_what_csa_computes 11_worked_example; do
     echo ">> executing notebooks/$nb.ipynb"
     start=$(date +%s)
     # papermill runs with notebooks/ as the working directory, so relative paths inside the notebooks

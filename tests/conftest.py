@@ -82,6 +82,10 @@ def _tiny_parameters(ex: ExecutedNotebooks) -> dict[str, dict]:
         "08_paper_table": {"data_root": data, "n_boot": 200},
         "06_ablation": {"checkpoints": ckpts, "topk_grid": "16,32", "anchor_grid": "16", "n_boot": 100,
                         "out_dir": str(ex.ablation), "notebook": str(REPO_ROOT / "notebooks" / "03_reranking.ipynb")},
+        "09_what_csa_computes": {"data_root": data, "checkpoints": ckpts, "topk": 32, "n_boot": 200,
+                                 "example": "roxford5k-mini"},
+        "11_worked_example": {"data_root": data, "topk": 16,
+                              "checkpoint": str(runs / "roxford5k-mini-train" / "checkpoint.pth")},
     }
 
 
@@ -96,7 +100,8 @@ def executed_notebooks(tmp_path_factory, demo_features) -> ExecutedNotebooks:
     for name, params in _tiny_parameters(ex).items():
         source = REPO_ROOT / "notebooks" / f"{name}.ipynb"
         target = ex.out / f"{name}.ipynb"
-        if name not in ("00_inference_in_a_few_lines", "06_ablation", "07_recipe_selection", "08_paper_table"):
+        if name not in ("00_inference_in_a_few_lines", "06_ablation", "07_recipe_selection", "08_paper_table",
+                        "11_worked_example"):
             params = {**params, "results_csv": str(ex.root / f"{name}.csv")}
             ex.csv[name] = ex.root / f"{name}.csv"
         pm.execute_notebook(str(source), str(target), parameters=params, kernel_name="python3",

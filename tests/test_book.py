@@ -77,6 +77,7 @@ def test_toc_chapters_exist_and_notebook_pages_are_planned():
     missing = [f for f in prose if not (BOOK / f"{f}.md").is_file()]
     assert not missing, f"toc lists prose pages that do not exist: {missing}"
     assert [f for f in files if f.startswith("notebooks/")] == [
+        "notebooks/09_what_csa_computes", "notebooks/11_worked_example",
         "notebooks/00_inference_in_a_few_lines", "notebooks/01_data_preparation", "notebooks/02_training",
         "notebooks/03_reranking", "notebooks/07_recipe_selection", "notebooks/08_paper_table", "notebooks/06_ablation",
         "notebooks/04_qualitative_top10",

@@ -14,10 +14,11 @@ from conftest import REPO_ROOT
 NOTEBOOKS = sorted((REPO_ROOT / "notebooks").glob("*.ipynb"))
 
 
-def test_the_nine_notebooks_exist():
+def test_the_notebooks_exist():
     assert [p.stem for p in NOTEBOOKS] == [
         "00_inference_in_a_few_lines", "01_data_preparation", "02_training", "03_reranking",
         "04_qualitative_top10", "05_comparison", "06_ablation", "07_recipe_selection", "08_paper_table",
+        "09_what_csa_computes", "11_worked_example",
     ]
 
 

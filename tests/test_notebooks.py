@@ -111,6 +111,27 @@ def test_ablation_collects_one_row_per_run_and_method(executed_notebooks):
     assert _images(executed_notebooks.notebooks["06_ablation"]) >= 2
 
 
+def test_method_notebook_headline_equals_the_reranking_notebook(executed_notebooks):
+    import pandas as pd
+
+    headline = pd.read_csv(executed_notebooks.csv["09_what_csa_computes"]).set_index("dataset")
+    table = pd.read_csv(executed_notebooks.csv["03_reranking"])
+    csa = table[table["method"] == "CSA"].set_index("dataset")
+    assert set(headline.index) == set(csa.index) == {"roxford5k-mini", "rparis6k-mini"}
+    columns = ["medium_map", "medium_gain", "medium_gain_low", "medium_gain_high", "landmarks"]
+    pd.testing.assert_frame_equal(headline.loc[csa.index, columns], csa[columns], check_exact=False, rtol=1e-9,
+                                  check_dtype=False)
+    # affinity views (two), attention, score distributions, rank moves, headline, sorted AP gains
+    assert _images(executed_notebooks.notebooks["09_what_csa_computes"]) == 7
+
+
+def test_worked_example_checks_every_step_against_the_package(executed_notebooks):
+    text = _text(executed_notebooks.notebooks["11_worked_example"])
+    for step in ("A", "X0", "output tokens", "scores", "contrastive loss", "R", "reconstruction loss", "total loss"):
+        assert f"check {step}: equal to the package" in text
+    assert "A (17, 16)" in text                  # K + 1 = 17 tokens, L = 16 anchors with the tiny parameters
+
+
 def test_unknown_parameter_fails_fast_with_a_clear_message(tmp_path):
     with pytest.raises(pm.PapermillExecutionError, match=r"unknown parameter 'topK' \(did you mean 'topk'\?\)"):
         pm.execute_notebook(str(REPO_ROOT / "notebooks" / "00_inference_in_a_few_lines.ipynb"),

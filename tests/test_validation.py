@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from csa.validation import (CSAInputError, as_cpu_tensor, as_numpy, check_descriptors, check_gnd, check_ranks,
-                            check_topk)
+from csa.arrays import as_cpu_tensor, as_numpy
+from csa.validation import CSAInputError, check_descriptors, check_gnd, check_ranks, check_topk
 
 
 def unit(n, d, seed=0):

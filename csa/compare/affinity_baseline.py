@@ -6,9 +6,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from csa.affinity import iter_affinity
+from csa.affinity import _iter_affinity
 from csa.compare.inputs import as_float_cpu, baseline_inputs, normalize_rows
-from csa.search import resort_topk
+from csa.arrays import as_tensor
+from csa.search import rerank_depth, resort_topk
 from csa.validation import CSAInputError, check_int
 
 __all__ = ["affinity_cosine"]
@@ -41,8 +42,8 @@ def affinity_cosine(qvecs: Any, dbvecs: Any, ranks: Any, topk: int = 1024, ancho
         raise CSAInputError(f"centred must be True or False, got {centred!r}")
     query_batch = check_int("query_batch", query_batch, 1)
     scores = np.zeros((r.shape[1], topk))
-    for query_slice, affinity in iter_affinity(q, db, r, topk, anchor_len, batch_size=query_batch,
-                                               normalize="silent"):
+    top = as_tensor(r)[:rerank_depth(topk, anchor_len)].long()                # checked above: no second pass
+    for query_slice, affinity in _iter_affinity(q.float(), db.float(), top, topk, anchor_len, query_batch):
         a = as_float_cpu(affinity).double()                              # (B, K+1, L)
         if centred:
             a = a - a.mean(dim=2, keepdim=True)

@@ -7,7 +7,8 @@ import torch
 
 from csa.compare.inputs import Ranker, baseline_inputs, describe, search_again
 from csa.compare.augmentation import AugmentDatabase
-from csa.validation import CSAInputError, check_rows, same_kind
+from csa.arrays import same_kind
+from csa.validation import CSAInputError, check_rows
 
 __all__ = ["compose", "Chain"]
 

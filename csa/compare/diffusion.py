@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from csa.compare.inputs import baseline_inputs
 from csa.search import resort_topk, stable_topk
-from csa.validation import check_float, check_int, same_kind
+from csa.arrays import same_kind
+from csa.validation import check_float, check_int
 
 __all__ = ["diffusion", "mutual_knn_graph"]
 

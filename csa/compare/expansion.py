@@ -16,7 +16,8 @@ import torch
 from csa.compare.augmentation import AugmentDatabase, augment_database
 from csa.compare.chain import compose
 from csa.compare.inputs import baseline_inputs, normalize_rows, search_again
-from csa.validation import check_float, check_int, same_kind
+from csa.arrays import same_kind
+from csa.validation import check_float, check_int
 
 __all__ = ["aqe", "alpha_qe", "dba", "alpha_dba", "augment_database", "AugmentDatabase"]
 

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from csa.search import first_stage
-from csa.validation import as_cpu_tensor, as_numpy, check_descriptors, check_ranks
+from csa.arrays import as_cpu_tensor, as_numpy
+from csa.validation import check_descriptors, check_ranks
 
 __all__ = ["Ranker", "baseline_inputs", "as_float_cpu", "describe", "normalize_rows", "search_again"]
 

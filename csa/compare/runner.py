@@ -8,6 +8,9 @@ query, :func:`query_landmarks`) the interval resamples whole landmarks, the inde
 per-query interval is kept as a labelled second column.  :func:`summary_table` makes it
 readable; :func:`gain_between` measures one method against another (not the first stage) on the same
 queries; :func:`first_stage_report` gives one dataset's first stage with intervals and chance level.
+:func:`compare_benchmark` is the one comparison loop: it takes a loaded
+:class:`csa.data.benchmark.Benchmark`, in memory or streamed (+R1M), which :func:`run_comparison` and
+:func:`run_comparison_large` build from arrays.
 """
 from __future__ import annotations
 
@@ -20,14 +23,13 @@ import pandas as pd
 from tqdm import tqdm
 
 from csa.compare.published import FIRST_STAGE
+from csa.data.benchmark import Benchmark
 from csa.data.demo import group_queries
-from csa.evaluate import evaluate_revisited, format_revisited, random_ranking_map, PROTOCOLS
-from csa.largescale import first_stage_large, rerank_large
-from csa.search import first_stage
+from csa.evaluate import format_revisited, random_ranking_map, PROTOCOLS
 from csa.stats import bootstrap_map_ci, check_groups, count_groups, paired_bootstrap_gain
-from csa.validation import CSAInputError, check_descriptors, check_gnd, check_ranks, descriptors_checked, gnd_list
+from csa.validation import CSAInputError, gnd_list
 
-__all__ = ["run_comparison", "run_comparison_large", "summary_table", "gain_between", "format_gain",
+__all__ = ["run_comparison", "run_comparison_large", "compare_benchmark", "summary_table", "gain_between", "format_gain",
            "first_stage_report", "query_landmarks", "COLUMNS", "QUERY_COLUMNS"]
 
 #: Columns of the table returned by :func:`run_comparison` (mAP / mP@10 / gains in percent points).
@@ -68,30 +70,8 @@ def run_comparison(qvecs: Any, dbvecs: Any, gnd: Sequence[dict], methods: Mappin
     ``table.attrs["aps"]`` keeps every row's per-query APs ({method: {protocol: array}}) and
     ``table.attrs["groups"]`` the landmark ids (or None) for :func:`gain_between`.
     """
-    qvecs, dbvecs = check_descriptors(qvecs, dbvecs, normalize="warn")
-    n_q, n_db = qvecs.shape[0], dbvecs.shape[0]
-    gnd = check_gnd(gnd, n_db=n_db, n_q=n_q)
-    _check_methods(methods)
-    first_ms = float("nan")
-    if first_stage_ranks is None:
-        start = time.perf_counter()
-        with descriptors_checked():  # checked above
-            first_stage_ranks = first_stage(qvecs, dbvecs)
-        first_ms = 1000.0 * (time.perf_counter() - start) / n_q
-    check_ranks(first_stage_ranks, n_db, n_q)
-    groups = _check_groups(groups, n_q)
-
-    def run(method: Method) -> Any:
-        with descriptors_checked():  # checked once above; the methods skip the full pass
-            return method(qvecs, dbvecs, first_stage_ranks)
-
-    def prepare(method: Any) -> Any:
-        with descriptors_checked():
-            return method.offline(dbvecs)
-
-    return _comparison_table(methods, run, lambda ranks: evaluate_revisited(ranks, gnd),
-                             evaluate_revisited(first_stage_ranks, gnd), first_ms, n_q, n_boot, seed, level,
-                             progress, settings, prepare, groups)
+    return compare_benchmark(Benchmark.from_arrays(qvecs, dbvecs, gnd), methods, first_stage_ranks=first_stage_ranks,
+                             n_boot=n_boot, seed=seed, level=level, progress=progress, settings=settings, groups=groups)
 
 
 def run_comparison_large(qvecs: Any, db: Any, gnd: Sequence[dict], methods: Mapping[str, Method], depth: int,
@@ -108,15 +88,35 @@ def run_comparison_large(qvecs: Any, db: Any, gnd: Sequence[dict], methods: Mapp
     :func:`run_comparison` (``groups``: landmark-level intervals); the first-stage ``ms_per_query`` is the
     streaming search.
     """
+    return compare_benchmark(Benchmark.from_arrays(qvecs, db, gnd, streamed=True), methods, depth=depth,
+                             n_boot=n_boot, seed=seed, level=level, chunk_size=chunk_size, batch_size=batch_size,
+                             progress=progress, settings=settings, groups=groups)
+
+
+def compare_benchmark(bench: Benchmark, methods: Mapping[str, Method], depth: int | None = None,
+                      first_stage_ranks: Any = None, n_boot: int = 10000, seed: int = 0, level: float = 0.95,
+                      chunk_size: int = 8192, batch_size: int = 8, progress: bool = True,
+                      settings: Mapping[str, Mapping[str, Any]] | None = None, groups: Any = None) -> pd.DataFrame:
+    """The table of :func:`run_comparison` for a loaded :class:`csa.data.benchmark.Benchmark`, in memory or streamed.
+
+    In memory every method gets the whole first-stage ranking (or ``first_stage_ranks``) and a method with an
+    ``offline`` step is prepared first (``offline_s``); streamed (+R1M) the first stage keeps the top ``depth``
+    rows (database chunks of ``chunk_size``) and every method re-ranks them block by block of ``batch_size``
+    queries (:func:`run_comparison_large`).  The first-stage ``ms_per_query`` is the search when computed here.
+    """
     _check_methods(methods)
-    start = time.perf_counter()
-    shortlist = first_stage_large(qvecs, db, gnd, depth=depth, chunk_size=chunk_size, progress=progress)
-    n_q = shortlist.ranks.shape[1]
-    groups = _check_groups(groups, n_q)
-    first_ms = 1000.0 * (time.perf_counter() - start) / n_q
-    return _comparison_table(methods, lambda m: rerank_large(m, qvecs, db, shortlist.ranks, batch_size, False),
-                             shortlist.evaluate, shortlist.evaluate(), first_ms, n_q, n_boot, seed, level,
-                             progress, settings, None, groups)
+    first_ms = float("nan")
+    if first_stage_ranks is None:
+        start = time.perf_counter()
+        first = bench.first_stage(depth=depth, chunk_size=chunk_size, progress=progress)
+        first_ms = 1000.0 * (time.perf_counter() - start) / bench.n_queries
+    else:
+        first = bench.first_stage_from(first_stage_ranks)
+    groups = _check_groups(groups, bench.n_queries)
+    prepare = None if bench.streamed else (lambda method: method.offline(bench.dbvecs))
+    return _comparison_table(methods, lambda method: bench.rerank(method, first, batch_size), first.evaluate,
+                             first.evaluate(), first_ms, bench.n_queries, n_boot, seed, level, progress, settings,
+                             prepare, groups)
 
 
 def _check_methods(methods: Mapping[str, Method]) -> None:
@@ -276,13 +276,9 @@ def first_stage_report(data_root: str | os.PathLike, dataset: str, feature_name:
                        n_random: int = 100, seed: int = 0) -> tuple[dict, str]:
     """First-stage results of ``dataset``: revisited E/M/H mAP and mP@k, 95% bootstrap intervals over queries,
     and the random-ranking level; returns (numbers, printable text)."""
-    from csa.data.layout import load_gnd, load_test_features
-
-    gt = load_gnd(data_root, dataset)
-    feats = load_test_features(data_root, dataset, feature_name, gnd=gt)
-    ranks = first_stage(feats.query, feats.db)
-    res = evaluate_revisited(ranks, gt)
-    chance = random_ranking_map(gt, feats.db.shape[0], n_random, seed)
+    bench = Benchmark.load(data_root, dataset, feature_name)
+    res = bench.first_stage().evaluate()
+    chance = random_ranking_map(bench.gnd, bench.n_db, n_random, seed)
     lines = [format_revisited(dataset, res, method=f"first stage ({feature_name})")]
     numbers = {"results": res, "random": chance, "ci": {}}
     for level in PROTOCOLS:

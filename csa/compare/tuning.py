@@ -22,8 +22,8 @@ from csa.compare.expansion import AugmentDatabase, alpha_qe, aqe
 from csa.compare.k_reciprocal import k_reciprocal
 from csa.data.demo import CITIES, LOO_BASE
 from csa.evaluate import PROTOCOLS, evaluate_revisited
-from csa.search import first_stage
-from csa.validation import CSAInputError, check_descriptors, check_gnd, descriptors_checked
+from csa.search import _first_stage
+from csa.validation import CSAInputError, check_descriptors, check_gnd
 
 __all__ = ["GRIDS", "training_benchmark", "untrained_ranker", "select_setting", "select_setting_pooled",
            "select_untrained", "tuned_methods"]
@@ -101,10 +101,8 @@ def select_setting(candidates: Mapping[Any, Ranker], qvecs: Any, dbvecs: Any, gn
         raise CSAInputError(f"protocol must be one of {list(PROTOCOLS)}, not {protocol!r}")
     qvecs, dbvecs = check_descriptors(qvecs, dbvecs, normalize="warn")
     gnd = check_gnd(gnd, n_db=dbvecs.shape[0], n_q=qvecs.shape[0])
-    with descriptors_checked():
-        ranks = first_stage(qvecs, dbvecs) if first_stage_ranks is None else first_stage_ranks
-        scores = [evaluate_revisited(ranker(qvecs, dbvecs, ranks), gnd)[protocol]["map"]
-                  for ranker in candidates.values()]
+    ranks = _first_stage(qvecs, dbvecs) if first_stage_ranks is None else first_stage_ranks
+    scores = [evaluate_revisited(ranker(qvecs, dbvecs, ranks), gnd)[protocol]["map"] for ranker in candidates.values()]
     values = list(candidates)
     best = _best(scores)
     table = pd.DataFrame({"value": values, f"{protocol}_map": scores, "chosen": [i == best for i in range(len(values))]})
@@ -149,8 +147,7 @@ def select_untrained(names: Sequence[str], qvecs: Any, dbvecs: Any, gnd: Any, to
     """
     qvecs, dbvecs = check_descriptors(qvecs, dbvecs, normalize="warn")
     gnd = check_gnd(gnd, n_db=dbvecs.shape[0], n_q=qvecs.shape[0])
-    with descriptors_checked():
-        ranks = first_stage(qvecs, dbvecs)
+    ranks = _first_stage(qvecs, dbvecs)
     chosen, rows = {}, []
     for name in names:
         if name not in grids:

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from csa.fileio import disk_full_error, is_disk_full
-from csa.validation import as_cpu_tensor
+from csa.arrays import as_cpu_tensor
 from csa.validation import CSAInputError
 
 __all__ = [
