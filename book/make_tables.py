@@ -18,7 +18,7 @@ from typing import Any
 
 from csa.compare.published import FIRST_STAGE, PUBLISHED, published_table
 from csa.fileio import atomic_write
-from csa.training.paper_table import paper_comparisons, paper_table
+from csa.experiments.paper_table import paper_comparisons, paper_table
 from csa.training.recipes import DEPARTURES, RECIPE_FIELDS, RECIPES, effective_lrs
 
 GENERATED = Path(__file__).resolve().parent / "generated"

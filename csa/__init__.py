@@ -4,7 +4,8 @@ The top level is the paper: :mod:`csa.model` (the transformer), :mod:`csa.losses
 (the affinity features), :mod:`csa.search` (first stage), :mod:`csa.rerank`, :mod:`csa.evaluate`
 (Revisited Oxford/Paris) and :mod:`csa.largescale` (+1M distractors), :mod:`csa.stats` and
 :mod:`csa.checkpoint`.  The wings are sub-packages: :mod:`csa.data`, :mod:`csa.descriptors`,
-:mod:`csa.training`, :mod:`csa.compare` and :mod:`csa.notebook`.
+:mod:`csa.training`, :mod:`csa.compare`, :mod:`csa.experiments` and :mod:`csa.notebook`; :mod:`csa.cli` is
+the one command line over them.
 """
 
 __version__ = "0.1.0"

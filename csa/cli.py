@@ -3,7 +3,9 @@
 Each sub-command is a thin wrapper around the library; ``csa <command> --help`` lists every flag with its
 default (the paper's recipe where one exists).  Every sub-command reports a problem as one line
 ``csa <command>: error: ...`` on stderr and a non-zero exit status (2 for bad input and usage,
-1 for other failures, 130 for Ctrl-C), never as a traceback (:func:`csa.validation.run_command`).
+1 for other failures, 130 for Ctrl-C), never as a traceback (:func:`csa.cli_errors.run_command`).
+One parser serves them all: ``rerank`` and ``evaluate`` are defined here, every other sub-command by the
+``command`` module of its wing (``add_parser`` and ``run``).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -100,125 +102,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _scales(text: str) -> list[float]:
-    from csa.descriptors.extract import parse_scales
-
-    return parse_scales(text, "--scales")
-
-
-def _under_torchrun(device: str, body):
-    """``body(ranks)`` in the process group of a torchrun extraction (``ranks`` None for one process)."""
-    from csa.descriptors.distributed import join_extraction_group, leave_extraction_group
-
-    ranks = join_extraction_group(device)
-    try:
-        return body(ranks)
-    finally:
-        leave_extraction_group(ranks)
-
-
-def _cmd_extract(args: argparse.Namespace) -> int:
-    from csa.descriptors.prepare import prepare
-    from csa.validation import check_int
-
-    for flag, value, low in (("--image-size", args.image_size, 1), ("--workers", args.workers, 0),
-                             ("--shard-size", args.shard_size, 1)):
-        if value is not None:
-            check_int(flag, value, low)
-    scales = _scales(args.scales) if args.scales else None
-    written = _under_torchrun(args.device, lambda ranks: prepare(
-        args.dataset, args.data_root, args.backbone, image_size=args.image_size, scales=scales, device=args.device,
-        num_workers=args.workers, download=args.download, force=args.force, shard_size=args.shard_size,
-        ranks=ranks))
-    for key, path in written.items():  # empty on the ranks other than 0
-        print(f"{key}: {path}")
-    return 0
-
-
-def _cmd_demo_experiment(args: argparse.Namespace) -> int:
-    from csa.fileio import save_table
-    from csa.training import selection
-
-    selection.check_experiment(args.root, args.trainset, args.out, getattr(args, "folds", None),
-                               getattr(args, "seeds", None), getattr(args, "fractions", None),
-                               getattr(args, "setting", None))
-    if args.demo_command == "select":
-        table = selection.select_recipe(args.root, args.trainset, n_folds=args.folds)
-        print(table.groupby("setting", sort=False)["medium_gain"].agg(["mean", "min", "max"]).round(2).to_string())
-        print(f"chosen: {selection.choose(table)}")
-    elif args.demo_command == "seeds":
-        table = selection.seed_sweep(args.root, args.trainset, selection.GRID[args.setting], args.seeds)
-    else:
-        table = selection.learning_curve(args.root, args.trainset, selection.GRID[args.setting], args.fractions,
-                                         args.seeds)
-    if args.demo_command != "select":
-        table.insert(1, "setting", args.setting)
-    print(f"wrote {save_table(table, args.out)}")
-    return 0
-
-
-def _cmd_demo_release(args: argparse.Namespace) -> int:
-    from csa.checkpoint import load_checkpoint
-    from csa.training.config import TrainConfig, config_to_argv
-    from csa.training.release import release
-    from csa.training.selection import TRAIN_TO_TEST
-
-    for trainset in TRAIN_TO_TEST:
-        checkpoint = Path(args.runs, trainset, "checkpoint.pth")
-        config = TrainConfig(**load_checkpoint(checkpoint)["train_config"])
-        command = (f"torchrun --standalone --nproc_per_node={args.nproc_per_node} -m csa.training "
-                   + " ".join(config_to_argv(config)))
-        out = release(checkpoint, args.root, trainset, config.recipe, command, TRAIN_TO_TEST[trainset])
-        print(f"released {checkpoint} -> {out}")
-    return 0
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    if args.demo_command in ("select", "seeds", "curve"):
-        return _cmd_demo_experiment(args)
-    if args.demo_command == "release":
-        return _cmd_demo_release(args)
-    if args.demo_command == "build":
-        import json
-
-        from csa.data.demo import build_demo
-
-        print(json.dumps(build_demo(args.source, args.out, args.quality), indent=1))
-        return 0
-    import torch
-
-    from csa.compare.runner import first_stage_report
-    from csa.data.demo import CITIES
-    from csa.descriptors.prepare import prepare_demo_features
-    from csa.validation import check_int
-
-    for flag, value, low in (("--image-size", args.image_size, 1), ("--batch-size", args.batch_size, 1),
-                             ("--workers", args.workers, 0), ("--threads", args.threads or 1, 1),
-                             ("--shard-size", args.shard_size or 1, 1)):
-        check_int(flag, value, low)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    name = args.name or f"{args.backbone}-gem"
-    paths = _under_torchrun("auto", lambda ranks: prepare_demo_features(
-        args.root, args.image_size, _scales(args.scales), args.batch_size, args.workers, args.force, name,
-        shard_size=args.shard_size, ranks=ranks, backbone=args.backbone))
-    for key, p in paths.items():  # empty on the ranks other than 0
-        print(f"{key}: {p}")
-    if paths and not args.no_report:
-        for dataset in CITIES:
-            print(first_stage_report(args.root, dataset, name)[1])
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="csa", description=__doc__.splitlines()[0].replace("``", ""))
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    sub.add_parser("train", help="train a CSA model (also under torchrun); see: csa train --help", add_help=False)
-    sub.add_parser("download", help="download the full data (ROxf, RPar, R1M, rSfM120k, networks)", add_help=False)
-    sub.add_parser("batch", help="run a notebook over a parameter grid with papermill; see: csa batch --help",
-                   add_help=False)
-
+def _add_rerank_parser(sub: Any) -> None:
     p = sub.add_parser("rerank", help="first stage + CSA re-ranking + revisited evaluation",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_data_args(p)
@@ -234,97 +118,63 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"])
     p.add_argument("--output", type=Path, default=None,
                    help="save the re-ranked (N, Q) ranks as .npy (with --r1m: the re-ranked top max(K, L-1) rows)")
-    p.set_defaults(func=_cmd_rerank)
+    p.set_defaults(run=_cmd_rerank)
 
+
+def _add_evaluate_parser(sub: Any) -> None:
     p = sub.add_parser("evaluate", help="revisited E/M/H evaluation of saved ranks (default: the first stage)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_data_args(p)
     p.add_argument("--ranks", type=Path, default=None,
                    help="(N, Q) ranks as .npy (with --r1m also the top rows saved by csa rerank --r1m); "
                         "default: first-stage ranking")
-    p.set_defaults(func=_cmd_evaluate)
+    p.set_defaults(run=_cmd_evaluate)
 
-    p = sub.add_parser("extract", help="descriptors of a dataset: demo | roxford5k | rparis6k | rsfm120k | r1m",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       epilog="on several GPUs or machines: torchrun --nproc_per_node=N [--nnodes ... --rdzv-...] "
-                              "-m csa extract <the same arguments>")
-    p.add_argument("dataset", choices=["demo", "roxford5k", "rparis6k", "rsfm120k", "r1m"])
-    p.add_argument("--data-root", required=True, type=Path, help="data root (the demo: data/demo)")
-    p.add_argument("--backbone", default="lite0", help="lite0 (offline) or a cirtorch network, e.g. "
-                                                       "gl18-tl-resnet101-gem-w (in <data-root>/networks/)")
-    p.add_argument("--image-size", type=int, default=None, help="long side in pixels (default: 512 demo, 1024 full)")
-    p.add_argument("--scales", default=None, help="comma-separated scales (default: 1 demo and rSfM120k, "
-                                                  "1,0.7071,1.4142 test sets and R1M)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--workers", type=int, default=None, help="image loader processes")
-    p.add_argument("--shard-size", type=int, default=None,
-                   help="images per resumable shard (default: 64 test sets, 256 rSfM120k, 4096 R1M); under "
-                        "torchrun rank r of N extracts shards r, r+N, ...")
-    p.add_argument("--download", action="store_true", help="download images, annotations and networks first")
-    p.add_argument("--force", action="store_true", help="re-extract even when the output is up to date")
-    p.set_defaults(func=_cmd_extract)
 
-    p = sub.add_parser("demo", help="build or describe the embedded Oxford/Paris demo")
-    demo = p.add_subparsers(dest="demo_command", required=True)
-    b = demo.add_parser("build", help="build data/demo from the offline photo subsets",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    b.add_argument("--source", default="../shared/data", help="offline data folder")
-    b.add_argument("--out", default="data/demo", help="demo data root to write")
-    b.add_argument("--quality", type=int, default=75, help="JPEG quality")
-    e = demo.add_parser("extract", help="extract lite0/1/2-gem descriptors and print first-stage results",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    e.add_argument("--root", default="data/demo")
-    e.add_argument("--image-size", type=int, default=512)
-    e.add_argument("--scales", default="1", help="comma-separated scales, e.g. 1,0.7071,1.4142")
-    e.add_argument("--batch-size", type=int, default=8)
-    e.add_argument("--workers", type=int, default=0)
-    e.add_argument("--backbone", default="lite0", choices=["lite0", "lite1", "lite2"],
-                   help="offline EfficientNet-Lite GeM backbone")
-    e.add_argument("--name", default=None, help="feature name (default: <backbone>-gem)")
-    e.add_argument("--force", action="store_true", help="re-extract even when outputs are up to date")
-    e.add_argument("--no-report", action="store_true", help="skip the first-stage evaluation")
-    e.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    e.add_argument("--shard-size", type=int, default=None,
-                   help="images per resumable shard (default: 64); under torchrun rank r of N extracts shards "
-                        "r, r+N, ...")
-    r = demo.add_parser("release", help="copy the trained demo models to <root>/weights with their manifest",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    r.add_argument("--runs", default="runs/demo", help="folder with <trainset>/checkpoint.pth of both cities")
-    r.add_argument("--root", default="data/demo")
-    r.add_argument("--nproc-per-node", type=int, default=2, help="processes the runs used (recorded)")
-    for name, text in (("select", "choose the demo recipe on held-out landmarks of the training city"),
-                       ("seeds", "train with several seeds and measure the test-city gains"),
-                       ("curve", "learning curve: test-city gains against the share of training landmarks")):
-        x = demo.add_parser(name, help=text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        x.add_argument("--root", default="data/demo")
-        x.add_argument("--trainset", required=True, choices=["rparis6k-mini-train", "roxford5k-mini-train"])
-        x.add_argument("--out", required=True, type=Path, help="CSV file to write")
-        if name == "select":
-            x.add_argument("--folds", type=int, default=3, help="landmark folds")
-        else:
-            x.add_argument("--setting", required=True, help="a setting of csa.training.selection.GRID")
-            x.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2] if name == "seeds" else [0])
-        if name == "curve":
-            x.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 1.0])
-    p.set_defaults(func=_cmd_demo)
+def build_parser() -> argparse.ArgumentParser:
+    """The one parser of every ``csa`` sub-command: each wing adds its own (``add_parser(subparsers)``) and
+    names the function that runs it (``args.run``); ``rerank`` and ``evaluate`` are the paper's, defined here."""
+    from csa.data import command as data_command
+    from csa.descriptors import command as descriptors_command
+    from csa.experiments import command as demo_command
+    from csa.notebook import command as batch_command
+    from csa.training import command as training_command
+
+    parser = argparse.ArgumentParser(prog="csa", description=__doc__.splitlines()[0].replace("``", ""))
+    sub = parser.add_subparsers(dest="command", required=True)
+    training_command.add_parser(sub)
+    data_command.add_parser(sub)
+    batch_command.add_parser(sub)
+    _add_rerank_parser(sub)
+    _add_evaluate_parser(sub)
+    descriptors_command.add_parser(sub)
+    demo_command.add_parser(sub)
+    _name_own_parsers(parser)
     return parser
 
 
-_DELEGATED = {"train": "csa.training.train", "download": "csa.data.download", "batch": "csa.notebook.batch"}
+def _name_own_parsers(parser: argparse.ArgumentParser) -> None:
+    """Let every sub-command's parser know itself (``args.own_parser``), so that :func:`main` reports a flag
+    it does not know as that sub-command's usage error (``csa train: error: ...``), not the top level's."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                sub.set_defaults(own_parser=sub)
+                _name_own_parsers(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in _DELEGATED:
-        import importlib
+    """``csa <command> ...`` (also ``python -m csa``, and ``python -m csa.training`` for ``train``): the exit status.
 
-        module = importlib.import_module(_DELEGATED[argv[0]])
-        result = module.main(argv[1:])
-        return int(result or 0)
-    args = build_parser().parse_args(argv)
-    from csa.validation import run_command
+    Every sub-command ends the same way (:func:`csa.cli_errors.run_command`): its own errors as one line
+    ``csa <command>: error: ...``, exit 2 for bad input, 1 for other failures, 130 for Ctrl-C.
+    """
+    from csa.cli_errors import run_command
 
-    return run_command(f"csa {args.command}", lambda: args.func(args))
+    args, unknown = build_parser().parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    if unknown:
+        args.own_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return run_command(f"csa {args.command}", lambda: args.run(args))
 
 
 if __name__ == "__main__":

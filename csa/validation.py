@@ -8,11 +8,8 @@ have already checked.  Conversions between numpy and torch live in :mod:`csa.arr
 from __future__ import annotations
 
 import math
-import os
-import sys
-import traceback
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -22,7 +19,6 @@ from csa.arrays import as_numpy
 __all__ = [
     "CSAError",
     "CSAInputError",
-    "run_command",
     "check_int",
     "check_float",
     "gnd_list",
@@ -46,43 +42,6 @@ class CSAError(Exception):
 
 class CSAInputError(CSAError, ValueError):
     """Bad input given to a csa function (wrong shape, dtype, range, missing key, corrupt file...)."""
-
-
-#: Environment variable that makes :func:`run_command` print the full traceback of unexpected errors.
-TRACEBACK_ENV = "CSA_TRACEBACK"
-
-
-def run_command(prog: str, body: Callable[[], int | None]) -> int:
-    """Run the body of a command-line program and return its exit status.
-
-    The package's own errors become one line ``<prog>: error: <message>`` on stderr: bad input
-    (:class:`CSAInputError`) exits with 2, other :class:`CSAError` (a failed download, a diverged
-    training run) and operating-system errors (disk full, permission denied) with 1, Ctrl-C with 130.
-    Anything else is a bug: one line too, with the full traceback when ``CSA_TRACEBACK=1``.
-    """
-    def say(text: str) -> None:
-        print(f"{prog}: {text}", file=sys.stderr, flush=True)
-
-    try:
-        return int(body() or 0)
-    except CSAInputError as exc:
-        say(f"error: {exc}")
-        return 2
-    except CSAError as exc:
-        say(f"error: {exc}")
-        return 1
-    except KeyboardInterrupt:
-        say("interrupted (Ctrl-C); finished outputs are kept, partial ones were not written")
-        return 130
-    except OSError as exc:
-        say(f"error: {exc}")
-        return 1
-    except Exception as exc:  # noqa: BLE001 - a bug: still one line unless asked for the traceback
-        if os.environ.get(TRACEBACK_ENV):
-            traceback.print_exc()
-        say(f"error: unexpected {type(exc).__name__}: {exc} (please report it; set {TRACEBACK_ENV}=1 to see "
-            f"the traceback)")
-        return 1
 
 
 def _shape(x: Any) -> tuple[int, ...]:

@@ -20,12 +20,13 @@ PACKAGE = REPO / "csa"
 ARCHITECTURE = REPO / "docs" / "ARCHITECTURE.md"
 
 #: Layers from the top down: a module may import its own layer or a lower one, never a higher one.
-#: Top-level modules are named one by one; a wing (sub-package) is one entry for all its modules.
+#: Top-level modules are named one by one; a wing (sub-package) is one entry for all its modules, except the
+#: entry points named on their own (``python -m csa.training`` is ``csa train``: it calls the command line).
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("command line and the package's front names",
-     ("csa", "csa.__main__", "csa.cli")),
+     ("csa", "csa.__main__", "csa.cli", "csa.cli_errors", "csa.training.__main__")),
     ("the wings",
-     ("csa.notebook", "csa.compare", "csa.training", "csa.descriptors", "csa.data")),
+     ("csa.notebook", "csa.experiments", "csa.compare", "csa.training", "csa.descriptors", "csa.data")),
     ("the paper, built on",
      ("csa.rerank", "csa.checkpoint", "csa.largescale")),
     ("the paper's parts",
@@ -39,10 +40,13 @@ WINGS = LAYERS[1][1]
 WING_EDGES: dict[tuple[str, str], str] = {
     ("csa.descriptors", "csa.data"): "extraction reads images and writes descriptor files in the data layout",
     ("csa.training", "csa.data"): "training reads the trainset's descriptors and clusters",
-    ("csa.training", "csa.compare"): "recipe selection and seed sweeps score held-out benchmarks with the "
-                                     "comparison runner (experiments that live in the training wing for now)",
-    ("csa.training", "csa.descriptors"): "the paper-table experiments learn whitenings and read the compact "
-                                         "descriptor copies (experiments that live in the training wing for now)",
+    ("csa.experiments", "csa.training"): "the experiments train models (recipe selection, seed sweeps, learning "
+                                         "curves, the paper table) and release them",
+    ("csa.experiments", "csa.compare"): "the experiments score held-out benchmarks with the comparison runner and "
+                                        "the untrained re-rankers",
+    ("csa.experiments", "csa.descriptors"): "the paper-table experiments learn whitenings and read the compact "
+                                            "descriptor copies; `csa demo extract` extracts the demo's descriptors",
+    ("csa.experiments", "csa.data"): "the experiments read the demo's cities, ground truth and trainsets",
     ("csa.compare", "csa.data"): "the comparison of a benchmark loads its ground truth and descriptors",
     ("csa.notebook", "csa.training"): "notebook 2's parameters are checked as `csa train` checks its flags",
     ("csa.notebook", "csa.data"): "notebook parameters naming a trainset are checked against the data layout",
@@ -58,7 +62,8 @@ def module_name(path: Path) -> str:
 def layer_of(module: str) -> tuple[int, str]:
     """(index in :data:`LAYERS`, entry) of a module: its wing, or its own name for the top level."""
     parts = module.split(".")
-    entry = ".".join(parts[:2]) if len(parts) > 1 and ".".join(parts[:2]) in WINGS else module
+    named = any(module in members for _, members in LAYERS)
+    entry = ".".join(parts[:2]) if not named and len(parts) > 1 and ".".join(parts[:2]) in WINGS else module
     for index, (_, members) in enumerate(LAYERS):
         if entry in members:
             return index, entry

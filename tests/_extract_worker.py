@@ -16,7 +16,7 @@ import torch
 
 from csa.descriptors.distributed import join_extraction_group, leave_extraction_group
 from csa.descriptors.extract import extract_descriptors
-from csa.validation import run_command
+from csa.cli_errors import run_command
 
 
 class TinyNet(torch.nn.Module):

@@ -142,6 +142,10 @@ def test_every_declared_wing_edge_is_used():
     ({"csa.data.layout": {"csa.training.config"}}, "WING_EDGES"),
     ({"csa.notebook.figures": {"csa.compare.runner"}}, "WING_EDGES"),
     ({"csa.training.train": {"csa.data.layout", "csa.model"}, "csa.cli": {"csa.training.train"}}, None),
+    ({"csa.training.__main__": {"csa.cli"}}, None),                  # an entry point is in the command-line layer
+    ({"csa.training.command": {"csa.cli_errors"}}, "upward"),         # the rest of its wing is not
+    ({"csa.experiments.pooled": {"csa.training.train", "csa.compare.tuning"}}, None),
+    ({"csa.training.release": {"csa.experiments.held_out"}}, "WING_EDGES"),
 ])
 def test_the_checks_catch_circles_upward_and_undeclared_imports(graph, expected):
     circle = find_circle(graph)

@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from _subprocess import run
-from csa.notebook.batch import main, parse_grid, parse_params, parse_value, run_grid, run_name
+from csa.cli import main as csa_main
+from csa.notebook.batch import parse_grid, parse_params, parse_value, run_grid, run_name
 from csa.validation import CSAInputError
 
 
@@ -62,7 +63,8 @@ def test_unknown_parameter_fails_fast_with_clear_message(tmp_path, capsys):
     with pytest.raises(CSAInputError, match=r"no parameter\(s\) \['topK'\].*anchor_len"):
         run_grid(nb, {"topK": [1, 2]}, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()  # nothing was run or written
-    assert main([str(nb), "--grid", "topk=1", "--param", "bogus=1", "--out", str(tmp_path / "out")]) == 2
+    assert csa_main(["batch", str(nb), "--grid", "topk=1", "--param", "bogus=1",
+                     "--out", str(tmp_path / "out")]) == 2
     assert "bogus" in capsys.readouterr().err
 
 
@@ -108,7 +110,7 @@ def test_grid_2x2_collects_four_runs_into_one_csv(tmp_path):
 def test_failing_run_is_reported_and_other_rows_kept(tmp_path, capsys):
     nb = write_grid_notebook(tmp_path / "grid.ipynb", fail_when_topk=3)
     out = tmp_path / "out"
-    status = main([str(nb), "--grid", "topk=2,3", "anchor_len=5", "--out", str(out), "--no-progress"])
+    status = csa_main(["batch", str(nb), "--grid", "topk=2,3", "anchor_len=5", "--out", str(out), "--no-progress"])
     assert status == 1
     err = capsys.readouterr().err
     assert "grid__topk-3_anchor_len-5" in err and "RuntimeError" in err and "boom at topk=3" in err

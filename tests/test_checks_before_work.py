@@ -45,12 +45,13 @@ def one_error(capsys, argv: list[str]) -> str:
     (["seeds", "--setting", "demo", "--seeds", "-1", "--out", "{tmp}/x.csv"], r"seed \(--seeds\) must be >= 0"),
 ])
 def test_demo_experiments_check_their_arguments_before_training(tmp_path, capsys, monkeypatch, argv, fact):
-    from csa.training import selection
+    from csa.experiments import held_out, selection
 
     def never(*args, **kwargs):
         raise AssertionError("training started")
 
-    monkeypatch.setattr(selection, "_train", never)
+    monkeypatch.setattr(selection, "train_demo_model", never)
+    monkeypatch.setattr(held_out, "train_demo_model", never)
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     line = one_error(capsys, ["demo", argv[0], "--root", str(DEMO_ROOT), "--trainset", PARIS, *argv[1:]])
     assert line.startswith("csa demo: error:") and re.search(fact, line), line
@@ -58,7 +59,8 @@ def test_demo_experiments_check_their_arguments_before_training(tmp_path, capsys
 
 
 def test_library_experiments_check_too(tmp_path):
-    from csa.training.selection import learning_curve, select_recipe
+    from csa.experiments.learning_curve import learning_curve
+    from csa.experiments.selection import select_recipe
 
     with pytest.raises(CSAInputError, match="--fractions"):
         learning_curve(DEMO_ROOT, PARIS, {}, fractions=(0.5, 1.5))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from csa.cli import main as csa_main
 from csa.data import download as dl
 from csa.validation import CSAInputError
 
@@ -231,9 +232,9 @@ def test_cli(server, tmp_path, monkeypatch, capsys):
     data = b"payload"
     server.files["p.bin"] = data
     _register(monkeypatch, "p", "p.bin", "annotations/p.bin", known_hash=f"md5:{_md5(data)}")
-    assert dl.main(["p", "--data-root", str(tmp_path), "--mirror", server.base, "--no-progress"]) == 0
+    assert csa_main(["download", "p", "--data-root", str(tmp_path), "--mirror", server.base, "--no-progress"]) == 0
     assert (tmp_path / "annotations/p.bin").read_bytes() == data
-    assert dl.main(["nope", "--data-root", str(tmp_path), "--mirror", server.base]) == 2
+    assert csa_main(["download", "nope", "--data-root", str(tmp_path), "--mirror", server.base]) == 2
     err = capsys.readouterr().err
     assert err.startswith("csa download: error:") and "unknown download 'nope'" in err
 
@@ -355,5 +356,5 @@ def test_a_changed_file_is_noticed(server, tmp_path, monkeypatch):
 def test_a_mirror_that_is_not_a_url_is_refused(tmp_path, capsys):
     with pytest.raises(CSAInputError, match="notaurl"):
         dl.download("gnd_roxford5k", tmp_path, progress=False, base_url="notaurl")
-    assert dl.main(["gnd", "--data-root", str(tmp_path), "--mirror", "notaurl"]) == 2
+    assert csa_main(["download", "gnd", "--data-root", str(tmp_path), "--mirror", "notaurl"]) == 2
     assert "is not a URL" in capsys.readouterr().err

@@ -18,7 +18,7 @@ import torch
 from _subprocess import finish, kill_group, run, running, wait_for_file, wait_until
 from _train_helpers import tiny_config, write_toy_trainset
 from csa.training.config import config_to_argv
-from csa.training.train import main as train_main
+from csa.cli import main as csa_main
 from csa.training.train import run_training
 from csa.validation import CSAInputError
 from test_batch import write_grid_notebook
@@ -40,7 +40,7 @@ def test_training_into_an_existing_run_needs_resume_or_overwrite(tmp_path, capsy
         run_training(tiny_config(tmp_path, num_epochs=2, warmup_epochs=1, seed=5))
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == kept   # nothing replaced
     argv = config_to_argv(tiny_config(tmp_path, num_epochs=2, warmup_epochs=1, seed=5))
-    assert train_main(argv) == 2
+    assert csa_main(["train", *argv]) == 2
     assert "--overwrite" in capsys.readouterr().err
     # a resume that would continue another model or other data is refused, naming the fields
     for changed, flags in (({"topk": 8}, "--topk"), ({"embed_dim": 16, "num_heads": 2}, "--embed-dim")):

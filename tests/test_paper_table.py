@@ -9,9 +9,9 @@ from csa.descriptors.compact import load_compact, save_compact
 from csa.data.layout import save_gnd, save_test_features
 from csa.evaluate import evaluate_revisited
 from csa.search import first_stage
-from csa.training.landmark_pool import City, PoolPart, choose_whitening, city_pool, fit_whitening, select_whitening
-from csa.training.paper_table import paper_comparisons, paper_table
-from csa.training.pooled import pooled_folds
+from csa.experiments.landmark_pool import City, PoolPart, choose_whitening, city_pool, fit_whitening, select_whitening
+from csa.experiments.paper_table import paper_comparisons, paper_table
+from csa.experiments.pooled import pooled_folds
 from csa.validation import CSAInputError
 
 
@@ -115,7 +115,7 @@ def test_compact_copy_round_trips_and_refuses_a_changed_file(tmp_path):
 
 
 def test_run_or_load_reads_a_cache_only_when_its_fingerprint_matches(tmp_path):
-    from csa.training import paper_table as pt
+    from csa.experiments import paper_table as pt
 
     save_gnd(tmp_path, "d", {"imlist": ["a", "b"], "qimlist": ["q"], "gnd": [{"easy": [0], "hard": [], "junk": [],
                                                                              "bbx": [0, 0, 1, 1]}]})
@@ -140,7 +140,7 @@ def test_run_or_load_reads_a_cache_only_when_its_fingerprint_matches(tmp_path):
 def test_committed_compact_sets_verify_and_match_the_demo_ground_truth():
     from conftest import REPO_ROOT
     from csa.data.layout import load_gnd
-    from csa.training.paper_table import DEFAULT_SETTINGS
+    from csa.experiments.paper_table import DEFAULT_SETTINGS
 
     root = REPO_ROOT / "data" / "demo"
     for name in DEFAULT_SETTINGS["features"]:
@@ -159,3 +159,31 @@ def test_pooled_rows_of_two_cities_are_paired_by_city_and_count_their_landmarks_
     assert table.loc["CSA", "benchmark"] == "pooled LOO"
     assert table.loc["CSA", "landmarks"] == 6 and table.loc["CSA", "queries"] == 8
     assert table.loc["CSA", "medium_gain"] == pytest.approx(11.5 + 10.0)
+
+
+@pytest.mark.slow
+def test_the_untrained_l_chosen_now_is_the_one_the_committed_results_record():
+    """pick_untrained_l on a pooled fold's training pool (the PCA-whitened variant, where raw L = 64 won) and on a
+    cross-city pool gives the L that data/demo/results/paper_aps.csv records for those runs."""
+    from conftest import REPO_ROOT
+    from csa.experiments.landmark_pool import load_city
+    from csa.experiments.paper_table import DEFAULT_SETTINGS
+    from csa.experiments.pooled import BACKBONE_FEATURES, _pool_loo, pick_untrained_l
+
+    root = REPO_ROOT / "data" / "demo"
+    results = root / "results" / "paper_aps.csv"
+    if not results.is_file():
+        pytest.skip("no committed paper-table results")
+    aps = pd.read_csv(results)
+    cities = {d: load_city(root, d, DEFAULT_SETTINGS["features"]) for d in ("roxford5k-mini", "rparis6k-mini")}
+    both = list(cities.values())
+    held = pooled_folds(both, DEFAULT_SETTINGS["pooled_folds"])[0]
+    runs = {("pooled", 0, "pcaw"): [city_pool(city, [lm for c, lm in held if c == i]) for i, city in enumerate(both)],
+            ("cross-city", -1, "pcaw"): [city_pool(cities["roxford5k-mini"])]}
+    for (protocol, fold, variant), pool in runs.items():
+        recorded = aps[(aps["protocol"] == protocol) & (aps["fold"] == fold) & (aps["whitening"] == variant)]
+        if protocol == "cross-city":
+            recorded = recorded[recorded["trained_on"] == "roxford5k-mini"]
+        whitening = fit_whitening(pool, BACKBONE_FEATURES[0], variant)
+        chosen = pick_untrained_l(_pool_loo(pool, BACKBONE_FEATURES[0], whitening))
+        assert recorded["untrained_l"].unique().tolist() == [f"raw {chosen['raw']}, centred {chosen['centred']}"]

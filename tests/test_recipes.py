@@ -14,7 +14,8 @@ from csa.training.config import TrainConfig, parse_overrides
 from csa.training.engine import train_one_epoch
 from csa.training.recipes import DEPARTURES, RECIPE_FIELDS, RECIPES, effective_lrs, get_recipe
 from csa.training.sampler import GlobalBatchSampler
-from csa.training.train import build_optimization, main
+from csa.cli import main as csa_main
+from csa.training.train import build_optimization
 from csa.validation import CSAInputError
 
 
@@ -131,12 +132,12 @@ def test_fixed_order_equals_the_official_distributed_sampler_on_four_gpus(n, bat
 
 
 def test_cli_dry_run_prints_the_resolved_recipe(capsys):
-    assert main(["--recipe", "official", "--batch-size", "128", "--dry-run"]) == 0
+    assert csa_main(["train", "--recipe", "official", "--batch-size", "128", "--dry-run"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["config"]["recipe"] == "official" and out["config"]["clip_grad"] == 0.0
     assert out["overrides"] == {"batch_size": 128}
     assert out["effective_lrs"]["peak_lr"] == pytest.approx(0.1 * 32 / 256)
-    assert main(["--recipe", "demo", "--dry-run"]) == 0
+    assert csa_main(["train", "--recipe", "demo", "--dry-run"]) == 0
     demo = json.loads(capsys.readouterr().out)["config"]
     assert (demo["topk"], demo["embed_dim"], demo["base_lr"]) == (64, 128, 0.5)
 
@@ -156,7 +157,7 @@ def test_selected_demo_recipes_are_the_committed_selection():
     import pandas as pd
 
     from csa.training.recipes import DEMO_SELECTED
-    from csa.training.selection import GRID, choose
+    from csa.experiments.selection import GRID, choose
 
     results = Path(__file__).resolve().parents[1] / "data" / "demo" / "results"
     for trainset, chosen in DEMO_SELECTED.items():

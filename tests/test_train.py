@@ -15,7 +15,8 @@ from _subprocess import run
 from _train_helpers import TOY_TRAINSET, tiny_config, write_toy_trainset
 from csa.model import RerankTransformer
 from csa.training.config import TrainConfig, build_parser, config_from_argv
-from csa.training.train import main, run_training
+from csa.cli import main as csa_main
+from csa.training.train import run_training
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -77,8 +78,8 @@ def test_stop_and_resume_equals_uninterrupted_run(tmp_path):
     full, parts = state(tmp_path / "full" / "checkpoint.pth"), state(tmp_path / "parts" / "checkpoint.pth")
     assert all(torch.equal(full[k], parts[k]) for k in full)
     # an explicit path works too; a missing one is an input error
-    assert main(["--data-root", str(tmp_path), "--trainset", TOY_TRAINSET, "--feature-names", "toyfeat",
-                 "--resume", str(tmp_path / "nope.pth"), "--output-dir", str(tmp_path / "x")]) == 2
+    assert csa_main(["train", "--data-root", str(tmp_path), "--trainset", TOY_TRAINSET, "--feature-names",
+                     "toyfeat", "--resume", str(tmp_path / "nope.pth"), "--output-dir", str(tmp_path / "x")]) == 2
 
 
 def test_parser_has_every_field_with_defaults_and_errors_are_reported(tmp_path, capsys):
@@ -98,7 +99,7 @@ def test_parser_has_every_field_with_defaults_and_errors_are_reported(tmp_path, 
            (0.2, 2.0, 1.0, 0.1, "retrieval-SfM-120k")
     args = parser.parse_args(["--feature-names", "a", "b", "--no-qkv-bias", "--stop-at-epoch", "3"])
     assert args.feature_names == ["a", "b"] and args.qkv_bias is False and args.stop_at_epoch == 3
-    assert main(["--data-root", str(tmp_path)]) == 2
+    assert csa_main(["train", "--data-root", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "retrieval-SfM-120k.pkl" in err and "csa demo build" in err
 

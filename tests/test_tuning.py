@@ -10,7 +10,8 @@ import pytest
 from csa.compare.expansion import alpha_qe
 from csa.compare.published import FIRST_STAGE
 from csa.compare.runner import QUERY_COLUMNS, gain_between, query_landmarks, run_comparison, summary_table
-from csa.compare.tuning import GRIDS, select_setting, select_untrained, training_benchmark, tuned_methods
+from csa.compare.tuning import (GRIDS, select_setting, select_setting_pooled, select_untrained, training_benchmark,
+                               tuned_methods)
 from csa.evaluate import evaluate_revisited
 from csa.stats import paired_bootstrap_gain
 from csa.validation import CSAInputError
@@ -61,6 +62,43 @@ def test_select_setting_refuses_empty_grid_and_unknown_protocol():
         select_setting({}, q, db, TEST_GND)
     with pytest.raises(CSAInputError, match="protocol must be one of"):
         select_setting({1: _fixed(FORWARD)}, q, db, TEST_GND, protocol="Medium")
+
+
+def _order(order):
+    """A ranker that gives every query the database order ``order``."""
+    return lambda q, db, r: np.tile(np.asarray(order)[:, None], (1, q.shape[0]))
+
+
+def test_select_setting_pooled_weighs_benchmarks_by_their_queries():
+    # benchmark A: 1 query whose positive is image 3; benchmark B: 3 queries whose positive is image 0.
+    # forward order: AP 1/8 on A, 1 on B; backward: 1 on A, 1/8 on B (see FORWARD / BACKWARD above).
+    rng = np.random.default_rng(1)
+    db = unit_rows(rng, 4, 4)
+    small = (unit_rows(rng, 1, 4), db, TRAIN_GND)
+    large = (unit_rows(rng, 3, 4), db, TEST_GND * 3)
+    candidates = {"backward": _order([3, 2, 1, 0]), "forward": _order([0, 1, 2, 3])}
+    value, table = select_setting_pooled(candidates, [small, large])
+    # per query: forward (12.5 + 3 * 100) / 4, backward (100 + 3 * 12.5) / 4; the mean of the two benchmarks'
+    # mAPs would tie at 56.25 and keep the first candidate, backward
+    assert value == "forward"
+    assert table["medium_map"].tolist() == pytest.approx([34.375, 78.125])
+    assert table["chosen"].tolist() == [False, True]
+    # one benchmark: the same choice and mAPs as select_setting
+    for bench in (small, large):
+        alone, alone_table = select_setting_pooled(candidates, [bench])
+        assert alone == select_setting(candidates, *bench)[0]
+        assert alone_table.equals(select_setting(candidates, *bench)[1])
+
+
+def test_select_setting_pooled_ties_go_to_the_first_candidate_and_empty_input_is_refused():
+    rng = np.random.default_rng(2)
+    db = unit_rows(rng, 4, 4)
+    bench = (unit_rows(rng, 2, 4), db, TEST_GND * 2)
+    candidates = {32: _order([0, 1, 2, 3]), 64: _order([0, 2, 1, 3]), 128: _order([3, 2, 1, 0])}
+    value, table = select_setting_pooled(candidates, [bench, bench])
+    assert value == 32 and table["chosen"].tolist() == [True, False, False]
+    with pytest.raises(CSAInputError, match="benchmarks is empty"):
+        select_setting_pooled(candidates, [])
 
 
 def test_training_benchmark_is_the_other_citys_leave_one_out_queries():

@@ -26,8 +26,8 @@ from csa.progress import progress_bar
 from csa.search import _first_stage
 from csa.validation import CSAInputError, check_descriptors, check_gnd
 
-__all__ = ["GRIDS", "training_benchmark", "untrained_ranker", "select_setting", "select_untrained",
-           "tuned_methods"]
+__all__ = ["GRIDS", "training_benchmark", "untrained_ranker", "select_setting", "select_setting_pooled",
+           "select_untrained", "tuned_methods"]
 
 #: Untrained re-ranker -> (its selected parameter, the values tried, simplest first).
 GRIDS: dict[str, tuple[str, tuple[int, ...]]] = {
@@ -105,8 +105,38 @@ def select_setting(candidates: Mapping[Any, Ranker], qvecs: Any, dbvecs: Any, gn
     ranks = _first_stage(qvecs, dbvecs) if first_stage_ranks is None else first_stage_ranks
     scores = [evaluate_revisited(ranker(qvecs, dbvecs, ranks), gnd)[protocol]["map"] for ranker in candidates.values()]
     values = list(candidates)
-    best = max(range(len(values)), key=lambda i: (scores[i], -i))
+    best = _best(scores)
     table = pd.DataFrame({"value": values, f"{protocol}_map": scores, "chosen": [i == best for i in range(len(values))]})
+    return values[best], table
+
+
+def _best(scores: Sequence[float]) -> int:
+    """Index of the highest score; ties go to the first."""
+    return max(range(len(scores)), key=lambda i: (scores[i], -i))
+
+
+def select_setting_pooled(candidates: Mapping[Any, Ranker], benchmarks: Sequence[tuple[Any, Any, Any]],
+                          protocol: str = "medium") -> tuple[Any, pd.DataFrame]:
+    """:func:`select_setting` over several (training) benchmarks ``(qvecs, dbvecs, gnd)`` pooled by query.
+
+    Every candidate re-ranks each benchmark's first stage; its score is the sum over benchmarks of the
+    ``protocol`` mAP times the benchmark's number of queries (each query counts once, whichever benchmark it
+    belongs to); the best value wins, ties go to the first candidate.  Returns (value, table with one row per
+    candidate: value, the query-weighted mean mAP, chosen).
+    """
+    if not benchmarks:
+        raise CSAInputError("benchmarks is empty: give at least one (qvecs, dbvecs, gnd)")
+    totals = [0.0] * len(candidates)
+    queries = 0
+    for qvecs, dbvecs, gnd in benchmarks:
+        _, table = select_setting(candidates, qvecs, dbvecs, gnd, protocol)
+        n_q = len(qvecs)
+        totals = [total + score * n_q for total, score in zip(totals, table[f"{protocol}_map"])]
+        queries += n_q
+    values = list(candidates)
+    best = _best(totals)
+    table = pd.DataFrame({"value": values, f"{protocol}_map": [total / queries for total in totals],
+                          "chosen": [i == best for i in range(len(values))]})
     return values[best], table
 
 

@@ -22,7 +22,7 @@ import csv
 import io
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -246,6 +246,49 @@ def _reencode(src: Path, dst: Path, quality: int) -> None:
         f.write(data)
 
 
+def _read_city(source: Path, city: Mapping[str, Any]) -> tuple[Path, dict, dict, dict]:
+    """``(photo folder, manifest, full official ground truth, ground truth restricted to the subset)`` of one
+    city in ``source``, each checked (one :class:`CSAInputError` naming the file)."""
+    folder = source / city["folder"]
+    manifest_file, gnd_file = folder / "manifest.csv", source / city["gnd"]
+    for p in (manifest_file, gnd_file):
+        if not p.is_file():
+            raise CSAInputError(f"{p} not found; --source must be the offline data folder "
+                                f"(../shared/data) holding {city['folder']}/ and revisitop/")
+    manifest = read_manifest(manifest_file)
+    full = load_pickle(gnd_file)
+    overlap = set(full["imlist"]) & set(full["qimlist"])
+    if overlap:
+        raise CSAInputError(f"{gnd_file}: {len(overlap)} query names are also database names; the demo build "
+                            f"assumes the revisited layout where they are disjoint")
+    scale = {n: m["width"] / m["orig_width"] for n, m in manifest.items()}
+    gnd = restrict_gnd(full, set(manifest), scale)
+    unused = set(manifest) - set(gnd["imlist"]) - set(gnd["qimlist"])
+    if unused:
+        raise CSAInputError(f"{len(unused)} photos of {folder} are neither database nor query images of "
+                            f"{gnd_file}, e.g. {sorted(unused)[0]}")
+    return folder, manifest, full, gnd
+
+
+def _city_summary(full: dict, gnd: dict, q_landmark: np.ndarray, sub_lm: np.ndarray, splits: dict, loo: dict,
+                  trainset: str) -> dict[str, Any]:
+    """What :func:`build_demo` reports for one city: sizes, landmarks, the trainset's split, the LOO queries."""
+    n_pos = [len(g["easy"]) + len(g["hard"]) for g in gnd["gnd"]]
+    return {
+        "db": len(gnd["imlist"]), "queries": len(gnd["qimlist"]),
+        "queries_with_medium_positive": int(sum(p > 0 for p in n_pos)),
+        "landmarks_full_gnd": int(q_landmark.max()) + 1,
+        "landmark_queries": {int(k): [full["qimlist"][q] for q in np.flatnonzero(q_landmark == k)]
+                             for k in range(int(q_landmark.max()) + 1)},
+        "trainset": trainset,
+        "train_images": len(splits["train"]["images"]), "val_images": len(splits["val"]["images"]),
+        "val_landmarks": sorted({c for c, n in zip(splits["val"]["cluster"], splits["val"]["images"])
+                                 if sub_lm[gnd["imlist"].index(n)] >= 0}),
+        "db_images_with_landmark": int((sub_lm >= 0).sum()),
+        "loo_queries": len(loo["qimlist"]),
+    }
+
+
 def build_demo(source: str | os.PathLike, out: str | os.PathLike, quality: int = JPEG_QUALITY,
                progress: bool = True) -> dict[str, Any]:
     """Build the demo data root ``out`` from the offline photo subsets in ``source``; return a summary."""
@@ -256,24 +299,7 @@ def build_demo(source: str | os.PathLike, out: str | os.PathLike, quality: int =
     check_output_dir(out, "--out")
     summary: dict[str, Any] = {}
     for dataset, city in CITIES.items():
-        folder = source / city["folder"]
-        manifest_file, gnd_file = folder / "manifest.csv", source / city["gnd"]
-        for p in (manifest_file, gnd_file):
-            if not p.is_file():
-                raise CSAInputError(f"{p} not found; --source must be the offline data folder "
-                                    f"(../shared/data) holding {city['folder']}/ and revisitop/")
-        manifest = read_manifest(manifest_file)
-        full = load_pickle(gnd_file)
-        overlap = set(full["imlist"]) & set(full["qimlist"])
-        if overlap:
-            raise CSAInputError(f"{gnd_file}: {len(overlap)} query names are also database names; the demo build "
-                                f"assumes the revisited layout where they are disjoint")
-        scale = {n: m["width"] / m["orig_width"] for n, m in manifest.items()}
-        gnd = restrict_gnd(full, set(manifest), scale)
-        unused = set(manifest) - set(gnd["imlist"]) - set(gnd["qimlist"])
-        if unused:
-            raise CSAInputError(f"{len(unused)} photos of {folder} are neither database nor query images of "
-                                f"{gnd_file}, e.g. {sorted(unused)[0]}")
+        folder, manifest, full, gnd = _read_city(source, city)
         save_gnd(out, dataset, gnd)
 
         names = gnd["imlist"] + gnd["qimlist"]
@@ -296,19 +322,5 @@ def build_demo(source: str | os.PathLike, out: str | os.PathLike, quality: int =
         sizes = {n: (manifest[n]["width"], manifest[n]["height"]) for n in gnd["imlist"]}
         loo = leave_one_out_gnd(gnd["imlist"], sub_lm, sub_cat, sub_junk, sizes)
         save_gnd(out, city["loo"], loo)
-
-        n_pos = [len(g["easy"]) + len(g["hard"]) for g in gnd["gnd"]]
-        summary[dataset] = {
-            "db": len(gnd["imlist"]), "queries": len(gnd["qimlist"]),
-            "queries_with_medium_positive": int(sum(p > 0 for p in n_pos)),
-            "landmarks_full_gnd": int(q_landmark.max()) + 1,
-            "landmark_queries": {int(k): [full["qimlist"][q] for q in np.flatnonzero(q_landmark == k)]
-                                 for k in range(int(q_landmark.max()) + 1)},
-            "trainset": city["trainset"],
-            "train_images": len(splits["train"]["images"]), "val_images": len(splits["val"]["images"]),
-            "val_landmarks": sorted({c for c, n in zip(splits["val"]["cluster"], splits["val"]["images"])
-                                     if sub_lm[gnd["imlist"].index(n)] >= 0}),
-            "db_images_with_landmark": int((sub_lm >= 0).sum()),
-            "loo_queries": len(loo["qimlist"]),
-        }
+        summary[dataset] = _city_summary(full, gnd, q_landmark, sub_lm, splits, loo, city["trainset"])
     return summary

@@ -35,14 +35,12 @@ Command line: ``csa download roxford5k rparis6k --data-root data``
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import http.client
 import json
 import logging
 import os
 import shutil
-import sys
 import tarfile
 import urllib.error
 import urllib.parse
@@ -56,7 +54,7 @@ import pooch
 from tqdm import tqdm
 
 from csa.fileio import SAFE_PICKLE_GLOBALS, atomic_write, check_output_dir, load_pickle, sha256_file
-from csa.validation import CSAError, CSAInputError, run_command
+from csa.validation import CSAError, CSAInputError
 
 __all__ = [
     "DATASETS",
@@ -66,7 +64,8 @@ __all__ = [
     "ResumableHTTPDownloader",
     "download",
     "download_dataset",
-    "main",
+    "download_names",
+    "resource_listing",
     "resource_url",
     "check_format",
     "MANIFEST",
@@ -471,42 +470,38 @@ def download_dataset(dataset: str, data_root: str | os.PathLike, progress: bool 
             for n in DATASETS[dataset]]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: ``csa download NAME [NAME ...] --data-root DIR``."""
-    parser = argparse.ArgumentParser(prog="csa download", description=__doc__.split("\n")[0].replace("``", ""))
-    parser.add_argument("names", nargs="*", help=f"datasets ({', '.join(DATASETS)}) or resource names")
-    parser.add_argument("--data-root", default="data", help="data root (default: ./data)")
-    parser.add_argument("--mirror", default=None, help=f"base URL of a flat mirror (default: ${MIRROR_ENV} "
-                                                        f"or the official hosts)")
-    parser.add_argument("--keep-archives", action="store_true", help="keep downloaded archives")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--list", action="store_true", help="list datasets and resources, then exit")
-    args = parser.parse_args(argv)
-    if args.list or not args.names:
-        for ds, names in DATASETS.items():
-            print(f"{ds}: {', '.join(names) if len(names) < 8 else names[0] + ', ... (' + str(len(names)) + ')'}")
-        for n, r in RESOURCES.items():
-            if n.startswith("revisitop1m.") and n != "revisitop1m.1":
-                continue
-            label = "revisitop1m.1 .. revisitop1m.100" if n == "revisitop1m.1" else n
-            print(f"  {label:34s} {r.url} -> {r.dest}  [{r.verified_by}]")
-        return 0
-
-    def fetch_all() -> int:
-        if args.mirror is not None:
-            _check_mirror(args.mirror)
-        unknown = [n for n in args.names if n not in DATASETS and n not in RESOURCES]
-        if unknown:
-            _resource(unknown[0])
-        for n in args.names:
-            kw = dict(progress=not args.no_progress, base_url=args.mirror, keep_archive=args.keep_archives)
-            paths = download_dataset(n, args.data_root, **kw) if n in DATASETS else [download(n, args.data_root, **kw)]
-            for p in paths:
-                print(p)
-        return 0
-
-    return run_command("csa download", fetch_all)
+def resource_listing() -> str:
+    """The datasets and resources ``csa download --list`` prints: each dataset's resources, then each resource's
+    address, destination and how it is verified."""
+    lines = []
+    for ds, names in DATASETS.items():
+        lines.append(f"{ds}: {', '.join(names) if len(names) < 8 else names[0] + ', ... (' + str(len(names)) + ')'}")
+    for n, r in RESOURCES.items():
+        if n.startswith("revisitop1m.") and n != "revisitop1m.1":
+            continue
+        label = "revisitop1m.1 .. revisitop1m.100" if n == "revisitop1m.1" else n
+        lines.append(f"  {label:34s} {r.url} -> {r.dest}  [{r.verified_by}]")
+    return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def download_names(names: Sequence[str], data_root: str | os.PathLike, progress: bool = True,
+                   base_url: str | None = None, keep_archive: bool = False,
+                   echo: Callable[[Path], None] | None = None) -> list[Path]:
+    """Download every dataset or resource in ``names`` (``csa download NAME ...``); return the installed paths.
+
+    Every name and the mirror are checked before the first download starts; ``echo`` is called with each
+    installed path as soon as its dataset or resource is done.
+    """
+    if base_url is not None:
+        _check_mirror(base_url)
+    unknown = [n for n in names if n not in DATASETS and n not in RESOURCES]
+    if unknown:
+        _resource(unknown[0])
+    kw = dict(progress=progress, base_url=base_url, keep_archive=keep_archive)
+    paths: list[Path] = []
+    for n in names:
+        got = download_dataset(n, data_root, **kw) if n in DATASETS else [download(n, data_root, **kw)]
+        for path in got if echo is not None else ():
+            echo(path)
+        paths.extend(got)
+    return paths

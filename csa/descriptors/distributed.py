@@ -15,7 +15,7 @@ import os
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Mapping
+from typing import Callable, Mapping, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -24,7 +24,7 @@ from csa.device import resolve_device
 from csa.validation import CSAInputError
 
 __all__ = ["Ranks", "ranks_from_environment", "join_extraction_group", "leave_extraction_group",
-           "extraction_device", "synchronize", "owned_shards", "GROUP_TIMEOUT"]
+           "in_extraction_group", "extraction_device", "synchronize", "owned_shards", "GROUP_TIMEOUT"]
 
 #: How long a rank waits at a sync point for the others (a resumed run may leave one rank most of the work).
 GROUP_TIMEOUT = timedelta(hours=48)
@@ -106,6 +106,19 @@ def leave_extraction_group(ranks: Ranks | None) -> None:
     """Leave the process group :func:`join_extraction_group` joined."""
     if ranks is not None and dist.is_initialized():
         dist.destroy_process_group()
+
+
+_T = TypeVar("_T")
+
+
+def in_extraction_group(device: str, body: Callable[[Ranks | None], _T]) -> _T:
+    """``body(ranks)`` inside the process group of a torchrun extraction (``ranks`` None for one process),
+    leaving the group afterwards whatever happens."""
+    ranks = join_extraction_group(device)
+    try:
+        return body(ranks)
+    finally:
+        leave_extraction_group(ranks)
 
 
 def synchronize(ranks: Ranks | None) -> None:

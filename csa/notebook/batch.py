@@ -30,7 +30,6 @@ grid value cannot itself contain a comma.
 """
 from __future__ import annotations
 
-import argparse
 import ast
 import contextlib
 import itertools
@@ -47,9 +46,9 @@ from typing import Any, Sequence
 import pandas as pd
 
 from csa.fileio import atomic_write, check_output_dir, remove_stale_temporaries, save_table, sha256_file
-from csa.validation import CSAInputError, run_command
+from csa.validation import CSAInputError
 
-__all__ = ["parse_value", "parse_grid", "parse_params", "run_name", "check_parameters", "BatchResult", "run_grid", "main"]
+__all__ = ["parse_value", "parse_grid", "parse_params", "run_name", "check_parameters", "BatchResult", "run_grid"]
 
 RESULTS_PARAMETER = "results_csv"
 
@@ -235,6 +234,182 @@ def _remove_leftovers(*folders: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
+def _check_grid_arguments(notebook: Path, grid: dict[str, list[Any]], params: dict[str, Any], kernel: str,
+                          max_workers: int, out_dir: str | Path) -> None:
+    """One clear error for a bad argument of :func:`run_grid`, before anything runs or is written."""
+    if not notebook.is_file():
+        raise CSAInputError(f"notebook {notebook} does not exist: pass the path of an .ipynb file")
+    clash = sorted(set(grid) & set(params))
+    if clash:
+        raise CSAInputError(f"{clash} given both in --grid and --param: give each parameter once")
+    if RESULTS_PARAMETER in grid or RESULTS_PARAMETER in params:
+        raise CSAInputError(f"{RESULTS_PARAMETER!r} is set by the batch runner for each run: do not pass it")
+    empty = [k for k, v in grid.items() if not v]
+    if empty:
+        raise CSAInputError(f"grid parameter(s) {empty} have no values: give at least one value each")
+    if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
+        raise CSAInputError(f"max_workers must be >= 1, got {max_workers}")
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise CSAInputError(f"--out {out_dir} is a file, not a folder; give a folder for the notebooks and results")
+    check_parameters(notebook, [*grid, *params], kernel=kernel)
+
+
+@dataclass
+class _Batch:
+    """One batch in progress: its runs (grid points and their file names), where they go, and what finished."""
+
+    notebook: Path
+    params: dict[str, Any]
+    keys: list[str]
+    points: list[dict[str, Any]]
+    names: list[str]
+    out_dir: Path
+    runs_dir: Path
+    digests: dict[str, str]
+    kernel: str
+    cwd: Path
+    force: bool
+    tables: dict[int, pd.DataFrame] = field(default_factory=dict)
+    failures: dict[int, str] = field(default_factory=dict)
+    skipped: list[int] = field(default_factory=list)
+
+    @property
+    def results_csv(self) -> Path:
+        return self.out_dir / "results.csv"
+
+    def with_grid_columns(self, i: int, table: pd.DataFrame) -> pd.DataFrame:
+        """Run ``i``'s table with its grid values as the first columns."""
+        for position, key in enumerate(self.keys):
+            if key in table.columns:
+                table = table.drop(columns=key)
+            table.insert(position, key, [self.points[i][key]] * len(table))
+        return table
+
+    def finished_table(self, i: int, parameters: dict[str, Any]) -> pd.DataFrame | None:
+        """The table of run ``i`` when it already finished with these ``parameters`` (and ``force`` is off)."""
+        final_nb, final_csv = self.out_dir / f"{self.names[i]}.ipynb", self.runs_dir / f"{self.names[i]}.csv"
+        unchanged = final_csv.is_file() and self.digests.get(self.names[i]) == sha256_file(final_csv)
+        if not self.force and final_csv.is_file() and not unchanged:
+            print(f"[csa batch] {final_csv} changed after its run finished (edited by hand?): running "
+                  f"{self.names[i]} again", file=sys.stderr, flush=True)
+        if not self.force and unchanged and _finished(final_nb, final_csv, parameters):
+            try:
+                return self.with_grid_columns(i, pd.read_csv(final_csv))
+            except Exception:  # noqa: BLE001 - an unreadable table: run again
+                return None
+        return None
+
+    def run_one(self, i: int) -> tuple[int, pd.DataFrame | None, str | None]:
+        """Execute run ``i`` (or reuse its finished table): ``(i, table, None)`` or ``(i, None, error)``."""
+        import papermill
+
+        name = self.names[i]
+        final_nb, final_csv = self.out_dir / f"{name}.ipynb", self.runs_dir / f"{name}.csv"
+        running_nb, running_csv = self.out_dir / f".{name}{RUNNING}.ipynb", self.runs_dir / f".{name}{RUNNING}.csv"
+        parameters = {**self.params, **self.points[i], RESULTS_PARAMETER: str(running_csv.resolve())}
+        table = self.finished_table(i, parameters)
+        if table is not None:
+            self.skipped.append(i)
+            return i, table, None
+        for stale in (final_nb, final_csv, self.out_dir / f"{name}{FAILED}"):
+            stale.unlink(missing_ok=True)
+        try:
+            papermill.execute_notebook(
+                str(self.notebook), str(running_nb), parameters=parameters,
+                kernel_name=self.kernel, progress_bar=False, cwd=str(self.cwd),
+                extra_arguments=KERNEL_QUIET,
+            )
+            if not running_csv.is_file():
+                raise FileNotFoundError(f"the notebook finished but wrote no table to {RESULTS_PARAMETER}")
+            table = pd.read_csv(running_csv)
+        except Exception as exc:  # noqa: BLE001 - any failure of one run is reported, the batch goes on
+            running_csv.unlink(missing_ok=True)
+            if running_nb.is_file():
+                os.replace(running_nb, self.out_dir / f"{name}{FAILED}")
+            return i, None, _error_text(exc)
+        except BaseException:  # Ctrl-C: nothing of this run looks finished
+            running_csv.unlink(missing_ok=True)
+            running_nb.unlink(missing_ok=True)
+            raise
+        os.replace(running_csv, final_csv)
+        os.replace(running_nb, final_nb)
+        return i, self.with_grid_columns(i, table), None
+
+    def write_table(self) -> pd.DataFrame:
+        """Write ``results.csv`` from every finished run so far, in grid order; return it."""
+        frames = [self.tables[i] for i in sorted(self.tables)]
+        table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=self.keys)
+        save_table(table, self.results_csv)
+        return table
+
+    def collect(self, i: int, table: pd.DataFrame | None, error: str | None) -> None:
+        """Record the outcome of run ``i``: a finished table (and its digest) or a failure."""
+        if error is None:
+            self.tables[i] = table
+            self.digests[self.names[i]] = sha256_file(self.runs_dir / f"{self.names[i]}.csv")
+            _write_record(self.out_dir, self.notebook, self.keys, self.digests)
+            self.write_table()
+        else:
+            self.failures[i] = error
+            print(f"[csa batch] run {self.names[i]} FAILED: {error}", file=sys.stderr, flush=True)
+
+
+def _start_batch(notebook: Path, grid: dict[str, list[Any]], out_dir: str | Path, params: dict[str, Any],
+                 kernel: str, cwd: str | Path | None, force: bool) -> _Batch:
+    """The runs of the grid, with ``out_dir`` checked, cleaned of a killed batch's leftovers and recorded."""
+    run_cwd = Path(cwd) if cwd is not None else notebook.resolve().parent
+    if not run_cwd.is_dir():
+        raise CSAInputError(f"working directory {run_cwd} does not exist: pass an existing folder as cwd")
+    keys = list(grid)
+    points = [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+    names = [run_name(notebook, p) for p in points]
+    if len(set(names)) != len(names):
+        raise CSAInputError("two grid points map to the same file name: make the grid values distinct as text")
+    out_dir = check_output_dir(out_dir, "--out")
+    record = _read_record(out_dir)
+    _check_same_batch(out_dir, record, notebook, keys, names)
+    runs_dir = check_output_dir(out_dir / "runs", "--out")
+    _remove_leftovers(out_dir, runs_dir)
+    remove_stale_temporaries(out_dir)
+    remove_stale_temporaries(runs_dir)
+    digests: dict[str, str] = dict(record.get("tables", {}))
+    _write_record(out_dir, notebook, keys, digests)
+    return _Batch(notebook, params, keys, points, names, out_dir, runs_dir, digests, kernel, run_cwd, force)
+
+
+def _execute(batch: _Batch, max_workers: int, progress: bool) -> pd.DataFrame:
+    """Run every point (one at a time, or ``max_workers`` at once) and return the final ``results.csv`` table.
+
+    Interrupted (Ctrl-C or an error of the runner itself), ``results.csv`` still lists what finished.
+    """
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(batch.points), desc=f"batch {batch.notebook.name}", disable=not progress)
+
+    def collect(i: int, table: pd.DataFrame | None, error: str | None) -> None:
+        batch.collect(i, table, error)
+        bar.update(1)
+
+    try:
+        if max_workers == 1:  # in this thread: Ctrl-C reaches the running notebook at once
+            for i in range(len(batch.points)):
+                collect(*batch.run_one(i))
+        else:
+            pool = ThreadPoolExecutor(max_workers=max_workers)
+            try:
+                for future in as_completed([pool.submit(batch.run_one, i) for i in range(len(batch.points))]):
+                    collect(*future.result())
+            finally:
+                pool.shutdown(wait=False, cancel_futures=True)
+    except BaseException:
+        bar.close()
+        with contextlib.suppress(Exception):  # keep what finished, even when interrupted
+            batch.write_table()
+        raise
+    bar.close()
+    return batch.write_table()
+
+
 def run_grid(
     notebook: str | Path,
     grid: dict[str, list[Any]],
@@ -254,182 +429,15 @@ def run_grid(
     listed in ``BatchResult.failures`` as ``(run name, error)``.  Runs that already finished with the
     same parameters are skipped (listed in ``BatchResult.skipped``) unless ``force``.
     """
-    import papermill
-    from tqdm import tqdm
-
     notebook = Path(notebook)
-    if not notebook.is_file():
-        raise CSAInputError(f"notebook {notebook} does not exist: pass the path of an .ipynb file")
     params = dict(params or {})
-    clash = sorted(set(grid) & set(params))
-    if clash:
-        raise CSAInputError(f"{clash} given both in --grid and --param: give each parameter once")
-    if RESULTS_PARAMETER in grid or RESULTS_PARAMETER in params:
-        raise CSAInputError(f"{RESULTS_PARAMETER!r} is set by the batch runner for each run: do not pass it")
-    empty = [k for k, v in grid.items() if not v]
-    if empty:
-        raise CSAInputError(f"grid parameter(s) {empty} have no values: give at least one value each")
-    if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
-        raise CSAInputError(f"max_workers must be >= 1, got {max_workers}")
-    if Path(out_dir).exists() and not Path(out_dir).is_dir():
-        raise CSAInputError(f"--out {out_dir} is a file, not a folder; give a folder for the notebooks and results")
-    check_parameters(notebook, [*grid, *params], kernel=kernel)
-
-    run_cwd = Path(cwd) if cwd is not None else notebook.resolve().parent
-    if not run_cwd.is_dir():
-        raise CSAInputError(f"working directory {run_cwd} does not exist: pass an existing folder as cwd")
-    keys = list(grid)
-    points = [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
-    names = [run_name(notebook, p) for p in points]
-    if len(set(names)) != len(names):
-        raise CSAInputError("two grid points map to the same file name: make the grid values distinct as text")
-    out_dir = check_output_dir(out_dir, "--out")
-    record = _read_record(out_dir)
-    _check_same_batch(out_dir, record, notebook, keys, names)
-    runs_dir = check_output_dir(out_dir / "runs", "--out")
-    _remove_leftovers(out_dir, runs_dir)
-    remove_stale_temporaries(out_dir)
-    remove_stale_temporaries(runs_dir)
-    digests: dict[str, str] = dict(record.get("tables", {}))
-    _write_record(out_dir, notebook, keys, digests)
-    results_csv = out_dir / "results.csv"
-    tables: dict[int, pd.DataFrame] = {}
-    failures: dict[int, str] = {}
-    skipped: list[int] = []
-
-    def with_grid_columns(i: int, table: pd.DataFrame) -> pd.DataFrame:
-        for position, key in enumerate(keys):
-            if key in table.columns:
-                table = table.drop(columns=key)
-            table.insert(position, key, [points[i][key]] * len(table))
-        return table
-
-    def run_one(i: int) -> tuple[int, pd.DataFrame | None, str | None]:
-        final_nb, final_csv = out_dir / f"{names[i]}.ipynb", runs_dir / f"{names[i]}.csv"
-        running_nb, running_csv = out_dir / f".{names[i]}{RUNNING}.ipynb", runs_dir / f".{names[i]}{RUNNING}.csv"
-        parameters = {**params, **points[i], RESULTS_PARAMETER: str(running_csv.resolve())}
-        unchanged = final_csv.is_file() and digests.get(names[i]) == sha256_file(final_csv)
-        if not force and final_csv.is_file() and not unchanged:
-            print(f"[csa batch] {final_csv} changed after its run finished (edited by hand?): running "
-                  f"{names[i]} again", file=sys.stderr, flush=True)
-        if not force and unchanged and _finished(final_nb, final_csv, parameters):
-            try:
-                table = with_grid_columns(i, pd.read_csv(final_csv))
-            except Exception:  # noqa: BLE001 - an unreadable table: run again
-                pass
-            else:
-                skipped.append(i)
-                return i, table, None
-        for stale in (final_nb, final_csv, out_dir / f"{names[i]}{FAILED}"):
-            stale.unlink(missing_ok=True)
-        try:
-            papermill.execute_notebook(
-                str(notebook), str(running_nb), parameters=parameters,
-                kernel_name=kernel, progress_bar=False, cwd=str(run_cwd),
-                extra_arguments=KERNEL_QUIET,
-            )
-            if not running_csv.is_file():
-                raise FileNotFoundError(f"the notebook finished but wrote no table to {RESULTS_PARAMETER}")
-            table = pd.read_csv(running_csv)
-        except Exception as exc:  # noqa: BLE001 - any failure of one run is reported, the batch goes on
-            running_csv.unlink(missing_ok=True)
-            if running_nb.is_file():
-                os.replace(running_nb, out_dir / f"{names[i]}{FAILED}")
-            return i, None, _error_text(exc)
-        except BaseException:  # Ctrl-C: nothing of this run looks finished
-            running_csv.unlink(missing_ok=True)
-            running_nb.unlink(missing_ok=True)
-            raise
-        os.replace(running_csv, final_csv)
-        os.replace(running_nb, final_nb)
-        return i, with_grid_columns(i, table), None
-
-    def write_table() -> pd.DataFrame:
-        frames = [tables[i] for i in sorted(tables)]
-        table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=keys)
-        save_table(table, results_csv)
-        return table
-
-    def collect(i: int, table: pd.DataFrame | None, error: str | None) -> None:
-        if error is None:
-            tables[i] = table
-            digests[names[i]] = sha256_file(runs_dir / f"{names[i]}.csv")
-            _write_record(out_dir, notebook, keys, digests)
-            write_table()
-        else:
-            failures[i] = error
-            print(f"[csa batch] run {names[i]} FAILED: {error}", file=sys.stderr, flush=True)
-        bar.update(1)
-
-    bar = tqdm(total=len(points), desc=f"batch {notebook.name}", disable=not progress)
-    try:
-        if max_workers == 1:  # in this thread: Ctrl-C reaches the running notebook at once
-            for i in range(len(points)):
-                collect(*run_one(i))
-        else:
-            pool = ThreadPoolExecutor(max_workers=max_workers)
-            try:
-                for future in as_completed([pool.submit(run_one, i) for i in range(len(points))]):
-                    collect(*future.result())
-            finally:
-                pool.shutdown(wait=False, cancel_futures=True)
-    except BaseException:
-        bar.close()
-        with contextlib.suppress(Exception):  # keep what finished, even when interrupted
-            write_table()
-        raise
-    bar.close()
-    final = write_table()
+    _check_grid_arguments(notebook, grid, params, kernel, max_workers, out_dir)
+    batch = _start_batch(notebook, grid, out_dir, params, kernel, cwd, force)
+    final = _execute(batch, max_workers, progress)
     return BatchResult(
         table=final,
-        failures=[(names[i], failures[i]) for i in sorted(failures)],
-        results_csv=results_csv,
-        notebooks=[out_dir / f"{n}.ipynb" for n in names],
-        skipped=[names[i] for i in sorted(skipped)],
+        failures=[(batch.names[i], batch.failures[i]) for i in sorted(batch.failures)],
+        results_csv=batch.results_csv,
+        notebooks=[batch.out_dir / f"{n}.ipynb" for n in batch.names],
+        skipped=[batch.names[i] for i in sorted(batch.skipped)],
     )
-
-
-def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="csa batch",
-        description="Run a notebook over a Cartesian grid of parameters with papermill; one CSV of results.",
-    )
-    parser.add_argument("notebook", help="the .ipynb to run (needs a 'parameters' cell defining results_csv)")
-    parser.add_argument("--grid", nargs="+", action="extend", default=[], metavar="KEY=V1,V2",
-                        help="grid parameters, each with comma-separated values")
-    parser.add_argument("--param", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                        help="fixed parameters for every run")
-    parser.add_argument("--out", required=True, help="output folder (notebooks, runs/, results.csv)")
-    parser.add_argument("--kernel", default="python3", help="Jupyter kernel name (default: python3)")
-    parser.add_argument("--max-workers", type=int, default=1, help="runs executed at the same time (default 1)")
-    parser.add_argument("--cwd", default=None, help="working directory of the runs (default: the notebook's folder, as in Jupyter)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--force", action="store_true",
-                        help="run every point again, even those whose notebook already finished")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (0 ok, 1 some run failed, 2 bad input, 130 Ctrl-C)."""
-    args = _build_parser().parse_args(argv)
-
-    def batch() -> int:
-        result = run_grid(args.notebook, parse_grid(args.grid), args.out, params=parse_params(args.param),
-                          kernel=args.kernel, max_workers=args.max_workers, cwd=args.cwd,
-                          progress=not args.no_progress, force=args.force)
-        n_runs = len(result.notebooks)
-        done = f", {len(result.skipped)} already finished (skipped; --force runs them again)" if result.skipped else ""
-        print(f"[csa batch] {n_runs - len(result.failures)}/{n_runs} runs ok{done}, {len(result.table)} rows -> "
-              f"{result.results_csv}")
-        if result.failures:
-            print(f"[csa batch] {len(result.failures)} run(s) failed:", file=sys.stderr)
-            for name, error in result.failures:
-                print(f"  {name}: {error}", file=sys.stderr)
-            return 1
-        return 0
-
-    return run_command("csa batch", batch)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

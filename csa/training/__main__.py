@@ -1,7 +1,7 @@
-"""``python -m csa.training`` / ``torchrun -m csa.training``: the training entry point."""
+"""``python -m csa.training ...`` / ``torchrun -m csa.training ...``: the same command as ``csa train ...``."""
 import sys
 
-from csa.training.train import main
+from csa.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["train", *sys.argv[1:]]))

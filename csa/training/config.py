@@ -14,8 +14,8 @@ from csa.device import resolve_device
 from csa.training.recipes import RECIPE_FIELDS, RECIPES, get_recipe
 from csa.validation import CSAInputError, check_float, check_int
 
-__all__ = ["TrainConfig", "build_parser", "config_from_argv", "config_to_argv", "parse_overrides",
-           "check_hyperparameters", "option_flag", "resume_given"]
+__all__ = ["TrainConfig", "DESCRIPTION", "add_arguments", "build_parser", "config_from_args", "config_from_argv",
+           "config_to_argv", "parse_overrides", "check_hyperparameters", "option_flag", "resume_given"]
 
 
 def _option(default: Any, help: str, **kw: Any) -> Any:
@@ -168,15 +168,17 @@ def check_hyperparameters(config: TrainConfig) -> None:
         raise CSAInputError("--overwrite starts from scratch and --resume continues a run: give one of them")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """An argparse parser with one ``--flag-name`` per :class:`TrainConfig` field.
+#: What ``csa train --help`` says the command does.
+DESCRIPTION = ("Train a CSA re-ranker (single process or under torchrun). Start from --recipe paper|official|demo; "
+               "flags override single fields.")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add ``--dry-run`` and one ``--flag-name`` per :class:`TrainConfig` field to ``parser``; return it.
 
     Recipe fields default to ``None`` (= take the recipe's value); the help shows the ``paper`` value.
     ``--dry-run`` prints the resolved configuration as JSON and exits.
     """
-    parser = argparse.ArgumentParser(prog="csa train", description="Train a CSA re-ranker (single process or under "
-                                     "torchrun). Start from --recipe paper|official|demo; flags override single "
-                                     "fields.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="print the resolved configuration as JSON and exit")
     for f in dataclasses.fields(TrainConfig):
         flag = option_flag(f.name)
@@ -200,12 +202,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``csa train`` on its own (:func:`add_arguments`); the ``csa`` command adds the same flags."""
+    return add_arguments(argparse.ArgumentParser(prog="csa train", description=DESCRIPTION,
+                                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+
+
+def config_from_args(args: argparse.Namespace | dict[str, Any]) -> tuple[TrainConfig, bool]:
+    """``(config, dry_run)`` from parsed flags (other names in ``args``, e.g. the sub-command's, are ignored):
+    the ``--recipe`` with the given flags overriding it."""
+    values = dict(vars(args) if isinstance(args, argparse.Namespace) else args)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"recipe"}
+    overrides = {k: v for k, v in values.items() if k in fields and v is not None}
+    return TrainConfig.from_recipe(values["recipe"], **overrides), bool(values.get("dry_run"))
+
+
 def config_from_argv(argv: Any = None) -> tuple[TrainConfig, bool]:
     """``(config, dry_run)`` from command-line flags: the ``--recipe`` with the given flags overriding it."""
-    args = vars(build_parser().parse_args(argv))
-    dry_run = args.pop("dry_run")
-    recipe = args.pop("recipe")
-    return TrainConfig.from_recipe(recipe, **{k: v for k, v in args.items() if v is not None}), dry_run
+    return config_from_args(build_parser().parse_args(argv))
 
 
 def parse_overrides(text: str) -> dict[str, Any]:

@@ -22,9 +22,9 @@ from csa.training.config import TrainConfig, config_to_argv
 from csa.training.run_folder import CHECKPOINT_NAME
 from csa.validation import CSAError, CSAInputError
 
-__all__ = ["torchrun_command", "launch_training", "failed_process", "peer_lost_error"]
+__all__ = ["torchrun_command", "torchrun_text", "launch_training", "failed_process", "peer_lost_error"]
 
-#: How ``csa train`` reports an error (see :func:`csa.validation.run_command`).
+#: How ``csa train`` reports an error (see :func:`csa.cli_errors.run_command`).
 TRAIN_ERROR = "csa train: error:"
 
 
@@ -84,6 +84,12 @@ def torchrun_command(config: TrainConfig, nproc_per_node: int = 1) -> list[str]:
             "choose a batch size that is a multiple of the number of processes")
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_node}",
             "-m", "csa.training", *config_to_argv(config)]
+
+
+def torchrun_text(config: TrainConfig, nproc_per_node: int = 1) -> str:
+    """:func:`torchrun_command` as one types it: ``torchrun --standalone --nproc_per_node=N -m csa.training ...``
+    (the form a release records in its manifest)."""
+    return " ".join(["torchrun", *torchrun_command(config, nproc_per_node)[3:]])
 
 
 def launch_training(config: TrainConfig, nproc_per_node: int = 1, echo: Callable[[str], None] = print,

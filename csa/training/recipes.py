@@ -15,7 +15,7 @@
   only the photos of a landmark as training queries (the demo trainsets also hold hundreds of photos
   without one, which stay as neighbours; rSfM120k has no such images).  ``demo-paris`` and
   ``demo-oxford`` are the variants chosen on each training city's own held-out landmarks
-  (:data:`DEMO_SELECTED`, :mod:`csa.training.selection`).
+  (:data:`DEMO_SELECTED`, :mod:`csa.experiments.selection`).
 
 :meth:`csa.training.config.TrainConfig.from_recipe` builds a configuration from a recipe plus single-field
 overrides; :data:`DEPARTURES` says, field by field, where ``official`` differs from ``paper`` and why.
@@ -81,7 +81,7 @@ DEPARTURES: Mapping[str, str] = MappingProxyType({
 _DEMO = {**_PAPER, "topk": 64, "anchor_len": 64, "embed_dim": 128, "num_heads": 4, "batch_size": 32,
          "num_epochs": 40, "warmup_epochs": 8, "warmup_lr": 0.005, "base_lr": 0.5, "samples": "with-positives"}
 
-#: The settings ``csa demo select`` tries (:mod:`csa.training.selection`), as changes to the ``demo`` recipe
+#: The settings ``csa demo select`` tries (:mod:`csa.experiments.selection`), as changes to the ``demo`` recipe
 #: (each named by what it changes).
 GRID: Mapping[str, Mapping[str, Any]] = {
     "demo": {},

@@ -4,7 +4,8 @@
 and ``data/demo/weights/manifest.json`` records for each file its sha256, the recipe, the exact command that
 produced it and the benchmark it is tested on.  Notebooks re-rank with these files by default, so every
 notebook but the training one runs in seconds on a fresh clone; the main job retrains the models and
-:func:`compare_to_release` reports how the retrained weights compare with the released ones.
+:func:`compare_to_release` reports how the retrained weights compare with the released ones
+(:func:`csa.experiments.retrained.compare_retrained` adds their test mAPs).
 """
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ from csa.fileio import (MANIFEST_NAME, atomic_write, check_manifest_digest, chec
                         remove_stale_temporaries, sha256_file)
 from csa.validation import CSAInputError
 
-__all__ = ["WEIGHTS_DIR", "released_checkpoint", "release", "compare_to_release", "compare_retrained",
-           "finish_interrupted_releases", "verify_release"]
+__all__ = ["WEIGHTS_DIR", "released_checkpoint", "release", "compare_to_release", "finish_interrupted_releases",
+           "verify_release"]
 
 #: Folder of the released weights inside the demo data root.
 WEIGHTS_DIR = "weights"
@@ -114,22 +115,3 @@ def compare_to_release(checkpoint: str | os.PathLike, released: str | os.PathLik
     diff = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
     return {"identical": diff == 0.0, "max_abs_diff": diff, "parameters": sum(v.numel() for v in a.values())}
 
-
-def compare_retrained(root: str | os.PathLike, trainset: str, checkpoint: str | os.PathLike,
-                      n_boot: int = 200) -> list[dict[str, Any]]:
-    """A retrained model of ``trainset`` against its released weights: one row per test benchmark with
-    whether the weights are identical, their largest difference and both models' CSA Medium mAP."""
-    from csa.training.selection import csa_gain, held_out_benchmark, test_benchmarks
-
-    released = released_checkpoint(root, trainset)
-    same = compare_to_release(checkpoint, released)
-    models = {"retrained": load_model(checkpoint), "released": load_model(released)}
-    rows = []
-    for benchmark in test_benchmarks(trainset):
-        data = held_out_benchmark(root, benchmark)
-        medium = {name: csa_gain(model, *data, n_boot=n_boot)["csa_medium"] for name, model in models.items()}
-        rows.append({"trainset": trainset, "benchmark": benchmark, "identical weights": same["identical"],
-                     "max |weight difference|": same["max_abs_diff"],
-                     "retrained: CSA Medium": medium["retrained"], "released: CSA Medium": medium["released"],
-                     "difference": medium["retrained"] - medium["released"]})
-    return rows

@@ -29,13 +29,11 @@ updates forever; a model whose weights stopped being finite is never saved.
 """
 from __future__ import annotations
 
-import json
-import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -45,19 +43,18 @@ from csa.data.layout import load_clusters, load_train_features
 from csa.losses import CSACriterion
 from csa.model import RerankTransformer, unwrap
 from csa.progress import HEARTBEAT, Heartbeat, is_terminal
-from csa.training.config import TrainConfig, config_from_argv
+from csa.training.config import TrainConfig
 from csa.training.distributed import Processes, barrier, setup_processes, teardown_processes
 from csa.training.engine import StepOptions, WarmupCosineSchedule, build_optimizer, train_one_epoch
 from csa.training.recipes import effective_lrs
 from csa.training.rng import derived_seed, rng_state, seed_all, set_rng_state
-from csa.training.launch import peer_lost_error
 from csa.training.run_folder import (CHECKPOINT_NAME, CURVES_EVERY_S, HISTORY_COLUMNS, RESUME_FIXED,
                                      check_resume_matches, neighbour_cache, prepare_output_dir, resolve_resume,
                                      write_history)
 from csa.training.sampler import GlobalBatchSampler, NeighbourTable, TrainingSet, stacked_clusters
-from csa.validation import CSAInputError, check_rows, run_command
+from csa.validation import CSAInputError, check_rows
 
-__all__ = ["main", "run_training", "build_optimization", "epoch_line_due", "CHECKPOINT_NAME", "HISTORY_COLUMNS",
+__all__ = ["run_training", "build_optimization", "epoch_line_due", "CHECKPOINT_NAME", "HISTORY_COLUMNS",
            "RESUME_FIXED"]
 
 
@@ -250,27 +247,3 @@ def _train(config: TrainConfig, procs: Processes) -> dict[str, Any]:
     return {"history": state.history, "checkpoint": out / CHECKPOINT_NAME, "output_dir": out,
             "model": unwrap(state.model)}
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point (``csa train``, ``python -m csa.training``, ``torchrun -m csa.training``)."""
-    def train() -> int:
-        config, dry_run = config_from_argv(argv)
-        if dry_run:
-            config.check()
-            print(json.dumps({"config": asdict(config), "overrides": config.recipe_overrides(),
-                              "effective_lrs": effective_lrs(asdict(config))}, indent=1))
-            return 0
-        try:
-            run_training(config)
-        except RuntimeError as exc:  # a peer process died: say so instead of the socket error
-            lost = peer_lost_error(exc)
-            if lost is None:
-                raise
-            raise lost from exc
-        return 0
-
-    return run_command("csa train", train)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

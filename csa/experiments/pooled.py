@@ -9,11 +9,11 @@ Two protocols, both judged on landmarks a model never trained on:
   city's database.  Every landmark is held out once, so about twenty landmarks are test units.
 
 For each benchmark and descriptor variant (GeM, and GeM whitened by the candidate chosen on held-out
-*training* landmarks, :func:`csa.training.landmark_pool.select_whitening`) the rows are the first stage,
+*training* landmarks, :func:`csa.experiments.landmark_pool.select_whitening`) the rows are the first stage,
 the paper's untrained affinity re-ranker (raw and centred, L chosen on the training pool's own LOO
 queries), CSA trained on Lite0, CSA trained on Lite0/1/2 stacked (the paper's augmented model) and a
 transfer row (the Lite0 model re-ranking Lite2's lists).  Each run returns long-format per-query APs;
-:mod:`csa.training.paper_table` turns them into the table with landmark-level intervals.
+:mod:`csa.experiments.paper_table` turns them into the table with landmark-level intervals.
 """
 from __future__ import annotations
 
@@ -27,13 +27,14 @@ import torch
 
 from csa.compare.affinity_baseline import affinity_cosine
 from csa.compare.runner import run_comparison
+from csa.compare.tuning import select_setting_pooled
 from csa.data.layout import save_clusters, save_train_features
 from csa.descriptors.whiten import whitened_name
+from csa.experiments.landmark_pool import (WHITENING_CANDIDATES, City, PoolPart, _pool_arrays, choose_whitening,
+                                           city_pool, fit_whitening, select_whitening, whiten_city)
+from csa.experiments.held_out import TEST_TOPK, landmark_folds
 from csa.rerank import rerank
 from csa.training.config import TrainConfig
-from csa.training.landmark_pool import (WHITENING_CANDIDATES, City, PoolPart, _pool_arrays, choose_whitening,
-                                        city_pool, fit_whitening, select_whitening, whiten_city)
-from csa.training.selection import TEST_TOPK, landmark_folds
 from csa.training.train import run_training
 
 __all__ = ["UNTRAINED_L", "BACKBONE_FEATURES", "train_on_pool", "pick_untrained_l", "evaluate_rows",
@@ -83,17 +84,12 @@ def _csa(model: torch.nn.Module) -> Callable:
 
 def pick_untrained_l(benchmarks: Sequence[tuple[np.ndarray, np.ndarray, list[dict]]]) -> dict[str, int]:
     """L of the raw and the centred untrained re-ranker with the best query-weighted Medium mAP on the
-    training pool's own LOO ``benchmarks`` ((queries, database, gnd) each); ties: the smaller L."""
+    training pool's own LOO ``benchmarks`` ((queries, database, gnd) each), over :data:`UNTRAINED_L`
+    (:func:`csa.compare.tuning.select_setting_pooled`); ties: the smaller L."""
     best = {}
     for centred in (False, True):
-        score = {}
-        for length in UNTRAINED_L:
-            total = 0.0
-            for q, d, g in benchmarks:
-                methods = {"u": _untrained(centred, length)}
-                total += run_comparison(q, d, g, methods, n_boot=1, progress=False).iloc[1]["medium_map"] * len(g)
-            score[length] = total
-        best["centred" if centred else "raw"] = max(UNTRAINED_L, key=lambda n: (score[n], -n))
+        candidates = {length: _untrained(centred, length) for length in UNTRAINED_L}
+        best["centred" if centred else "raw"] = select_setting_pooled(candidates, benchmarks)[0]
     return best
 
 

@@ -1,30 +1,23 @@
-"""Choosing the demo recipe on the training city alone, and measuring how training data and seeds matter.
+"""The demo's held-out protocol: train on one city's landmarks (or some of them), score on landmarks never seen.
 
-The demo trains on one city and tests on the other, so a recipe may be chosen with the *training* city's
-photos only:
-
-* :func:`landmark_folds` splits the training city's landmarks into folds of about equal image counts;
-* for every setting of a small :data:`GRID` and every fold, a model trains on the trainset without the
-  fold's landmarks and is scored on the leave-one-out queries of the held-out landmarks (their photos
-  against the whole database of the training city): the Medium mAP gain of CSA over the first stage;
-* :func:`choose` takes the setting with the best mean held-out gain over folds.
-
-The test city is never looked at.  :func:`seed_sweep` and :func:`learning_curve` then measure, on the
-test city, how much a gain moves with the training seed and with the amount of training data.
-``csa demo select | seeds | curve`` run these and write CSV files (``data/demo/results/``).
+The demo trains on one city and tests on the other, so every choice can be made with the *training* city's
+photos only.  :func:`landmark_folds` deals a trainset's landmarks into folds of about equal image counts;
+:func:`subset_trainset` writes a trainset without some landmarks (or with them unlabelled);
+:func:`held_out_benchmark` keeps the leave-one-out queries of chosen landmarks; :func:`csa_gain` scores a
+model on a benchmark (Medium / Hard mAP, gain over the first stage with landmark-level intervals);
+:func:`train_and_test` trains one demo model and scores it on the test city.  Recipe selection
+(:mod:`csa.experiments.selection`), seed sweeps (:mod:`csa.experiments.seeds`) and learning curves
+(:mod:`csa.experiments.learning_curve`) are built from these.
 """
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-import pandas as pd
 import torch
-from tqdm import tqdm
 
 from csa.compare.runner import query_landmarks, run_comparison
 from csa.data.demo import CITIES, FEATURE_NAME
@@ -37,15 +30,17 @@ from csa.training.recipes import GRID
 from csa.training.train import run_training
 from csa.validation import CSAInputError, check_float, check_int
 
-__all__ = ["GRID", "TEST_TOPK", "landmark_folds", "held_out_benchmark", "csa_gain", "test_benchmarks", "select_recipe", "choose",
-           "seed_sweep", "learning_curve", "TRAIN_TO_TEST", "check_experiment"]
+__all__ = ["TEST_TOPK", "TRAIN_TO_TEST", "TRAIN_TO_OWN", "check_experiment", "landmark_sizes", "landmark_folds",
+           "subset_trainset", "held_out_benchmark", "csa_gain", "test_benchmarks", "train_demo_model",
+           "train_and_test"]
 
 #: Re-ranking depth K at test time, for every demo measurement.
 TEST_TOPK = 128
 
 #: Training set -> the benchmark its model is tested on (the other city).
 TRAIN_TO_TEST = {"rparis6k-mini-train": "roxford5k-mini", "roxford5k-mini-train": "rparis6k-mini"}
-_TRAIN_TO_OWN = {city["trainset"]: dataset for dataset, city in CITIES.items()}
+#: Training set -> its own city's benchmark (where held-out landmarks are scored).
+TRAIN_TO_OWN = {city["trainset"]: dataset for dataset, city in CITIES.items()}
 
 
 def check_experiment(root: str | os.PathLike, trainset: str, out: str | os.PathLike | None = None,
@@ -68,7 +63,7 @@ def check_experiment(root: str | os.PathLike, trainset: str, out: str | os.PathL
         raise CSAInputError(f"unknown setting {setting!r}; choose one of {list(GRID)}")
     if n_folds is not None:
         n_folds = check_int("the number of folds (--folds)", n_folds, 2)
-        landmarks = len(_landmark_sizes(load_clusters(root, trainset, "train")))
+        landmarks = len(landmark_sizes(load_clusters(root, trainset, "train")))
         if n_folds > landmarks:
             raise CSAInputError(f"{n_folds} folds for {landmarks} landmarks of {trainset}; use at most {landmarks}")
     if seeds is not None:
@@ -83,7 +78,7 @@ def check_experiment(root: str | os.PathLike, trainset: str, out: str | os.PathL
                                 f"0.25 0.5 1.0; got {list(fractions)}")
 
 
-def _landmark_sizes(clusters: Sequence[int]) -> dict[int, int]:
+def landmark_sizes(clusters: Sequence[int]) -> dict[int, int]:
     """Image count of every landmark, i.e. of every cluster with more than one image (ids ascending)."""
     ids, counts = np.unique(np.asarray(clusters), return_counts=True)
     return {int(i): int(c) for i, c in zip(ids, counts) if c > 1}
@@ -94,7 +89,7 @@ def landmark_folds(clusters: Sequence[int], n_folds: int = 3) -> list[set[int]]:
 
     Largest landmark first, each into the fold with the fewest images so far (ties: lowest fold).
     """
-    landmarks = sorted(((c, i) for i, c in _landmark_sizes(clusters).items()), key=lambda t: (-t[0], t[1]))
+    landmarks = sorted(((c, i) for i, c in landmark_sizes(clusters).items()), key=lambda t: (-t[0], t[1]))
     if len(landmarks) < n_folds:
         raise CSAInputError(f"only {len(landmarks)} landmarks for {n_folds} folds; use fewer folds")
     folds: list[set[int]] = [set() for _ in range(n_folds)]
@@ -106,7 +101,7 @@ def landmark_folds(clusters: Sequence[int], n_folds: int = 3) -> list[set[int]]:
     return folds
 
 
-def _subset_trainset(root: Path, trainset: str, keep: np.ndarray, out_root: Path, name: str,
+def subset_trainset(root: Path, trainset: str, keep: np.ndarray, out_root: Path, name: str,
                      unlabel: np.ndarray | None = None) -> None:
     """Write trainset ``name`` under ``out_root``: the rows ``keep`` of ``trainset``'s train split, with the
     rows ``unlabel`` (if given) made clusters of their own (photos without a landmark: neighbours, never
@@ -158,7 +153,9 @@ def test_benchmarks(trainset: str) -> tuple[str, str]:
     return test, CITIES[test]["loo"]
 
 
-def _train(data_root: Path, trainset: str, out: Path, seed: int, overrides: Mapping[str, Any]) -> tuple[Any, float]:
+def train_demo_model(data_root: Path, trainset: str, out: Path, seed: int,
+                     overrides: Mapping[str, Any]) -> tuple[Any, float]:
+    """``(model in eval mode, training seconds)``: the ``demo`` recipe with ``overrides`` on ``trainset`` (CPU)."""
     config = TrainConfig.from_recipe("demo", **{**overrides, "data_root": str(data_root), "trainset": trainset,
                                                 "feature_names": [FEATURE_NAME], "output_dir": str(out),
                                                 "device": "cpu", "num_workers": 0, "progress": False,
@@ -168,87 +165,11 @@ def _train(data_root: Path, trainset: str, out: Path, seed: int, overrides: Mapp
     return model, time.perf_counter() - start
 
 
-def select_recipe(root: str | os.PathLike, trainset: str, grid: Mapping[str, Mapping[str, Any]] = GRID,
-                  n_folds: int = 3, seed: int = 0, progress: bool = True) -> pd.DataFrame:
-    """Score every setting of ``grid`` on held-out landmarks of ``trainset``'s own city (one row per fold)."""
-    check_experiment(root, trainset, n_folds=n_folds, seeds=[seed])
-    root = Path(root)
-    own = _TRAIN_TO_OWN[trainset]
-    clusters = load_clusters(root, trainset, "train")
-    images = load_pickle(clusters_path(root, trainset))["train"]["images"]
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="csa-select-") as tmp:
-        folds = landmark_folds(clusters, n_folds)
-        benchmarks = []  # per fold, written and read once for every setting: its trainset and held-out queries
-        for f, fold in enumerate(folds):
-            held = np.isin(clusters, list(fold))
-            _subset_trainset(root, trainset, ~held, Path(tmp), f"{trainset}-fold{f}")
-            benchmarks.append(held_out_benchmark(root, CITIES[own]["loo"], {images[i] for i in np.flatnonzero(held)}))
-        jobs = [(name, f) for name in grid for f in range(n_folds)]
-        for name, f in tqdm(jobs, desc=f"recipe selection on {trainset}", disable=not progress):
-            model, seconds = _train(Path(tmp), f"{trainset}-fold{f}", Path(tmp, "runs", name, str(f)), seed, grid[name])
-            rows.append({"trainset": trainset, "setting": name, "fold": f, "held_out_landmarks": len(folds[f]),
-                         **csa_gain(model, *benchmarks[f]), "train_seconds": seconds})
-    return pd.DataFrame(rows)
-
-
-def choose(table: pd.DataFrame, grid: Mapping[str, Mapping[str, Any]] = GRID) -> str:
-    """The setting with the highest mean held-out Medium gain over folds (ties: the earlier in ``grid``)."""
-    means = table.groupby("setting")["medium_gain"].mean()
-    return max(grid, key=lambda name: (means.get(name, -np.inf), -list(grid).index(name)))
-
-
-def _train_and_test(root: Path, trainset: str, data_root: Path, name: str, out: Path, seed: int,
-                    overrides: Mapping[str, Any], columns: Mapping[str, Any]) -> list[dict]:
+def train_and_test(root: Path, trainset: str, data_root: Path, name: str, out: Path, seed: int,
+                   overrides: Mapping[str, Any], columns: Mapping[str, Any]) -> list[dict]:
     """Train on trainset ``name`` of ``data_root`` (a copy of ``trainset`` or itself); one row per benchmark of
     the test city (the official queries and the leave-one-out queries) with its CSA gains, after ``columns``."""
-    model, seconds = _train(data_root, name, out, seed, overrides)
+    model, seconds = train_demo_model(data_root, name, out, seed, overrides)
     return [{"trainset": trainset, **columns, "benchmark": benchmark,
              **csa_gain(model, *held_out_benchmark(root, benchmark)), "train_seconds": seconds}
             for benchmark in test_benchmarks(trainset)]
-
-
-def seed_sweep(root: str | os.PathLike, trainset: str, overrides: Mapping[str, Any], seeds: Sequence[int] = (0, 1, 2),
-               progress: bool = True) -> pd.DataFrame:
-    """Train with each seed on the whole trainset; CSA gains on the test city (official and leave-one-out)."""
-    check_experiment(root, trainset, seeds=seeds)
-    root = Path(root)
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="csa-seeds-") as tmp:
-        for seed in tqdm(seeds, desc=f"seeds on {trainset}", disable=not progress):
-            rows += _train_and_test(root, trainset, root, trainset, Path(tmp, str(seed)), seed, overrides,
-                                    {"seed": seed})
-    return pd.DataFrame(rows)
-
-
-def learning_curve(root: str | os.PathLike, trainset: str, overrides: Mapping[str, Any],
-                   fractions: Sequence[float] = (0.25, 0.5, 1.0), seeds: Sequence[int] = (0,),
-                   progress: bool = True) -> pd.DataFrame:
-    """Train on a growing share of the training city's landmarks (whole landmarks, drawn at random per seed)
-    and measure the CSA gains on the test city.  The photos of the landmarks left out stay in the trainset
-    without their label (neighbours and distractors, as the photos without a landmark), so only the
-    supervision grows along the curve, not the pool of images."""
-    check_experiment(root, trainset, seeds=seeds, fractions=fractions)
-    root = Path(root)
-    clusters = load_clusters(root, trainset, "train")
-    sizes = _landmark_sizes(clusters)
-    landmarks = list(sizes)
-    total = sum(sizes.values())
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="csa-curve-") as tmp:
-        jobs = [(fr, s) for fr in fractions for s in seeds]
-        for fraction, seed in tqdm(jobs, desc=f"learning curve on {trainset}", disable=not progress):
-            order = np.random.default_rng(seed).permutation(landmarks)
-            chosen, count = [], 0
-            for lm in order:
-                if count >= fraction * total - 1e-9:
-                    break
-                chosen.append(int(lm))
-                count += sizes[int(lm)]
-            unlabel = np.isin(clusters, landmarks) & ~np.isin(clusters, chosen)
-            name = f"{trainset}-{int(round(100 * fraction))}pct-s{seed}"
-            _subset_trainset(root, trainset, np.ones(len(clusters), dtype=bool), Path(tmp), name, unlabel=unlabel)
-            rows += _train_and_test(root, trainset, Path(tmp), name, Path(tmp, "runs", name), seed, overrides,
-                                    {"fraction": fraction, "seed": seed, "landmarks": len(chosen),
-                                     "landmark_images": count})
-    return pd.DataFrame(rows)

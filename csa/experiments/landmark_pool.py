@@ -25,7 +25,7 @@ from csa.descriptors.whiten import LearnedWhitening, learn_whitening, whitened_n
 from csa.evaluate import evaluate_revisited
 from csa.fileio import load_pickle
 from csa.search import first_stage
-from csa.training.selection import landmark_folds
+from csa.experiments.held_out import landmark_folds
 from csa.validation import CSAInputError
 
 __all__ = ["City", "PoolPart", "WHITENING_CANDIDATES", "load_city", "city_pool", "fit_whitening",
@@ -143,7 +143,7 @@ def select_whitening(pool: Sequence[PoolPart], feature: str, candidates: Sequenc
     """Score each whitening candidate on landmarks held out of ``pool`` (one row per fold, city, candidate).
 
     The pool's landmarks (all cities) are dealt into ``n_folds`` folds of similar image count
-    (:func:`csa.training.selection.landmark_folds`); each candidate is learned on the pool without a
+    (:func:`csa.experiments.held_out.landmark_folds`); each candidate is learned on the pool without a
     fold's landmarks and scored by the first-stage Medium mAP of those landmarks' LOO queries in their own
     city's database (the whole database, whitened).
     """

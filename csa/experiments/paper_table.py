@@ -1,6 +1,6 @@
 """The paper's table on the demo, assembled from per-query APs with landmark-level intervals, and its cache.
 
-:func:`paper_table` turns the long per-query APs of :mod:`csa.training.pooled` into one row per
+:func:`paper_table` turns the long per-query APs of :mod:`csa.experiments.pooled` into one row per
 (protocol, benchmark, descriptors, method): Medium / Hard mAP and the gain over the first stage of the
 same descriptors, with a paired bootstrap that resamples landmarks (all LOO photos of a landmark share
 their positives, so they are one unit; :func:`csa.stats.paired_bootstrap_gain` with ``groups``).
@@ -134,7 +134,7 @@ def _parts(settings: Mapping[str, Any]) -> list[str]:
 
 
 def _run_part(part: str, cities: Mapping[str, Any], settings: Mapping[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    from csa.training.pooled import cross_city_runs, pooled_runs
+    from csa.experiments.pooled import cross_city_runs, pooled_runs
 
     if part.startswith("cross-city-"):
         train, test, recipe = next(c for c in settings["cross_city"] if part == f"cross-city-{c[0]}")
@@ -151,8 +151,8 @@ def run_or_load(root: str | os.PathLike, out_dir: str | os.PathLike, settings: M
                 order: Sequence[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """``(per-query APs, whitening selections, info)``: read ``<out_dir>/paper_aps.csv`` and
     ``paper_whitening.csv`` when their fingerprint matches ``settings`` and the descriptors; else run
-    both cross-city directions (:func:`csa.training.pooled.cross_city_runs`) and every pooled fold
-    (:func:`~csa.training.pooled.pooled_runs`) and write them (atomically, fingerprint last).
+    both cross-city directions (:func:`csa.experiments.pooled.cross_city_runs`) and every pooled fold
+    (:func:`~csa.experiments.pooled.pooled_runs`) and write them (atomically, fingerprint last).
 
     Each direction and fold is kept under ``<root>/cache/paper/<fingerprint>/`` as it finishes, so an
     interrupted run resumes where it stopped; ``recompute`` ignores the final files, not those parts;
@@ -179,7 +179,7 @@ def run_or_load(root: str | os.PathLike, out_dir: str | os.PathLike, settings: M
         paths = cache / f"{part}_aps.csv", cache / f"{part}_whitening.csv"
         if run_missing and not all(p.is_file() for p in paths):
             if not cities:
-                from csa.training.landmark_pool import load_city
+                from csa.experiments.landmark_pool import load_city
 
                 cities = {d: load_city(root, d, settings["features"]) for d in ("roxford5k-mini", "rparis6k-mini")}
             for frame, path in zip(_run_part(part, cities, settings), paths):
