@@ -165,3 +165,31 @@ def test_architecture_doc_is_generated_from_the_code():
     for module in package_modules():
         if module.count(".") and not module.endswith("__main__") and module not in SPEC.WINGS:
             assert f"`{module.split('.', 1)[1].replace('.', '/')}.py`" in text, f"{module} missing from the tables"
+
+
+#: Longest function body (lines, docstring included) the package allows without a stated reason.
+MAX_FUNCTION_LINES = 65
+
+
+def long_functions(source: str, limit: int = MAX_FUNCTION_LINES) -> list[tuple[str, int]]:
+    """(name, lines) of the functions in ``source`` longer than ``limit`` whose docstring gives no reason."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            lines = node.end_lineno - node.lineno + 1
+            if lines > limit and "long because" not in (ast.get_docstring(node) or "").lower():
+                found.append((node.name, lines))
+    return found
+
+
+def test_long_functions_are_found_unless_their_docstring_says_why():
+    body = "\n".join(f"    x{i} = {i}" for i in range(70))
+    assert long_functions(f"def f():\n{body}\n") == [("f", 71)]
+    assert long_functions(f'def f():\n    """Long because it is a table."""\n{body}\n') == []
+    assert long_functions("def g():\n    return 1\n") == []
+
+
+def test_no_function_in_the_package_is_longer_than_about_sixty_lines():
+    found = {f"{path.relative_to(REPO)}:{name}": lines for path in sorted((REPO / "csa").rglob("*.py"))
+             for name, lines in long_functions(path.read_text(encoding="utf-8"))}
+    assert not found, f"split these functions or say in their docstring why they are long: {found}"

@@ -117,6 +117,24 @@ def _frame_axes(ax, color: str, width: float = 4.0) -> None:
         spine.set_linewidth(width)
 
 
+def _check_topk_rows(k: int, before_names: Sequence[Any], after_names: Sequence[Any],
+                     labels_before: Sequence[str], labels_after: Sequence[str]) -> int:
+    """``k`` as an int after checking that both rankings have ``k`` names and known labels."""
+    k = int(k)
+    if k < 1:
+        raise CSAInputError(f"k must be >= 1, got {k}")
+    for what, names, labels in (("before", before_names, labels_before), ("after", after_names, labels_after)):
+        if len(names) < k or len(labels) < k:
+            raise CSAInputError(
+                f"need {k} names and labels for the '{what}' row, got {len(names)} names and {len(labels)} "
+                f"labels: pass longer lists or a smaller k"
+            )
+        bad = sorted({str(lab) for lab in list(labels)[:k]} - set(_LABEL_COLORS))
+        if bad:
+            raise CSAInputError(f"unknown label(s) {bad} in labels_{what}: use 'pos', 'neg' or 'junk' (see label_ranked)")
+    return k
+
+
 def plot_topk_grid(
     query_image: Any,
     query_bbx: Sequence[float] | None,
@@ -141,19 +159,8 @@ def plot_topk_grid(
     ``labels_*`` come from :func:`label_ranked`; each result gets a green (positive), red (false
     positive) or grey (junk) border and its rank as title.
     """
-    k = int(k)
-    if k < 1:
-        raise CSAInputError(f"k must be >= 1, got {k}")
+    k = _check_topk_rows(k, before_names, after_names, labels_before, labels_after)
     per_row = max(1, min(int(per_row), k))
-    for what, names, labels in (("before", before_names, labels_before), ("after", after_names, labels_after)):
-        if len(names) < k or len(labels) < k:
-            raise CSAInputError(
-                f"need {k} names and labels for the '{what}' row, got {len(names)} names and {len(labels)} "
-                f"labels: pass longer lists or a smaller k"
-            )
-        bad = sorted({str(lab) for lab in list(labels)[:k]} - set(_LABEL_COLORS))
-        if bad:
-            raise CSAInputError(f"unknown label(s) {bad} in labels_{what}: use 'pos', 'neg' or 'junk' (see label_ranked)")
 
     rows = -(-k // per_row)            # grid rows per ranking
     query_cols = 2                     # the query takes two thumbnail columns and every row

@@ -29,6 +29,7 @@ updates forever; a model whose weights stopped being finite is never saved.
 """
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
