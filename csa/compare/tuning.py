@@ -12,6 +12,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 
 from csa.compare.affinity_baseline import affinity_cosine
@@ -103,6 +104,12 @@ def select_setting(candidates: Mapping[Any, Ranker], qvecs: Any, dbvecs: Any, gn
     qvecs, dbvecs = check_descriptors(qvecs, dbvecs, normalize="warn")
     gnd = check_gnd(gnd, n_db=dbvecs.shape[0], n_q=qvecs.shape[0])
     ranks = _first_stage(qvecs, dbvecs) if first_stage_ranks is None else first_stage_ranks
+    return _select_setting(candidates, qvecs, dbvecs, gnd, protocol, ranks)
+
+
+def _select_setting(candidates: Mapping[Any, Ranker], qvecs: np.ndarray, dbvecs: np.ndarray, gnd: list,
+                    protocol: str, ranks: np.ndarray) -> tuple[Any, pd.DataFrame]:
+    """:func:`select_setting` on inputs already checked (descriptors, ground truth, first-stage ranks)."""
     scores = [evaluate_revisited(ranker(qvecs, dbvecs, ranks), gnd)[protocol]["map"] for ranker in candidates.values()]
     values = list(candidates)
     best = _best(scores)
@@ -155,7 +162,7 @@ def select_untrained(names: Sequence[str], qvecs: Any, dbvecs: Any, gnd: Any, to
             raise CSAInputError(f"no selection grid for {name!r}; choose from {sorted(grids)}")
         parameter, values = grids[name]
         candidates = {v: untrained_ranker(name, v, topk, dbvecs.shape[0]) for v in values}
-        chosen[name], table = select_setting(candidates, qvecs, dbvecs, gnd, first_stage_ranks=ranks)
+        chosen[name], table = _select_setting(candidates, qvecs, dbvecs, gnd, "medium", ranks)
         rows.append(table.assign(method=name, parameter=parameter))
     table = pd.concat(rows, ignore_index=True)[["method", "parameter", "value", "medium_map", "chosen"]]
     return chosen, table
