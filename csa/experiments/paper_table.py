@@ -9,6 +9,8 @@ untrained re-ranker, augmented minus single-backbone CSA).  Pooled folds are con
 query is tested once, by the model that did not train on its landmark.  :func:`run_or_load` reads the
 cached results when their fingerprint (the compact descriptor sets' digests and the settings) matches,
 and otherwise runs every protocol (about an hour on two CPU cores) and writes them.
+:func:`refresh_untrained` re-chooses the untrained re-rankers' L of cached results and recomputes only
+their rows (no training), for a change of that selection alone.
 """
 from __future__ import annotations
 
