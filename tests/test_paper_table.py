@@ -302,3 +302,26 @@ def test_the_untrained_l_chosen_now_is_the_one_the_committed_results_record():
         chosen, now = pick_untrained_l(pool, BACKBONE_FEATURES[0], variant)
         assert recorded["untrained_l"].unique().tolist() == [f"raw {chosen['raw']}, centred {chosen['centred']}"]
         np.testing.assert_allclose(now["held_out_medium"], table["held_out_medium"], atol=1e-9)
+
+
+@pytest.mark.slow
+def test_refreshing_the_committed_results_reproduces_them_and_refuses_other_settings(tmp_path):
+    """refresh_untrained on a copy of the committed results recomputes every untrained row from the first-stage
+    lists with the held-out L and finds exactly the committed APs, CSA rows untouched; the files are rewritten
+    so that run_or_load reads them; results made with other settings are refused."""
+    import shutil
+
+    from conftest import REPO_ROOT
+    from csa.experiments.paper_table import DEFAULT_SETTINGS, refresh_untrained, run_or_load
+
+    root = REPO_ROOT / "data" / "demo"
+    out = tmp_path / "results"
+    shutil.copytree(root / "results", out)
+    committed = pd.read_csv(out / "paper_aps.csv")
+    with pytest.raises(CSAInputError, match="not made with these settings"):
+        refresh_untrained(root, out, {**DEFAULT_SETTINGS, "seed": 1})
+    aps, lengths = refresh_untrained(root, out, DEFAULT_SETTINGS)
+    pd.testing.assert_frame_equal(aps, committed, check_exact=False, rtol=0, atol=1e-9)
+    pd.testing.assert_frame_equal(lengths, pd.read_csv(root / "results" / "paper_untrained_l.csv"), atol=1e-9)
+    read, _, _, info = run_or_load(root, out, DEFAULT_SETTINGS, run_missing=False)
+    assert not info["recomputed"] and len(read) == len(committed)
