@@ -6,8 +6,10 @@ sets (backbones), its official and leave-one-out (LOO) ground truth, the landmar
 pool is a list of :class:`PoolPart` (a city and the database rows a model may learn from, with their
 landmark ids): the trainset of one city for the cross-city protocol, both cities minus a fold's landmarks
 for the pooled protocol.  :func:`fit_whitening` learns a whitening on a pool only;
-:func:`select_whitening` scores the candidates on landmarks held out of the pool (first-stage Medium mAP
-of their LOO queries), so the test landmarks never take part in the choice.
+:func:`held_out_benchmarks` gives the pool's inner held-out folds (a whitening learned without a fold's
+landmarks, those landmarks' LOO queries to score); :func:`select_whitening` scores the candidates there
+(first-stage Medium mAP), and the untrained re-rankers' L is chosen on the same folds
+(:func:`csa.experiments.pooled.pick_untrained_l`), so the test landmarks never take part in a choice.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from csa.experiments.held_out import landmark_folds
 from csa.validation import CSAInputError
 
 __all__ = ["City", "PoolPart", "WHITENING_CANDIDATES", "load_city", "city_pool", "fit_whitening",
-           "whiten_city", "select_whitening", "choose_whitening"]
+           "whiten_city", "HeldOutBenchmark", "held_out_benchmarks", "select_whitening", "choose_whitening"]
 
 #: Whitening candidates: name -> (kind, shrinkage, dimensions); ``none`` keeps the GeM descriptors.
 WHITENING_CANDIDATES: Mapping[str, tuple[str, float, int | None] | None] = {
@@ -130,42 +132,56 @@ def whiten_city(city: City, feature: str, whitening: LearnedWhitening | None) ->
     return whitening.apply(city.db[feature]), whitening.apply(city.query[feature])
 
 
-def _held_out_map(city: City, db: np.ndarray, held: Sequence[int]) -> tuple[int, float]:
-    keep = np.flatnonzero(np.isin(city.loo_landmark, list(held)))
-    if keep.size == 0:
-        return 0, float("nan")
-    ranks = first_stage(db[city.loo_rows[keep]], db)
-    return int(keep.size), float(evaluate_revisited(ranks, [city.loo_gnd[i] for i in keep])["medium"]["map"])
+@dataclass
+class HeldOutBenchmark:
+    """LOO queries of one inner fold's held-out landmarks in their city, against that city's whole database
+    whitened by a candidate learned on the inner-train part of the pool (without those landmarks)."""
+
+    inner_fold: int
+    city: str
+    qvecs: np.ndarray
+    dbvecs: np.ndarray
+    gnd: list[dict]
+
+
+def held_out_benchmarks(pool: Sequence[PoolPart], feature: str, candidate: str,
+                        n_folds: int = 3) -> list[HeldOutBenchmark]:
+    """The inner held-out folds of a training ``pool`` as benchmarks, for whitening ``candidate``.
+
+    The pool's landmarks (all cities) are dealt into ``n_folds`` folds of similar image count
+    (:func:`csa.experiments.held_out.landmark_folds`); for each fold the candidate is learned on the pool
+    without the fold's landmarks (:func:`fit_whitening`) and applied to each city's whole database, whose
+    rows of the fold's landmarks are the LOO queries.  No whitening is ever fitted on a photo that scores.
+    """
+    keys = [(p, int(lm)) for p, part in enumerate(pool) for lm in part.landmarks if lm >= 0]
+    codes = {k: i for i, k in enumerate(dict.fromkeys(keys))}
+    out = []
+    for f, fold in enumerate(landmark_folds([codes[k] for k in keys], n_folds)):
+        held = [[lm for (q, lm), c in codes.items() if c in fold and q == p] for p in range(len(pool))]
+        inner = [PoolPart(part.city, part.rows[~np.isin(part.landmarks, held[p])],
+                          part.landmarks[~np.isin(part.landmarks, held[p])]) for p, part in enumerate(pool)]
+        whitening = fit_whitening(inner, feature, candidate)
+        for p, part in enumerate(pool):
+            keep = np.flatnonzero(np.isin(part.city.loo_landmark, held[p]))
+            if keep.size:
+                db, _ = whiten_city(part.city, feature, whitening)
+                out.append(HeldOutBenchmark(f, part.city.dataset, db[part.city.loo_rows[keep]], db,
+                                            [part.city.loo_gnd[i] for i in keep]))
+    return out
 
 
 def select_whitening(pool: Sequence[PoolPart], feature: str, candidates: Sequence[str] = tuple(WHITENING_CANDIDATES),
                      n_folds: int = 3) -> pd.DataFrame:
-    """Score each whitening candidate on landmarks held out of ``pool`` (one row per fold, city, candidate).
-
-    The pool's landmarks (all cities) are dealt into ``n_folds`` folds of similar image count
-    (:func:`csa.experiments.held_out.landmark_folds`); each candidate is learned on the pool without a
-    fold's landmarks and scored by the first-stage Medium mAP of those landmarks' LOO queries in their own
-    city's database (the whole database, whitened).
-    """
-    keys = [(p, int(lm)) for p, part in enumerate(pool) for lm in part.landmarks if lm >= 0]
-    codes = {k: i for i, k in enumerate(dict.fromkeys(keys))}
-    folds = landmark_folds([codes[k] for k in keys], n_folds)
+    """Score each whitening candidate on landmarks held out of ``pool`` (one row per fold, city, candidate):
+    the first-stage Medium mAP of :func:`held_out_benchmarks`, so the test landmarks take no part."""
     rows = []
-    for f, fold in enumerate(folds):
-        held = {k for k, c in codes.items() if c in fold}
-        inner = [PoolPart(part.city, part.rows[~np.isin(part.landmarks, [lm for q, lm in held if q == p])],
-                          part.landmarks[~np.isin(part.landmarks, [lm for q, lm in held if q == p])])
-                 for p, part in enumerate(pool)]
-        for name in candidates:
-            whitening = fit_whitening(inner, feature, name)
-            for p, part in enumerate(pool):
-                db, _ = whiten_city(part.city, feature, whitening)
-                n, score = _held_out_map(part.city, db, [lm for q, lm in held if q == p])
-                if n:
-                    rows.append({"inner_fold": f, "city": part.city.dataset, "whitening": name,
-                                 "descriptors": whitened_name(feature, (WHITENING_CANDIDATES[name] or (None,))[0]),
-                                 "queries": n, "first_medium": score})
-    return pd.DataFrame(rows)
+    for name in candidates:
+        for b in held_out_benchmarks(pool, feature, name, n_folds):
+            score = evaluate_revisited(first_stage(b.qvecs, b.dbvecs), b.gnd)["medium"]["map"]
+            rows.append({"inner_fold": b.inner_fold, "city": b.city, "whitening": name,
+                         "descriptors": whitened_name(feature, (WHITENING_CANDIDATES[name] or (None,))[0]),
+                         "queries": len(b.gnd), "first_medium": float(score)})
+    return pd.DataFrame(rows).sort_values(["inner_fold"], kind="stable", ignore_index=True)
 
 
 def choose_whitening(table: pd.DataFrame, among: Sequence[str] | None = None) -> str:
