@@ -43,7 +43,7 @@ DEFAULT_SETTINGS: Mapping[str, Any] = {
     "pooled_folds": 3,
     "seed": 0,
     "untrained_l": "inner held-out folds (3) of the training pool: whitening learned on the inner-train landmarks, "
-                   "L scored on the inner-held-out landmarks' LOO queries",
+                   "L in (32, 64, 128, 256, 512) scored on the inner-held-out landmarks' LOO queries",
 }
 _KEYS = ["protocol", "benchmark", "whitening", "descriptors"]
 _TRANSFER = "CSA (Lite0 model, transfer)"

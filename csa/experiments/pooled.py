@@ -28,7 +28,7 @@ import torch
 
 from csa.compare.affinity_baseline import affinity_cosine
 from csa.compare.runner import run_comparison
-from csa.compare.tuning import select_setting_pooled
+from csa.compare.tuning import GRIDS, select_setting_pooled
 from csa.data.layout import save_clusters, save_train_features
 from csa.descriptors.whiten import whitened_name
 from csa.experiments.landmark_pool import (WHITENING_CANDIDATES, City, PoolPart, _pool_arrays, choose_whitening,
@@ -43,8 +43,9 @@ __all__ = ["UNTRAINED_L", "BACKBONE_FEATURES", "train_on_pool", "pick_untrained_
            "untrained_methods", "evaluation_set", "evaluate_rows", "untrained_rows", "cross_city_setup",
            "cross_city_runs", "pooled_folds", "pooled_setup", "pooled_runs"]
 
-#: Anchor lengths L tried for the untrained affinity re-rankers (chosen on the training pool's inner held-out folds).
-UNTRAINED_L = (32, 64, 128)
+#: Anchor lengths L tried for the untrained affinity re-rankers (chosen on the training pool's inner held-out
+#: folds): the grid the comparison notebooks use for them (csa.compare.tuning.GRIDS).
+UNTRAINED_L = tuple(GRIDS["affinity cosine"][1])
 #: The descriptor sets of the three backbones (Lite0 first: the lists CSA re-ranks).
 BACKBONE_FEATURES = ("lite0-gem", "lite1-gem", "lite2-gem")
 #: The backbone whose lists the transfer row re-ranks with the Lite0 model.
