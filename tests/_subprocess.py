@@ -22,9 +22,16 @@ import pytest
 SAFETY_LIMIT_S = 3600.0
 
 
+def _default_interrupt() -> None:
+    """In the child before it starts: Ctrl-C (SIGINT) back to its default, so the child's Python turns it
+    into KeyboardInterrupt even when the tests themselves run in the background (``cmd &`` ignores it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(cmd: Sequence[str], **kwargs: Any) -> subprocess.Popen:
-    """``subprocess.Popen(cmd)`` in a new process group (session)."""
+    """``subprocess.Popen(cmd)`` in a new process group (session), with SIGINT at its default."""
     kwargs.setdefault("text", True)
+    kwargs.setdefault("preexec_fn", _default_interrupt)
     return subprocess.Popen(list(map(str, cmd)), start_new_session=True, **kwargs)
 
 
