@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The main job: set up the environment, execute every notebook on the embedded Oxford/Paris demo with
 # papermill (outputs land in book/notebooks/), then build the Jupyter Book into book/_build/html.
-# About 9 minutes on 2 CPU cores from a fresh clone (set-up ~1.5 min, descriptor extraction ~2.5 min,
-# training ~2.5 min; the measured times per notebook land in book/generated/build_times.md).
+# About 10 minutes on 2 CPU cores from a fresh clone (set-up ~1.5 min, descriptor extraction ~2.5 min,
+# training ~2.7 min; the measured times per notebook land in book/generated/build_times.md).
 # For parameter grids over one notebook use `csa batch` (see README).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -240,12 +240,16 @@ def _case_setups(cities: Mapping[str, Any], settings: Mapping[str, Any]) -> dict
 
 def _replace_untrained(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
     """``old`` (one case's rows) with the untrained rows' APs and every row's ``untrained_l`` taken from
-    ``new``; the first-stage rows of both must agree (same descriptors, same whitening)."""
+    ``new``; the first-stage rows of both must agree (same descriptors, same whitening), up to the near-ties
+    that another thread count can swap."""
     keys = ["benchmark", "descriptors", "method", "query"]
     fresh = new.set_index(keys)
     first = old[old["method"] == "first stage"].set_index(keys).index.intersection(fresh.index)
     gap = np.abs(old.set_index(keys).loc[first, ["medium_ap", "hard_ap"]] - fresh.loc[first, ["medium_ap", "hard_ap"]])
-    if len(first) == 0 or float(gap.to_numpy().max()) > 1e-6:
+    gap = gap.to_numpy(dtype=float)
+    # Another thread count rounds float32 similarities differently and can swap near-tied neighbours (a few
+    # queries move by hundredths of an AP point); other descriptors or whitening move most queries by points.
+    if len(first) == 0 or np.isnan(gap).all() or np.nanmean(gap) > 0.01 or np.nanmax(gap) > 1.0:
         raise CSAInputError("the recomputed first stage does not match the recorded one: the results were made "
                             "from other descriptors or whitening; rerun run_or_load(..., recompute=True)")
     out = old.set_index(keys)
