@@ -194,6 +194,12 @@ def plot_score_distributions(tables: Mapping[str, Any], bins: int = 60) -> Figur
     return fig
 
 
+def _city_panels(n: int, height: float, **subplots: Any) -> tuple[Figure, np.ndarray]:
+    """A figure of ``n`` panels side by side (one per city), at most 9 inches wide; call inside ``_STYLE``."""
+    fig = Figure(figsize=(min(9.0, 4.6 * n), height), layout="constrained")
+    return fig, np.atleast_1d(fig.subplots(1, n, **subplots))
+
+
 def plot_rank_moves(moves: Mapping[str, Any], topk: int | None = None) -> Figure:
     """Each positive's list position before vs after CSA (log axes), one axis per city.
 
@@ -203,8 +209,7 @@ def plot_rank_moves(moves: Mapping[str, Any], topk: int | None = None) -> Figure
     if not moves:
         raise CSAInputError("moves is empty: pass {city: positive_rank_moves(...)}")
     with matplotlib.rc_context(_STYLE):
-        fig = Figure(figsize=(min(9.0, 4.6 * len(moves)), 4.8), layout="constrained")
-        axes = np.atleast_1d(fig.subplots(1, len(moves)))
+        fig, axes = _city_panels(len(moves), 4.8)
         for ax, (city, df) in zip(axes, moves.items()):
             before, after = df["rank_before"].to_numpy(float), df["rank_after"].to_numpy(float)
             top = max(before.max(), after.max()) * 1.3
@@ -236,8 +241,7 @@ def plot_ap_gains(gains: Mapping[str, Any], intervals: Mapping[str, tuple[float,
     if not gains:
         raise CSAInputError("gains is empty: pass {city: ap_gains(...)}")
     with matplotlib.rc_context(_STYLE):
-        fig = Figure(figsize=(min(9.0, 4.6 * len(gains)), 4.2), layout="constrained")
-        axes = np.atleast_1d(fig.subplots(1, len(gains)))
+        fig, axes = _city_panels(len(gains), 4.2)
         for ax, (city, df) in zip(axes, gains.items()):
             g = df["gain"].to_numpy(float)
             colors = np.where(g > 0, POSITIVE_COLOR, np.where(g < 0, NEGATIVE_COLOR, JUNK_COLOR))
@@ -272,9 +276,7 @@ def plot_headline_gains(table: Any, protocol: str = "medium") -> Figure:
                             "of run_comparison")
     cities = list(dict.fromkeys(table["city"]))
     with matplotlib.rc_context(_STYLE):
-        fig = Figure(figsize=(min(9.0, 4.6 * len(cities)), 1.8 + 1.1 * table.groupby("city").size().max()),
-                     layout="constrained")
-        axes = np.atleast_1d(fig.subplots(1, len(cities), sharex=True))
+        fig, axes = _city_panels(len(cities), 1.8 + 1.1 * table.groupby("city").size().max(), sharex=True)
         for ax, city in zip(axes, cities):
             part = table[table["city"] == city].reset_index(drop=True)
             y = np.arange(len(part))[::-1]
