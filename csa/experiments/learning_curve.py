@@ -11,10 +11,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from csa.data.layout import load_clusters
 from csa.experiments.held_out import check_experiment, landmark_sizes, subset_trainset, train_and_test
+from csa.progress import progress_bar
 
 __all__ = ["learning_curve"]
 
@@ -35,7 +35,7 @@ def learning_curve(root: str | os.PathLike, trainset: str, overrides: Mapping[st
     rows = []
     with tempfile.TemporaryDirectory(prefix="csa-curve-") as tmp:
         jobs = [(fr, s) for fr in fractions for s in seeds]
-        for fraction, seed in tqdm(jobs, desc=f"learning curve on {trainset}", disable=not progress):
+        for fraction, seed in progress_bar(jobs, desc=f"learning curve on {trainset}", disable=not progress):
             order = np.random.default_rng(seed).permutation(landmarks)
             chosen, count = [], 0
             for lm in order:

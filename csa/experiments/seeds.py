@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import pandas as pd
-from tqdm import tqdm
 
 from csa.experiments.held_out import check_experiment, train_and_test
+from csa.progress import progress_bar
 
 __all__ = ["seed_sweep"]
 
@@ -24,7 +24,7 @@ def seed_sweep(root: str | os.PathLike, trainset: str, overrides: Mapping[str, A
     root = Path(root)
     rows = []
     with tempfile.TemporaryDirectory(prefix="csa-seeds-") as tmp:
-        for seed in tqdm(seeds, desc=f"seeds on {trainset}", disable=not progress):
+        for seed in progress_bar(seeds, desc=f"seeds on {trainset}", disable=not progress):
             rows += train_and_test(root, trainset, root, trainset, Path(tmp, str(seed)), seed, overrides,
                                    {"seed": seed})
     return pd.DataFrame(rows)

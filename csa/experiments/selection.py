@@ -16,13 +16,13 @@ from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from csa.data.demo import CITIES
 from csa.data.layout import clusters_path, load_clusters
 from csa.experiments.held_out import (TRAIN_TO_OWN, check_experiment, csa_gain, held_out_benchmark, landmark_folds,
                                       subset_trainset, train_demo_model)
 from csa.fileio import load_pickle
+from csa.progress import progress_bar
 from csa.training.recipes import GRID
 
 __all__ = ["GRID", "select_recipe", "choose"]
@@ -45,7 +45,7 @@ def select_recipe(root: str | os.PathLike, trainset: str, grid: Mapping[str, Map
             subset_trainset(root, trainset, ~held, Path(tmp), f"{trainset}-fold{f}")
             benchmarks.append(held_out_benchmark(root, CITIES[own]["loo"], {images[i] for i in np.flatnonzero(held)}))
         jobs = [(name, f) for name in grid for f in range(n_folds)]
-        for name, f in tqdm(jobs, desc=f"recipe selection on {trainset}", disable=not progress):
+        for name, f in progress_bar(jobs, desc=f"recipe selection on {trainset}", disable=not progress):
             model, seconds = train_demo_model(Path(tmp), f"{trainset}-fold{f}", Path(tmp, "runs", name, str(f)), seed, grid[name])
             rows.append({"trainset": trainset, "setting": name, "fold": f, "held_out_landmarks": len(folds[f]),
                          **csa_gain(model, *benchmarks[f]), "train_seconds": seconds})

@@ -46,6 +46,7 @@ from typing import Any, Sequence
 import pandas as pd
 
 from csa.fileio import atomic_write, check_output_dir, remove_stale_temporaries, save_table, sha256_file
+from csa.progress import progress_bar
 from csa.validation import CSAInputError
 
 __all__ = ["parse_value", "parse_grid", "parse_params", "run_name", "check_parameters", "BatchResult", "run_grid"]
@@ -382,9 +383,7 @@ def _execute(batch: _Batch, max_workers: int, progress: bool) -> pd.DataFrame:
 
     Interrupted (Ctrl-C or an error of the runner itself), ``results.csv`` still lists what finished.
     """
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(batch.points), desc=f"batch {batch.notebook.name}", disable=not progress)
+    bar = progress_bar(total=len(batch.points), desc=f"batch {batch.notebook.name}", disable=not progress)
 
     def collect(i: int, table: pd.DataFrame | None, error: str | None) -> None:
         batch.collect(i, table, error)
